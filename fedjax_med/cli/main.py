@@ -1,0 +1,158 @@
+"""The ``fedjax-med`` command line: parse arguments, load the config, call the library.
+
+Subcommands: ``train``, ``eval``, ``data describe`` and ``privacy`` (epsilon and calibration).
+User errors (missing file, bad override, invalid value) print one ``error:`` line and exit 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE.py[:ARG]",
+        help="config file defining get_config(); fields can be overridden with "
+        "--config.FIELD=VALUE, e.g. --config.train.steps=100",
+    )
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedjax-med",
+        description="Federated, differentially private training on medical images.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train",
+        help="train a model from a config",
+        description="Train from a config into --workdir (metrics.jsonl, checkpoints/, "
+        "report.json). Override fields with --config.FIELD=VALUE.",
+    )
+    add_config_args(train)
+    train.add_argument("--workdir", required=True, help="output folder of the run")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in --workdir from its checkpoint"
+    )
+    add_common_args(train)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="evaluate the latest checkpoint of a run",
+        description="Evaluate the latest checkpoint in --workdir; writes eval_<split>.json.",
+    )
+    evaluate.add_argument("--workdir", required=True, help="folder of a run made by train")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    add_common_args(evaluate)
+
+    data = sub.add_parser("data", help="inspect datasets", description="Inspect datasets.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    describe = data_sub.add_parser(
+        "describe",
+        help="print sizes, sites, patients and class balance of a config's data",
+        description="Load the data of a config and print split sizes, per-site counts, "
+        "patients per site and class prevalence.",
+    )
+    add_config_args(describe)
+    describe.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_common_args(describe)
+
+    try:
+        from fedjax_med.privacy import cli as privacy_cli
+    except ImportError:  # the privacy package is optional in stripped-down installs
+        privacy_cli = None
+    if privacy_cli is not None:
+        privacy_cli.register(sub)
+    return parser
+
+
+def setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_train(args, overrides: Sequence[str]) -> int:
+    from fedjax_med.config import loading
+    from fedjax_med.training import central
+
+    config = loading.load_config(args.config, overrides)
+    result = central.train_and_evaluate(config, args.workdir, resume=args.resume, quiet=args.quiet)
+    print(json.dumps(result.get("metrics", result), indent=2))
+    print(f"report: {os.path.join(args.workdir, 'report.json')}")
+    return 0
+
+
+def run_eval(args) -> int:
+    from fedjax_med.training import central
+
+    print(json.dumps(central.evaluate_workdir(args.workdir, args.split), indent=2))
+    return 0
+
+
+def run_data_describe(args, overrides: Sequence[str]) -> int:
+    from fedjax_med.config import loading
+    from fedjax_med.data import describe, sources
+
+    config = loading.load_config(args.config, overrides)
+    summary = describe.summarize(sources.load_splits(config.data, config.seed))
+    print(json.dumps(summary, indent=2) if args.json else describe.format_table(summary))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if a.startswith("--config.")]
+    unknown = [a for a in extra if not a.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides and args.command not in ("train", "data"):
+        parser.error(f"{args.command} takes no --config.FIELD overrides")
+    setup_logging(getattr(args, "quiet", False))
+    try:
+        if args.command == "train":
+            return run_train(args, overrides)
+        if args.command == "eval":
+            return run_eval(args)
+        if args.command == "data":
+            return run_data_describe(args, overrides)
+        if args.command == "privacy":
+            from fedjax_med.privacy import cli as privacy_cli
+
+            return privacy_cli.run(args)
+        parser.error(f"unknown command {args.command}")
+    except USER_ERRORS as err:
+        if getattr(args, "debug", False):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

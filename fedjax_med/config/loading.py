@@ -1,0 +1,120 @@
+"""Loads ``configs/*.py`` files, applies ``--config.a.b=value`` overrides and validates.
+
+A config file defines ``get_config()`` or ``get_config(arg)`` returning a ``ConfigDict``;
+``path/to/file.py:arg`` passes ``arg`` (e.g. ``configs/quickstart.py:tiny``). Override values are
+parsed by the type of the field they replace, so ``--config.train.steps=10`` is an int and
+``--config.data.name=medmnist`` a string.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from fedjax_med.config import schema
+
+OVERRIDE_PREFIX = "--config."
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Imports ``file.py[:arg]`` and returns its ``get_config(...)`` (not yet validated)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise schema.ConfigError(f"config file '{path}' does not exist")
+    module_spec = importlib.util.spec_from_file_location("fedjax_med_user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise schema.ConfigError(f"config file '{path}' must define get_config()")
+    config = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise schema.ConfigError(
+            f"get_config() in '{path}' must return an ml_collections.ConfigDict"
+        )
+    return config
+
+
+def parse_value(text: str, default: Any, path: str) -> Any:
+    """Parses ``text`` into the type of ``default`` (the field's current value)."""
+    try:
+        if isinstance(default, bool):
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, str):
+            return text
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        kind = type(default).__name__
+        raise schema.ConfigError(
+            f"override --config.{path}={text!r} is not a valid {kind}"
+        ) from None
+
+
+def parse_free_value(text: str) -> Any:
+    """Values under free-form sections: Python literals, else the plain string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Sequence[str]
+) -> ml_collections.ConfigDict:
+    """Applies ``--config.a.b=value`` strings in order; unknown fields are errors."""
+    known = schema.known_fields()
+    for item in overrides:
+        if not item.startswith(OVERRIDE_PREFIX) or "=" not in item:
+            raise schema.ConfigError(f"override {item!r} must look like --config.FIELD=VALUE")
+        path, _, text = item[len(OVERRIDE_PREFIX) :].partition("=")
+        free = next((f for f in schema.FREE_FORM if path.startswith(f + ".")), None)
+        if free is None and path not in known:
+            raise schema.ConfigError(
+                f"unknown config field '{path}' in override{schema.suggest(path, known)}"
+            )
+        *parents, leaf = path.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        if free is not None:
+            value = parse_free_value(text)
+        else:
+            value = parse_value(text, node[leaf] if leaf in node else known[path], path)
+        with node.ignore_type():
+            node[leaf] = value
+    return config
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads, overrides and validates a config; the result is locked (no new keys)."""
+    config = apply_overrides(load_config_file(spec), overrides)
+    schema.validate(config)
+    config.lock()
+    return config
+
+
+def to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A plain JSON-serialisable dict of the resolved config."""
+    return json.loads(config.to_json())
+
+
+def from_json_dict(data: dict[str, Any]) -> ml_collections.ConfigDict:
+    """Rebuilds and validates a config saved with :func:`to_json_dict`."""
+    config = ml_collections.ConfigDict(data)
+    schema.validate(config)
+    config.lock()
+    return config

@@ -1,0 +1,167 @@
+"""Validation of experiment configs against the base config, with one clear message per error.
+
+A config is valid when (1) every key exists in :func:`fedjax_med.config.base.get_base_config`
+(except under the free-form ``model.kwargs``), (2) every value has the base value's type (an int
+where a float is expected is accepted) and (3) every value lies in its allowed range, listed in
+:data:`CHECKS`. Errors are :class:`ConfigError` naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import ml_collections
+
+from fedjax_med.config import base
+
+FREE_FORM = ("model.kwargs",)
+
+
+class ConfigError(ValueError):
+    """A config field is unknown, has the wrong type or lies outside its allowed range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """An allowed-value rule for one field: ``ok(value)`` and a human description."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+
+
+def one_of(*values: str) -> Check:
+    return Check(lambda v: v in values, "one of " + ", ".join(repr(v) for v in values))
+
+
+def at_least(lo: float) -> Check:
+    return Check(lambda v: v >= lo, f">= {lo}")
+
+
+def greater_than(lo: float) -> Check:
+    return Check(lambda v: v > lo, f"> {lo}")
+
+
+def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Check:
+    def ok(v):
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
+    return Check(ok, f"in {left}{lo}, {hi}{right}")
+
+
+CHECKS: dict[str, Check] = {
+    "seed": at_least(0),
+    "trainer": one_of("central"),
+    "data.name": one_of("synthetic", "medmnist", "tfds", "image_folder"),
+    "data.image_size": Check(lambda v: v == 0 or v >= 8, "0 (keep) or >= 8"),
+    "data.channels": one_of(0, 1, 3),
+    "data.task": one_of("", "multiclass", "binary", "multilabel"),
+    "data.max_examples": at_least(0),
+    "data.val_fraction": in_range(0.0, 1.0, hi_open=True),
+    "data.test_fraction": in_range(0.0, 1.0, lo_open=True, hi_open=True),
+    "data.normalization": one_of("per_site", "fixed"),
+    "data.std": greater_than(0.0),
+    "data.synthetic.num_sites": at_least(1),
+    "data.synthetic.examples_per_site": at_least(4),
+    "data.synthetic.image_size": at_least(16),
+    "data.synthetic.num_classes": in_range(2, 5),
+    "data.synthetic.images_per_patient": at_least(1),
+    "data.synthetic.site_heterogeneity": in_range(0.0, 2.0),
+    "data.partition.method": one_of("by_site", "iid", "dirichlet", "quantity_skew"),
+    "data.partition.num_clients": at_least(0),
+    "data.partition.alpha": greater_than(0.0),
+    "data.partition.beta": greater_than(0.0),
+    "model.name": Check(lambda v: isinstance(v, str) and v != "", "a registered model name"),
+    "optimizer.name": one_of("sgd", "momentum", "adam", "adamw"),
+    "optimizer.learning_rate": greater_than(0.0),
+    "optimizer.momentum": in_range(0.0, 1.0, hi_open=True),
+    "optimizer.weight_decay": at_least(0.0),
+    "optimizer.schedule": one_of("constant", "cosine"),
+    "optimizer.warmup_steps": at_least(0),
+    "train.batch_size": at_least(1),
+    "train.steps": at_least(1),
+    "train.eval_every": at_least(1),
+    "train.eval_batch_size": at_least(1),
+    "train.checkpoint_every": at_least(1),
+    "train.log_every": at_least(1),
+    "train.num_devices": at_least(0),
+}
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Yields ``(dotted.path, value)`` for every leaf; free-form sections are one leaf."""
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping | ml_collections.ConfigDict) and path not in FREE_FORM:
+            yield from flatten(value, prefix=f"{path}.")
+        else:
+            yield path, value
+
+
+def known_fields() -> dict[str, Any]:
+    """Dotted path -> default value for every field of the base config."""
+    return dict(flatten(base.get_base_config()))
+
+
+def suggest(path: str, known: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(path, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def type_matches(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, Mapping | ml_collections.ConfigDict):
+        return isinstance(value, Mapping | ml_collections.ConfigDict)
+    if default is None:
+        return True
+    return isinstance(value, type(default))
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every field of ``config``; raises :class:`ConfigError` on the first problem."""
+    known = known_fields()
+    seen = dict(flatten(config))
+    for path, value in seen.items():
+        if path not in known:
+            raise ConfigError(f"unknown config field '{path}'{suggest(path, known)}")
+        default = known[path]
+        if not type_matches(value, default):
+            raise ConfigError(
+                f"config field '{path}' must be of type {type(default).__name__}, "
+                f"got {type(value).__name__} {value!r}"
+            )
+        check = CHECKS.get(path)
+        if check is not None and not check.ok(value):
+            raise ConfigError(f"config field '{path}'={value!r} must be {check.allowed}")
+    missing = sorted(set(known) - set(seen))
+    if missing:
+        raise ConfigError(f"config is missing field '{missing[0]}'")
+    validate_cross_fields(config)
+    return config
+
+
+def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
+    """Rules that involve several fields."""
+    data = config.data
+    if data.name in ("medmnist", "image_folder") and not data.path:
+        raise ConfigError(f"config field 'data.path' must name a file or folder for {data.name}")
+    if data.name == "tfds" and not data.tfds_name:
+        raise ConfigError("config field 'data.tfds_name' must name a tensorflow-datasets dataset")
+    if data.val_fraction + data.test_fraction >= 1.0:
+        raise ConfigError(
+            "config fields 'data.val_fraction' + 'data.test_fraction' must be < 1, got "
+            f"{data.val_fraction} + {data.test_fraction}"
+        )
+    if config.optimizer.warmup_steps >= config.train.steps:
+        raise ConfigError(
+            f"config field 'optimizer.warmup_steps'={config.optimizer.warmup_steps} must be < "
+            f"train.steps={config.train.steps}"
+        )

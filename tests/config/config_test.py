@@ -1,0 +1,108 @@
+"""Config loading, overrides and validation: every config validates, bad input is named."""
+
+import glob
+import os
+
+import pytest
+
+from fedjax_med.config import base, loading, schema
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def test_configs_exist():
+    assert len(CONFIG_FILES) >= 4
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_every_config_validates(path):
+    config = loading.load_config(path)
+    assert config.train.steps >= 1
+    with pytest.raises(AttributeError):  # locked: typos cannot create new fields
+        config.train.stepz = 3
+
+
+def test_base_config_is_valid():
+    schema.validate(base.get_base_config())
+
+
+def test_overrides_are_typed():
+    config = loading.load_config(
+        os.path.join(ROOT, "configs", "quickstart.py"),
+        [
+            "--config.train.steps=7",
+            "--config.optimizer.learning_rate=0.05",
+            "--config.data.name=medmnist",
+            "--config.data.path=x.npz",
+            "--config.model.kwargs.width=2",
+        ],
+    )
+    assert config.train.steps == 7 and isinstance(config.train.steps, int)
+    assert config.optimizer.learning_rate == 0.05
+    assert config.data.name == "medmnist"
+    assert config.model.kwargs.width == 2
+
+
+def test_config_file_argument():
+    config = loading.load_config(os.path.join(ROOT, "configs", "quickstart.py") + ":tiny")
+    assert config.train.steps < 20
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        (
+            "--config.train.stepz=3",
+            r"unknown config field 'train.stepz' .*did you mean 'train.steps'",
+        ),
+        ("--config.train.steps=ten", r"--config.train.steps='ten' is not a valid int"),
+        ("--config.train.steps=0", r"'train.steps'=0 must be >= 1"),
+        ("--config.optimizer.learning_rate=-1", r"'optimizer.learning_rate'=-1.0 must be > 0"),
+        ("--config.data.name=imagenet", r"'data.name'='imagenet' must be one of"),
+        ("--config.data.val_fraction=1.5", r"'data.val_fraction'=1.5 must be in \[0.0, 1.0\)"),
+        ("--config.data.name=medmnist", r"'data.path' must name a file"),
+        ("--config.optimizer.warmup_steps=5000", r"warmup_steps'=5000 must be <"),
+    ],
+)
+def test_bad_overrides_name_the_field(override, match):
+    with pytest.raises(schema.ConfigError, match=match):
+        loading.load_config(os.path.join(ROOT, "configs", "quickstart.py"), [override])
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text(
+        "from fedjax_med.config import base\n"
+        "def get_config():\n"
+        "    c = base.get_base_config()\n"
+        "    c.train.learning_rate = 0.1\n"
+        "    return c\n"
+    )
+    with pytest.raises(schema.ConfigError, match="unknown config field 'train.learning_rate'"):
+        loading.load_config(str(path))
+
+
+def test_wrong_type_in_config_file(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text(
+        "from fedjax_med.config import base\n"
+        "def get_config():\n"
+        "    c = base.get_base_config()\n"
+        "    with c.ignore_type():\n"
+        "        c.train.batch_size = 'big'\n"
+        "    return c\n"
+    )
+    with pytest.raises(schema.ConfigError, match="'train.batch_size' must be of type int"):
+        loading.load_config(str(path))
+
+
+def test_missing_config_file():
+    with pytest.raises(schema.ConfigError, match="does not exist"):
+        loading.load_config("no/such/config.py")
+
+
+def test_json_round_trip():
+    config = loading.load_config(os.path.join(ROOT, "configs", "quickstart.py"))
+    again = loading.from_json_dict(loading.to_json_dict(config))
+    assert loading.to_json_dict(again) == loading.to_json_dict(config)
