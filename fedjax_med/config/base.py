@@ -63,6 +63,25 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.optimizer.schedule = "constant"  # constant | cosine
     config.optimizer.warmup_steps = 0
 
+    # ---- differential privacy (DP-SGD, Abadi et al. 2016) ------------------------------------
+    config.privacy = ml_collections.ConfigDict()
+    config.privacy.enabled = False
+    config.privacy.unit = "example"  # example | patient: what one neighbouring dataset differs by
+    config.privacy.max_images_per_patient = 2  # patient unit: at most k images per step
+    config.privacy.clip_norm = 1.0  # C: per-example (per-patient) L2 clipping norm
+    config.privacy.noise_multiplier = 0.0  # sigma; 0 = calibrate it from target_epsilon
+    config.privacy.target_epsilon = 0.0  # the budget; 0 = the epsilon the planned steps spend
+    config.privacy.delta = 1e-5
+    config.privacy.accountant = "rdp"  # rdp | pld (both from dp_accounting)
+    # poisson (each unit independently with q = batch_size / N, what the accountant assumes) or
+    # shuffle (fixed-size batches, accounted as sampling without replacement, replace-one).
+    config.privacy.sampling = "poisson"
+    config.privacy.overflow_prob = 1e-3  # P(a Poisson batch needs a second padded chunk)
+    config.privacy.per_layer_clipping = False
+    config.privacy.method = "ghost"  # ghost (norm trick) | vmap (reference per-example grads)
+    config.privacy.microbatch_size = 0  # chunks of per-example work to bound memory (0 = off)
+    config.privacy.noise_seed = "reproducible"  # reproducible (from seed) | secure (OS entropy)
+
     # ---- training loop ---------------------------------------------------------------------
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 64

@@ -81,6 +81,18 @@ CHECKS: dict[str, Check] = {
     "optimizer.weight_decay": at_least(0.0),
     "optimizer.schedule": one_of("constant", "cosine"),
     "optimizer.warmup_steps": at_least(0),
+    "privacy.unit": one_of("example", "patient"),
+    "privacy.max_images_per_patient": at_least(1),
+    "privacy.clip_norm": greater_than(0.0),
+    "privacy.noise_multiplier": at_least(0.0),
+    "privacy.target_epsilon": at_least(0.0),
+    "privacy.delta": in_range(0.0, 1.0, lo_open=True, hi_open=True),
+    "privacy.accountant": one_of("rdp", "pld"),
+    "privacy.sampling": one_of("poisson", "shuffle"),
+    "privacy.overflow_prob": in_range(0.0, 1.0, lo_open=True, hi_open=True),
+    "privacy.method": one_of("ghost", "vmap"),
+    "privacy.microbatch_size": at_least(0),
+    "privacy.noise_seed": one_of("reproducible", "secure"),
     "train.batch_size": at_least(1),
     "train.steps": at_least(1),
     "train.eval_every": at_least(1),
@@ -159,6 +171,21 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             "config fields 'data.val_fraction' + 'data.test_fraction' must be < 1, got "
             f"{data.val_fraction} + {data.test_fraction}"
+        )
+    privacy = config.privacy
+    if privacy.enabled and privacy.noise_multiplier == 0 and privacy.target_epsilon == 0:
+        raise ConfigError(
+            "config fields 'privacy.noise_multiplier' or 'privacy.target_epsilon' must be > 0 "
+            "when privacy.enabled (set the noise, or the epsilon to calibrate it for)"
+        )
+    if privacy.enabled and privacy.sampling == "shuffle" and privacy.accountant != "rdp":
+        raise ConfigError(
+            "config field 'privacy.accountant' must be 'rdp' with privacy.sampling='shuffle' "
+            "(dp_accounting's PLD has no sampling-without-replacement event)"
+        )
+    if privacy.enabled and privacy.unit == "patient" and privacy.sampling != "poisson":
+        raise ConfigError(
+            "config field 'privacy.sampling' must be 'poisson' for privacy.unit='patient'"
         )
     if config.optimizer.warmup_steps >= config.train.steps:
         raise ConfigError(

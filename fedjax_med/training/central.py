@@ -36,7 +36,15 @@ from fedjax_med.config import loading
 from fedjax_med.data import dataset as dataset_lib
 from fedjax_med.data import pipeline, preprocess, sources
 from fedjax_med.models import registry
-from fedjax_med.training import checkpoint, evaluate, losses, optimizers, parallel, report
+from fedjax_med.training import (
+    checkpoint,
+    evaluate,
+    losses,
+    optimizers,
+    parallel,
+    private,
+    report,
+)
 from fedjax_med.training import state as state_lib
 
 logger = logging.getLogger("fedjax_med")
@@ -58,6 +66,7 @@ class Experiment:
     normalizer: preprocess.Normalizer
     model: registry.Model
     optimizer: optax.GradientTransformation
+    plan: private.PrivatePlan | None = None  # DP-SGD plan when config.privacy.enabled
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -78,7 +87,12 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         **config.model.kwargs.to_dict(),
     )
     optimizer = optimizers.make_optimizer(config.optimizer, config.train.steps)
-    return Experiment(config, splits, normalizer, model, optimizer)
+    plan = None
+    if config.privacy.enabled:
+        num_devices = parallel.make_data_parallel(config.train.num_devices).size
+        plan = private.make_plan(config, splits.train, num_devices)
+        optimizer = private.make_private_optimizer(plan, optimizer)
+    return Experiment(config, splits, normalizer, model, optimizer, plan)
 
 
 def init_state(experiment: Experiment) -> state_lib.TrainState:
@@ -110,6 +124,67 @@ def make_train_step(
         return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
     return train_step
+
+
+def make_step_runner(experiment: Experiment, devices: parallel.DataParallel) -> Callable:
+    """``run(state, step) -> (state, metrics)``: one training step, private or not.
+
+    Batches are a pure function of ``(seed, step)`` in both modes, so resumed runs see the same
+    batches. Metrics are host floats; ``examples`` is the number of real examples processed.
+    Private steps report no training loss (it is not covered by the DP guarantee), only the
+    fraction of clipped units and the mean gradient norm.
+    """
+    config, info = experiment.config, experiment.splits.info
+    train = experiment.splits.train
+    if experiment.plan is None:
+        train_step = make_train_step(experiment.model.apply, experiment.optimizer, info.task)
+        batches = pipeline.ShuffledBatches(len(train), config.train.batch_size, config.seed)
+
+        def run(state, step):
+            images, labels = pipeline.gather(train, batches.indices(step), experiment.normalizer)
+            state, metrics = train_step(
+                state, devices.shard_batch(images), devices.shard_batch(labels)
+            )
+            loss = float(metrics["loss"])  # blocks, so step timing is honest
+            if not np.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {loss} at step {step}; lower optimizer.learning_rate"
+                )
+            return state, {"loss": loss, "examples": config.train.batch_size}
+
+        return run
+
+    plan = experiment.plan
+    grad_sum = private.make_grad_sum_fn(config, experiment.model.apply, info.task, plan)
+    apply_update = private.make_apply_fn(experiment.optimizer)
+
+    def run(state, step):
+        batch = plan.sampler.sample(step)
+        total, clipped, units, norm_sum = None, 0, 0, 0.0
+        for chunk in batch.chunks:
+            images, labels = pipeline.gather(train, chunk.indices, experiment.normalizer)
+            unit_index = chunk.unit_index if chunk.unit_index is not None else chunk.mask
+            chunk_sum, aux = grad_sum(
+                state.params,
+                devices.shard_batch(images),
+                devices.shard_batch(labels),
+                devices.shard_batch(chunk.mask),
+                devices.shard_batch(unit_index),
+            )
+            total = private.add_trees(total, chunk_sum)
+            count = int(aux["count"])
+            clipped += int(aux["num_clipped"])
+            units += count
+            norm_sum += float(aux["mean_grad_norm"]) * count
+        state = apply_update(state, total)
+        norm = private.finite_or_raise(norm_sum / max(units, 1), "mean gradient norm", step)
+        return state, {
+            "clipped_fraction": clipped / max(units, 1),
+            "grad_norm": norm,
+            "examples": batch.realised_size,
+        }
+
+    return run
 
 
 def describe_run(experiment: Experiment, params: Any) -> None:
@@ -219,16 +294,20 @@ def train_and_evaluate(
             os.path.join(workdir, "config.json"), loading.to_json_dict(config)
         )
 
-    train_step = make_train_step(experiment.model.apply, experiment.optimizer, info.task)
+    run_step = make_step_runner(experiment, devices)
     predict_fn = evaluate.make_predict_fn(
         experiment.model.apply, info.task, devices.replicated_sharding
     )
-    batches = pipeline.ShuffledBatches(
-        len(experiment.splits.train), train_cfg.batch_size, config.seed
-    )
+    plan = experiment.plan
+    ledger = plan.ledger if plan else None
+    if plan and resume:
+        ledger = type(ledger).from_dict(metadata["privacy_ledger"])
 
     def save(step: int) -> None:
-        checkpointer.save(step, state, {"step": step, "elapsed": dict(elapsed)})
+        meta = {"step": step, "elapsed": dict(elapsed)}
+        if ledger is not None:
+            meta["privacy_ledger"] = ledger.to_dict()
+        checkpointer.save(step, state, meta)
 
     def run_eval(step: int, split: str, extra: dict[str, Any]) -> dict[str, Any]:
         data = experiment.splits.split(split)
@@ -249,63 +328,82 @@ def train_and_evaluate(
 
     start = int(state.step)
     end = train_cfg.steps if stop_at_step is None else min(stop_at_step, train_cfg.steps)
+    if ledger is not None:
+        allowed = private.allowed_steps(ledger, end - start)
+        if allowed < end - start:
+            logger.warning(
+                "privacy budget epsilon=%.4g allows only %d more steps: stopping at step %d",
+                ledger.target_epsilon,
+                allowed,
+                start + allowed,
+            )
+        end = start + allowed
+    stopped_by_budget = ledger is not None and end < min(
+        train_cfg.steps, stop_at_step or train_cfg.steps
+    )
     run_start = time.perf_counter()
-    window_loss, window_steps, window_time = 0.0, 0, 0.0
+    window: dict[str, float] = {}
+    window_steps, window_time, accounted = 0, 0.0, start
     bar = tqdm.tqdm(
         total=train_cfg.steps, initial=start, disable=quiet, file=sys.stderr, unit="step"
     )
+
+    def privacy_extra(done: int) -> dict[str, Any]:
+        nonlocal ledger, accounted
+        if ledger is None:
+            return {}
+        ledger = ledger.record(done - accounted)  # refuses (raises) past the target
+        accounted = done
+        return {"epsilon": ledger.epsilon(), "delta": ledger.delta}
+
     for step in range(start, end):
-        images, labels = pipeline.gather(
-            experiment.splits.train, batches.indices(step), experiment.normalizer
-        )
         t0 = time.perf_counter()
-        state, step_metrics = train_step(
-            state, devices.shard_batch(images), devices.shard_batch(labels)
-        )
-        loss = float(step_metrics["loss"])  # blocks, so the timing below is honest
-        if not np.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss became {loss} at step {step}; lower optimizer.learning_rate"
-            )
+        state, step_metrics = run_step(state, step)
         dt = time.perf_counter() - t0
         elapsed["train_time_s"] += dt
-        elapsed["examples_seen"] += train_cfg.batch_size
-        window_loss, window_steps, window_time = (
-            window_loss + loss,
-            window_steps + 1,
-            window_time + dt,
-        )
+        elapsed["examples_seen"] += step_metrics.pop("examples")
+        for k, v in step_metrics.items():
+            window[k] = window.get(k, 0.0) + v
+        window_steps, window_time = window_steps + 1, window_time + dt
         bar.update(1)
         done = step + 1
         if done % train_cfg.log_every == 0 or done == end:
             bar.set_postfix(
-                loss=f"{window_loss / window_steps:.4f}",
+                **{k: f"{v / window_steps:.4f}" for k, v in window.items()},
                 ex_s=f"{train_cfg.batch_size * window_steps / max(window_time, 1e-9):.0f}",
             )
-        if done % train_cfg.eval_every == 0 and done != train_cfg.steps:
-            run_eval(done, "val", {"train_loss": window_loss / window_steps})
-            window_loss, window_steps, window_time = 0.0, 0, 0.0
+        if done % train_cfg.eval_every == 0 and done != end:
+            extra = {f"train_{k}": v / window_steps for k, v in window.items()}
+            run_eval(done, "val", {**extra, **privacy_extra(done)})
+            window, window_steps, window_time = {}, 0, 0.0
         if done % train_cfg.checkpoint_every == 0 or done == end:
+            privacy_extra(done)
             elapsed["wall_time_s"] += time.perf_counter() - run_start
             run_start = time.perf_counter()
             save(done)
     bar.close()
     elapsed["wall_time_s"] += time.perf_counter() - run_start
     checkpointer.close()
-    if end < train_cfg.steps:
+    if end < train_cfg.steps and not stopped_by_budget:
         logger.info("stopped at step %d of %d; resume with --resume", end, train_cfg.steps)
         return {"stopped_at_step": end}
 
-    val = run_eval(train_cfg.steps, "val", {})
-    test = run_eval(train_cfg.steps, "test", {})
+    final_step = end
+    val = run_eval(final_step, "val", privacy_extra(final_step))
+    test = run_eval(final_step, "test", {})
+    extra = {}
+    if plan is not None:
+        extra["privacy"] = private.privacy_report(plan, ledger, config)
+        extra["privacy"]["stopped_by_budget"] = stopped_by_budget
     result = report.build_report(
         config=config,
         info=info,
         test=test,
         val=val,
-        steps=train_cfg.steps,
+        steps=final_step,
         num_params=experiment.model.num_params(state.params),
         elapsed=elapsed,
+        extra=extra,
     )
     if is_chief:
         checkpoint.write_json_atomic(os.path.join(workdir, "report.json"), result)
@@ -316,9 +414,18 @@ def train_and_evaluate(
         m["test_auroc"],
         m["test_balanced_accuracy"],
         m["test_ece"],
-        train_cfg.steps,
+        final_step,
         result["wall_time_s"],
     )
+    if plan is not None:
+        logger.info(
+            "privacy: epsilon %.4g at delta %.3g (%s, %s-level, noise seed %s)",
+            result["privacy"]["epsilon"],
+            ledger.delta,
+            ledger.accountant,
+            plan.unit,
+            plan.noise_seed_mode,
+        )
     return result
 
 

@@ -38,13 +38,8 @@ class DataParallel:
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
     def replicate(self, tree: Any) -> Any:
-        sharding = NamedSharding(self.mesh, P())
-        return jax.tree.map(
-            lambda x: jax.make_array_from_callback(
-                np.shape(x), sharding, lambda index: np.asarray(x)[index]
-            ),
-            tree,
-        )
+        # Every process holds the same values (same seed), as device_put requires across hosts.
+        return jax.device_put(tree, NamedSharding(self.mesh, P()))
 
     def check_batch_size(self, batch_size: int, field: str) -> None:
         if batch_size % self.size:

@@ -1,0 +1,157 @@
+"""The privacy ledger: how much of the budget a run has spent, and whether it may go on.
+
+A DP-SGD run is granted a target ``(epsilon, delta)``; the ledger records the steps taken, computes
+the epsilon they cost with :mod:`fedjax_med.privacy.accounting` (Abadi et al., CCS 2016,
+https://arxiv.org/abs/1607.00133), and refuses a step that would exceed the target, so training
+stops at the target and never passes it. It is a frozen dataclass: ``record`` returns a new
+ledger, and ``to_dict`` / ``from_dict`` store it in a checkpoint as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any
+
+from fedjax_med.privacy import accounting
+
+
+class BudgetExceededError(RuntimeError):
+    """Raised by :meth:`PrivacyLedger.record` for steps that would exceed the target epsilon."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrivacyLedger:
+    """Spent and remaining privacy budget of one DP-SGD run.
+
+    Attributes:
+      noise_multiplier: ``sigma > 0``.
+      sampling_rate: ``q`` in ``(0, 1]`` (of units: examples or patients).
+      delta: the target ``delta`` in ``(0, 1)``.
+      target_epsilon: the budget, ``> 0``.
+      accountant: ``"rdp"`` or ``"pld"``.
+      unit: the unit of privacy (``"example"``, ``"patient"``, ``"site"``), for reports.
+      steps_taken: steps already accounted.
+      sampling: ``"poisson"`` or ``"shuffle"`` (see :func:`accounting.dpsgd_event`).
+      num_examples: number of units ``N``; required for ``"shuffle"``; if given, ``delta`` is
+        checked against ``1 / N``.
+      batch_size: fixed batch size, required for ``"shuffle"``.
+
+    Examples:
+      >>> ledger = PrivacyLedger(noise_multiplier=1.1, sampling_rate=0.01, delta=1e-5,
+      ...                        target_epsilon=2.0)
+      >>> ledger.steps_remaining()
+      1404
+      >>> ledger.record(1404).can_take(1)
+      False
+    """
+
+    noise_multiplier: float
+    sampling_rate: float
+    delta: float
+    target_epsilon: float
+    accountant: str = "rdp"
+    unit: str = "example"
+    steps_taken: int = 0
+    sampling: str = "poisson"
+    num_examples: int | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.target_epsilon, numbers.Real) and self.target_epsilon > 0):
+            raise ValueError(f"target_epsilon={self.target_epsilon!r} must be > 0")
+        accounting.check_noise_multiplier(self.noise_multiplier)
+        accounting.check_sampling_rate(self.sampling_rate)
+        accounting.check_delta(self.delta, self.num_examples)
+        accounting.check_accountant(self.accountant)
+        accounting.check_steps(self.steps_taken)
+        self.event(0)  # validates sampling, num_examples and batch_size
+
+    def event(self, steps: int | None = None):
+        """The ``DpEvent`` of ``steps`` steps in total (default: the steps taken)."""
+        return accounting.dpsgd_event(
+            self.noise_multiplier,
+            self.sampling_rate,
+            self.steps_taken if steps is None else steps,
+            sampling=self.sampling,
+            num_examples=self.num_examples,
+            batch_size=self.batch_size,
+        )
+
+    def epsilon(self, steps: int | None = None) -> float:
+        """Epsilon at ``delta`` after ``steps`` steps in total (default: the steps taken)."""
+        return accounting.epsilon(self.event(steps), self.delta, self.accountant)
+
+    def can_take(self, steps: int = 1) -> bool:
+        """Whether ``steps`` more steps keep epsilon ``<= target_epsilon``."""
+        accounting.check_steps(steps)
+        return self.epsilon(self.steps_taken + steps) <= self.target_epsilon
+
+    def record(self, steps: int = 1) -> PrivacyLedger:
+        """A new ledger with ``steps`` more steps taken; raises if that exceeds the target.
+
+        Raises:
+          BudgetExceededError: ``can_take(steps)`` is False (nothing is recorded).
+        """
+        if not self.can_take(steps):
+            raise BudgetExceededError(
+                f"{steps} more step(s) would raise epsilon to "
+                f"{self.epsilon(self.steps_taken + steps):.4g} > target_epsilon="
+                f"{self.target_epsilon} ({self.steps_taken} steps taken)"
+            )
+        return dataclasses.replace(self, steps_taken=self.steps_taken + steps)
+
+    def steps_remaining(self) -> int:
+        """The largest ``k`` with ``can_take(k)`` (0 if none).
+
+        A bracketed integer search: epsilon grows roughly like the square root of the steps, which
+        predicts the boundary; a bisection step follows whenever one side failed to move, so the
+        search needs a few to a few dozen epsilon evaluations (all cached).
+        """
+        target, base = self.target_epsilon, self.steps_taken
+
+        def eps(k):
+            return self.epsilon(base + k)
+
+        if eps(1) > target:
+            return 0
+        good, e_good = 1, eps(1)
+        bad = e_bad = None
+        while bad is None:
+            ratio = min((target / e_good) ** 2, 16.0) if e_good > 0 else 16.0
+            k = max(int((base + good) * ratio) - base, 2 * good)
+            e = eps(k)
+            if e <= target:
+                good, e_good = k, e
+            else:
+                bad, e_bad = k, e
+        last_side = None
+        while bad - good > 1:
+            guess = (good + bad) // 2
+            if e_good > 0 and last_side != "repeat":
+                # log eps linear in log(total steps) between the two ends.
+                a, b = math.log(base + good), math.log(base + bad)
+                t = (math.log(target) - math.log(e_good)) / (math.log(e_bad) - math.log(e_good))
+                guess = round(math.exp(a + t * (b - a))) - base
+            k = min(max(guess, good + 1), bad - 1)
+            e = eps(k)
+            side = "good" if e <= target else "bad"
+            last_side = "repeat" if side == last_side else side
+            if side == "good":
+                good, e_good = k, e
+            else:
+                bad, e_bad = k, e
+        return good
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable fields (plus the current epsilon, for readers of the checkpoint)."""
+        out = dataclasses.asdict(self)
+        out["epsilon"] = self.epsilon()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrivacyLedger:
+        """Inverse of :meth:`to_dict` (derived entries such as ``epsilon`` are ignored)."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

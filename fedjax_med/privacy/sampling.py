@@ -1,0 +1,298 @@
+"""Batch samplers whose randomness matches what the privacy accountant assumes (host NumPy).
+
+The accountant's event must describe how batches were really drawn; mismatches are a known
+source of wrong guarantees (Lebeda et al. 2024, https://arxiv.org/abs/2405.20769; Chua et al.
+2024, "How private are DP-SGD implementations?", https://arxiv.org/abs/2403.17673).
+
+* :class:`PoissonSampler`: every example enters the batch independently with probability ``q``
+  (Abadi et al., CCS 2016, https://arxiv.org/abs/1607.00133), the
+  ``PoissonSampledDpEvent`` of :func:`fedjax_med.privacy.accounting.dpsgd_event`. The batch size
+  is random; to keep compiled shapes static it is padded to a fixed ``capacity`` with a mask, and
+  a batch larger than ``capacity`` is returned as several chunks instead of being truncated
+  (truncating would drop examples depending on the data and break the Poisson analysis).
+* :class:`PoissonUnitSampler`: the same for units of privacy (patients): every patient enters
+  with probability ``q`` and contributes at most ``max_per_unit`` examples (McMahan et al., ICLR
+  2018, https://arxiv.org/abs/1710.06963; Levy et al., NeurIPS 2021,
+  https://arxiv.org/abs/2102.11845); the gradient of each patient is clipped as a whole by
+  :func:`fedjax_med.privacy.clipping.clipped_unit_grad_sum`.
+* :class:`ShuffledSampler`: fixed-size batches drawn without replacement, which must be accounted
+  with ``SampledWithoutReplacementDpEvent`` under replace-one neighbouring.
+
+All samplers are stateless in the step: ``sample(step)`` draws from
+``np.random.default_rng([seed, step])``, so a resumed run sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from scipy import stats
+
+
+class BatchChunk(NamedTuple):
+    """One fixed-shape piece of a batch.
+
+    Attributes:
+      indices: ``(capacity,)`` int64 example indices; padded slots hold index 0.
+      mask: ``(capacity,)`` bool, True for real examples.
+      unit_index: for :class:`PoissonUnitSampler`, ``(capacity,)`` int32 slot of each example's
+        unit within this chunk, in ``[0, capacity)`` (padded slots: 0); None otherwise.
+    """
+
+    indices: np.ndarray
+    mask: np.ndarray
+    unit_index: np.ndarray | None = None
+
+
+class SampledBatch(NamedTuple):
+    """All chunks of one step's batch; process every chunk and add the clipped sums.
+
+    Attributes:
+      chunks: usually one chunk; more when the sampled batch exceeded the capacity.
+      realised_size: number of sampled examples (private: do not normalise by it).
+      num_units: number of sampled units (equals ``realised_size`` at example level).
+    """
+
+    chunks: tuple[BatchChunk, ...]
+    realised_size: int
+    num_units: int
+
+
+def _check_sampling_rate(sampling_rate: float) -> None:
+    if not (0 < sampling_rate <= 1):
+        raise ValueError(f"{sampling_rate=} must be in (0, 1]")
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1")
+
+
+def poisson_batch_capacity(
+    num_examples: int, sampling_rate: float, overflow_prob: float = 1e-9, multiple_of: int = 1
+) -> int:
+    """Smallest padded batch size ``c`` with ``P[Binomial(N, q) > c] <= overflow_prob``.
+
+    The realised Poisson batch size is ``Binomial(N, q)``; a batch larger than the capacity is
+    not truncated but returned in extra chunks (:class:`PoissonSampler`), so the capacity only
+    trades memory against how often an extra chunk is processed.
+
+    Args:
+      num_examples: ``N >= 1`` (examples, or units for unit-level sampling).
+      sampling_rate: ``q`` in ``(0, 1]``.
+      overflow_prob: target probability of needing more than one chunk, in ``(0, 1)``.
+      multiple_of: round the capacity up to a multiple of this (e.g. the microbatch size).
+
+    Returns:
+      The capacity, at least 1.
+
+    Examples:
+      >>> poisson_batch_capacity(60_000, 256 / 60_000)
+      357
+      >>> poisson_batch_capacity(10, 1.0)
+      10
+    """
+    _check_positive_int(num_examples, "num_examples")
+    _check_sampling_rate(sampling_rate)
+    _check_positive_int(multiple_of, "multiple_of")
+    if not (0 < overflow_prob < 1):
+        raise ValueError(f"{overflow_prob=} must be in (0, 1)")
+    capacity = int(stats.binom.isf(overflow_prob, num_examples, sampling_rate))
+    while stats.binom.sf(capacity, num_examples, sampling_rate) > overflow_prob:
+        capacity += 1  # guards against rounding in the quantile
+    capacity = max(capacity, 1)
+    return -(-capacity // multiple_of) * multiple_of
+
+
+def _pad(values: np.ndarray, capacity: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    padded = np.zeros(capacity, dtype)
+    padded[: len(values)] = values
+    mask = np.zeros(capacity, bool)
+    mask[: len(values)] = True
+    return padded, mask
+
+
+class PoissonSampler:
+    """Poisson sampling: each example is in a step's batch independently with probability ``q``.
+
+    Args:
+      num_examples: dataset size ``N``.
+      sampling_rate: ``q`` in ``(0, 1]``; the expected batch size is ``q N``.
+      capacity: padded chunk size (default :func:`poisson_batch_capacity`).
+      seed: integer seed; ``sample(step)`` uses ``np.random.default_rng([seed, step])``.
+
+    Guarantees:
+      The set of sampled examples has exactly the distribution of ``PoissonSampledDpEvent(q, .)``
+      and every sampled example appears in exactly one chunk slot with ``mask`` True.
+
+    Examples:
+      >>> sampler = PoissonSampler(100, 0.1, capacity=8, seed=0)
+      >>> batch = sampler.sample(step=3)
+      >>> sum(int(c.mask.sum()) for c in batch.chunks) == batch.realised_size
+      True
+    """
+
+    def __init__(
+        self, num_examples: int, sampling_rate: float, capacity: int | None = None, seed: int = 0
+    ):
+        _check_positive_int(num_examples, "num_examples")
+        _check_sampling_rate(sampling_rate)
+        if capacity is None:
+            capacity = poisson_batch_capacity(num_examples, sampling_rate)
+        _check_positive_int(capacity, "capacity")
+        self.num_examples = int(num_examples)
+        self.sampling_rate = float(sampling_rate)
+        self.capacity = int(capacity)
+        self.seed = int(seed)
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``q N``, the public normaliser of the noisy sum."""
+        return self.sampling_rate * self.num_examples
+
+    def sample(self, step: int) -> SampledBatch:
+        """Draws the batch of ``step`` (a pure function of ``seed`` and ``step``)."""
+        rng = np.random.default_rng([self.seed, int(step)])
+        selected = np.flatnonzero(rng.random(self.num_examples) < self.sampling_rate)
+        chunks = []
+        for start in range(0, max(len(selected), 1), self.capacity):
+            indices, mask = _pad(selected[start : start + self.capacity], self.capacity, np.int64)
+            chunks.append(BatchChunk(indices, mask))
+        return SampledBatch(tuple(chunks), len(selected), len(selected))
+
+
+class ShuffledSampler:
+    """Fixed-size batches: every step draws ``batch_size`` distinct examples uniformly at random.
+
+    Each step's batch is a uniformly random subset of size ``b``, independent of other steps.
+    This must be accounted with ``SampledWithoutReplacementDpEvent`` under *replace-one*
+    neighbouring (``dpsgd_event(..., sampling="shuffle")``), whose sensitivity is ``2 C``; using the
+    Poisson event for it is wrong (Lebeda et al. 2024; Chua et al. 2024). Epoch-wise shuffling into
+    disjoint batches is a different scheme, not covered by that event, and is not offered here.
+
+    Args:
+      num_examples: dataset size ``N``.
+      batch_size: ``b`` in ``[1, N]``.
+      seed: integer seed; ``sample(step)`` uses ``np.random.default_rng([seed, step])``.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int = 0):
+        _check_positive_int(num_examples, "num_examples")
+        _check_positive_int(batch_size, "batch_size")
+        if batch_size > num_examples:
+            raise ValueError(f"{batch_size=} must be <= {num_examples=}")
+        self.num_examples = int(num_examples)
+        self.batch_size = int(batch_size)
+        self.capacity = int(batch_size)
+        self.seed = int(seed)
+
+    @property
+    def sampling_rate(self) -> float:
+        """``b / N``."""
+        return self.batch_size / self.num_examples
+
+    @property
+    def expected_batch_size(self) -> float:
+        return float(self.batch_size)
+
+    def sample(self, step: int) -> SampledBatch:
+        """Draws the batch of ``step``: one chunk, all slots real."""
+        rng = np.random.default_rng([self.seed, int(step)])
+        indices = np.sort(rng.choice(self.num_examples, self.batch_size, replace=False))
+        chunk = BatchChunk(indices.astype(np.int64), np.ones(self.batch_size, bool))
+        return SampledBatch((chunk,), self.batch_size, self.batch_size)
+
+
+class PoissonUnitSampler:
+    """Poisson sampling of units (patients), then at most ``max_per_unit`` examples of each.
+
+    Every unit enters the batch independently with probability ``q``; of a sampled unit with more
+    than ``k = max_per_unit`` examples, ``k`` are chosen uniformly without replacement. Units are
+    packed whole into chunks of ``capacity`` example slots (a unit is never split, so its summed
+    gradient is clipped once), and ``unit_index`` gives each slot's unit within its chunk, for
+    :func:`fedjax_med.privacy.clipping.clipped_unit_grad_sum` with ``num_unit_slots = capacity``.
+
+    Args:
+      unit_ids: ``(N,)`` unit (patient) identifier of every example, any hashable dtype.
+      sampling_rate: ``q`` in ``(0, 1]`` over units; the expected number of units is ``q U``.
+      max_per_unit: ``k >= 1``.
+      capacity: example slots per chunk, ``>= k`` (default: enough for
+        :func:`poisson_batch_capacity` units of ``min(k, largest unit)`` examples each).
+      seed: integer seed; ``sample(step)`` uses ``np.random.default_rng([seed, step])``.
+
+    Guarantees:
+      The set of sampled units is ``PoissonSampledDpEvent(q, .)`` over units, and each sampled
+      unit has between 1 and ``k`` examples, all in one chunk.
+    """
+
+    def __init__(
+        self,
+        unit_ids: np.ndarray,
+        sampling_rate: float,
+        max_per_unit: int,
+        capacity: int | None = None,
+        seed: int = 0,
+    ):
+        unit_ids = np.asarray(unit_ids)
+        if unit_ids.ndim != 1 or len(unit_ids) == 0:
+            raise ValueError(f"unit_ids.shape={unit_ids.shape} must be (N,) with N >= 1")
+        _check_sampling_rate(sampling_rate)
+        _check_positive_int(max_per_unit, "max_per_unit")
+        self.units, codes = np.unique(unit_ids, return_inverse=True)
+        order = np.argsort(codes, kind="stable")
+        sizes = np.bincount(codes, minlength=len(self.units))
+        self._members = np.split(order, np.cumsum(sizes)[:-1])
+        per_unit = int(min(max_per_unit, sizes.max()))
+        if capacity is None:
+            capacity = poisson_batch_capacity(len(self.units), sampling_rate) * per_unit
+        _check_positive_int(capacity, "capacity")
+        if capacity < per_unit:
+            raise ValueError(f"{capacity=} must be >= min(max_per_unit, largest unit) = {per_unit}")
+        self.num_examples = len(unit_ids)
+        self.sampling_rate = float(sampling_rate)
+        self.max_per_unit = int(max_per_unit)
+        self.capacity = int(capacity)
+        self.seed = int(seed)
+
+    @property
+    def num_units(self) -> int:
+        return len(self.units)
+
+    @property
+    def num_unit_slots(self) -> int:
+        """Slots for distinct units per chunk (each unit uses at least one example slot)."""
+        return self.capacity
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``q U``, the expected number of units: the public normaliser of the noisy sum."""
+        return self.sampling_rate * self.num_units
+
+    def sample(self, step: int) -> SampledBatch:
+        """Draws the batch of ``step`` (a pure function of ``seed`` and ``step``)."""
+        rng = np.random.default_rng([self.seed, int(step)])
+        sampled_units = np.flatnonzero(rng.random(self.num_units) < self.sampling_rate)
+        groups = []
+        for unit in sampled_units:
+            members = self._members[unit]
+            if len(members) > self.max_per_unit:
+                members = np.sort(rng.choice(members, self.max_per_unit, replace=False))
+            groups.append(members)
+        chunks, current = [], []
+        for members in groups + [None]:
+            used = sum(len(m) for m in current)
+            if members is None or used + len(members) > self.capacity:
+                if current or not chunks:
+                    chunks.append(self._chunk(current))
+                current = []
+            if members is not None:
+                current.append(members)
+        return SampledBatch(tuple(chunks), int(sum(len(m) for m in groups)), len(groups))
+
+    def _chunk(self, groups: list[np.ndarray]) -> BatchChunk:
+        flat = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+        slots = np.repeat(np.arange(len(groups)), [len(m) for m in groups])
+        indices, mask = _pad(flat, self.capacity, np.int64)
+        unit_index, _ = _pad(slots, self.capacity, np.int32)
+        return BatchChunk(indices, mask, unit_index)

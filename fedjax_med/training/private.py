@@ -1,0 +1,248 @@
+"""DP-SGD in the trainer: sampler, clipped sums, noise, optimizer and budget (``config.privacy``).
+
+One private step (Abadi et al., CCS 2016, https://arxiv.org/abs/1607.00133):
+
+1. the sampler draws the step's batch: Poisson with rate ``q = L / N`` over examples, or over
+   patients (``privacy.unit = "patient"``, at most ``k`` images each), as fixed-shape chunks
+   with a mask (a batch larger than a chunk becomes several chunks, never truncated);
+2. each chunk gives the sum of clipped per-example (per-patient) gradients, norm ``<= C`` each;
+3. ``N(0, (sigma C)^2 I)`` is added once to the total and it is divided by the expected batch
+   size ``L`` (public), then the configured optimizer applies it.
+
+The :class:`~fedjax_med.privacy.budget.PrivacyLedger` accounts the same event the sampler
+realises; the run stops before a step that would pass ``privacy.target_epsilon``. The noise key
+lives in the optimizer state, so checkpoints resume the exact noise stream; in ``secure`` mode the
+key comes from the operating system's entropy, never from ``config.seed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from fedjax_med.data import dataset as dataset_lib
+from fedjax_med.privacy import accounting, budget, clipping, noise, sampling
+from fedjax_med.training import losses
+from fedjax_med.training import state as state_lib
+
+logger = logging.getLogger("fedjax_med")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivatePlan:
+    """Everything DP-SGD needs that is fixed before step 0."""
+
+    noise_multiplier: float
+    clip_norm: float
+    sampling_rate: float
+    expected_batch_size: float
+    num_units: int
+    unit: str
+    sampler: Any
+    noise_key: jax.Array
+    noise_seed_mode: str
+    ledger: budget.PrivacyLedger
+    max_steps: int  # steps the budget allows (<= train.steps)
+
+
+def unit_ids(train: dataset_lib.ImageDataset, unit: str) -> np.ndarray:
+    if unit == "example":
+        return np.arange(len(train))
+    if unit == "patient":
+        # Patient ids are unique within a site; the pair identifies the person.
+        return train.sites.astype(np.int64) * (int(train.patient_ids.max()) + 1) + train.patient_ids
+    raise ValueError(f"privacy.unit={unit!r} must be 'example' or 'patient'")
+
+
+def make_plan(
+    config: ml_collections.ConfigDict, train: dataset_lib.ImageDataset, num_devices: int
+) -> PrivatePlan:
+    """Calibrates noise (if asked), builds the sampler and the ledger, checks the budget."""
+    p = config.privacy
+    ids = unit_ids(train, p.unit)
+    num_units = int(np.unique(ids).size)
+    batch = config.train.batch_size
+    if batch > num_units:
+        raise ValueError(
+            f"train.batch_size={batch} (the expected batch, in {p.unit}s) must be <= the "
+            f"{num_units} {p.unit}s in the training split"
+        )
+    q = batch / num_units
+    accounting.check_delta(p.delta, num_units)
+    steps = config.train.steps
+    sampling_kind = "poisson" if p.sampling == "poisson" else "shuffle"
+    if p.noise_multiplier > 0:
+        sigma = float(p.noise_multiplier)
+    else:
+        sigma = accounting.calibrate_noise_multiplier(
+            p.target_epsilon, q, steps, p.delta, accountant=p.accountant
+        )
+        logger.info(
+            "calibrated noise multiplier %.4f for epsilon %.3g at delta %.3g over %d steps",
+            sigma,
+            p.target_epsilon,
+            p.delta,
+            steps,
+        )
+    extra = {}
+    if sampling_kind == "shuffle":
+        extra = {"num_examples": num_units, "batch_size": batch}
+    target = p.target_epsilon
+    if target <= 0:  # no explicit budget: the plan itself (sigma, q, steps) is the budget
+        event = accounting.dpsgd_event(sigma, q, steps, sampling=sampling_kind, **extra)
+        # Huge noise can give epsilon 0.0; the ledger needs a positive target.
+        target = max(accounting.epsilon(event, p.delta, p.accountant), 1e-12)
+    ledger = budget.PrivacyLedger(
+        noise_multiplier=sigma,
+        sampling_rate=q,
+        delta=p.delta,
+        target_epsilon=target,
+        accountant=p.accountant,
+        unit=p.unit,
+        sampling=sampling_kind,
+        **extra,
+    )
+    capacity = sampling.poisson_batch_capacity(
+        num_units, q, overflow_prob=p.overflow_prob, multiple_of=num_devices
+    )
+    if p.unit == "patient":
+        per_unit = int(
+            min(p.max_images_per_patient, np.bincount(np.unique(ids, return_inverse=True)[1]).max())
+        )
+        sampler = sampling.PoissonUnitSampler(
+            ids,
+            q,
+            p.max_images_per_patient,
+            capacity=-(-capacity * per_unit // num_devices) * num_devices,
+            seed=config.seed,
+        )
+    elif sampling_kind == "poisson":
+        sampler = sampling.PoissonSampler(num_units, q, capacity=capacity, seed=config.seed)
+    else:
+        sampler = sampling.ShuffledSampler(num_units, batch, seed=config.seed)
+    key, mode = noise.make_noise_key(config.seed, p.noise_seed)
+    return PrivatePlan(
+        noise_multiplier=sigma,
+        clip_norm=float(p.clip_norm),
+        sampling_rate=q,
+        expected_batch_size=float(sampler.expected_batch_size),
+        num_units=num_units,
+        unit=p.unit,
+        sampler=sampler,
+        noise_key=key,
+        noise_seed_mode=mode,
+        ledger=ledger,
+        max_steps=steps,
+    )
+
+
+def allowed_steps(ledger: budget.PrivacyLedger, planned: int) -> int:
+    """How many of the ``planned`` remaining steps the budget allows (one search, not per step)."""
+    if planned <= 0:
+        return 0
+    if ledger.can_take(planned):
+        return planned
+    return min(planned, ledger.steps_remaining())
+
+
+def make_private_optimizer(
+    plan: PrivatePlan, optimizer: optax.GradientTransformation
+) -> optax.GradientTransformation:
+    """``dp_aggregate`` (noise the clipped sum, divide by L) chained before the optimizer."""
+    relation = "add_or_remove_one" if plan.ledger.sampling == "poisson" else "replace_one"
+    return optax.chain(
+        noise.dp_aggregate(
+            plan.noise_multiplier,
+            plan.clip_norm,
+            plan.expected_batch_size,
+            plan.noise_key,
+            relation=relation,
+        ),
+        optimizer,
+    )
+
+
+def make_grad_sum_fn(
+    config: ml_collections.ConfigDict, apply_fn: Callable, task: str, plan: PrivatePlan
+) -> Callable:
+    """Jitted ``(params, images, labels, mask, unit_index) -> (clipped sum, aux)`` for one chunk."""
+    p = config.privacy
+    loss_fn = losses.example_loss_fn(apply_fn, task)
+    microbatch = p.microbatch_size or None
+    if p.unit == "patient":
+        fn = clipping.clipped_unit_grad_sum(
+            loss_fn, clip_norm=p.clip_norm, unit="patient", microbatch_size=microbatch
+        )
+        slots = plan.sampler.num_unit_slots
+        jitted = jax.jit(fn, static_argnums=5)
+        return lambda params, x, y, mask, unit_index: jitted(params, x, y, mask, unit_index, slots)
+    fn = clipping.clipped_grad_sum(
+        loss_fn,
+        clip_norm=p.clip_norm,
+        per_layer=p.per_layer_clipping,
+        microbatch_size=microbatch,
+        method=p.method,
+    )
+    jitted = jax.jit(fn)
+    return lambda params, x, y, mask, unit_index: jitted(params, x, y, mask)
+
+
+def make_apply_fn(optimizer: optax.GradientTransformation) -> Callable:
+    """Jitted ``(state, clipped_sum) -> state``: noise, normalise, optimizer step."""
+
+    @jax.jit
+    def apply(state: state_lib.TrainState, clipped_sum):
+        updates, opt_state = optimizer.update(clipped_sum, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+    return apply
+
+
+def add_trees(a, b):
+    return b if a is None else jax.tree.map(lambda x, y: x + y, a, b)
+
+
+def privacy_report(plan: PrivatePlan, ledger: budget.PrivacyLedger, config) -> dict[str, Any]:
+    """The ``privacy`` object of report.json."""
+    eps = ledger.epsilon()
+    return {
+        "epsilon": eps,
+        "delta": ledger.delta,
+        "accountant": ledger.accountant,
+        "noise_multiplier": plan.noise_multiplier,
+        "sampling_rate": plan.sampling_rate,
+        "steps": ledger.steps_taken,
+        "clip_norm": plan.clip_norm,
+        "unit": plan.unit,
+        "noise_seed_mode": plan.noise_seed_mode,
+        "level": "example" if plan.unit == "example" else plan.unit,
+        "sampling": ledger.sampling,
+        "expected_batch_size": plan.expected_batch_size,
+        "num_units": plan.num_units,
+        "target_epsilon": ledger.target_epsilon,
+        "max_images_per_patient": (
+            config.privacy.max_images_per_patient if plan.unit == "patient" else None
+        ),
+        "budget_exhausted": not ledger.can_take(1),
+        "guarantee": (
+            f"({eps:.4g}, {ledger.delta:.3g})-DP for each {plan.unit} of the training split "
+            f"(add/remove-one {plan.unit})"
+            if ledger.sampling == "poisson"
+            else f"({eps:.4g}, {ledger.delta:.3g})-DP under replace-one {plan.unit}"
+        ),
+    }
+
+
+def finite_or_raise(value: float, what: str, step: int) -> float:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what} became {value} at step {step}")
+    return value

@@ -1,0 +1,185 @@
+"""DP-SGD in the trainer: the report proves the guarantee, budgets stop runs, resume is exact."""
+
+import json
+import math
+import os
+
+import dp_accounting
+import jax
+import numpy as np
+import optax
+import pytest
+
+from fedjax_med.config import base, schema
+from fedjax_med.privacy import clipping
+from fedjax_med.training import central, losses
+
+PRIVACY_KEYS = (
+    "epsilon",
+    "delta",
+    "accountant",
+    "noise_multiplier",
+    "sampling_rate",
+    "steps",
+    "clip_norm",
+    "unit",
+    "noise_seed_mode",
+)
+
+
+def dp_config(**privacy):
+    config = base.get_base_config()
+    config.data.cache_dir = "none"
+    config.data.normalization = "fixed"
+    config.data.synthetic.num_sites = 3
+    config.data.synthetic.examples_per_site = 120
+    config.optimizer.name = "sgd"
+    config.optimizer.learning_rate = 0.5
+    config.train.batch_size = 32
+    config.train.eval_batch_size = 128
+    config.train.steps = 6
+    config.train.eval_every = 3
+    config.train.checkpoint_every = 3
+    config.train.num_devices = 1
+    config.privacy.enabled = True
+    config.privacy.noise_multiplier = 1.0
+    config.privacy.delta = 1e-4
+    for k, v in privacy.items():
+        config.privacy[k] = v
+    return schema.validate(config)
+
+
+def direct_epsilon(sigma, q, steps, delta):
+    accountant = dp_accounting.rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    return accountant.get_epsilon(delta)
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("dp"))
+    return workdir, central.train_and_evaluate(dp_config(), workdir, quiet=True)
+
+
+def test_report_privacy_matches_dp_accounting(dp_run):
+    _, report = dp_run
+    privacy = report["privacy"]
+    for key in PRIVACY_KEYS:
+        assert key in privacy, key
+    assert privacy["unit"] == "example" and privacy["noise_seed_mode"] == "reproducible"
+    assert privacy["steps"] == 6 and privacy["clip_norm"] == 1.0
+    n_train = privacy["num_units"]
+    assert privacy["sampling_rate"] == pytest.approx(32 / n_train)
+    expected = direct_epsilon(1.0, 32 / n_train, 6, 1e-4)
+    assert privacy["epsilon"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_epsilon_logged_at_evaluations(dp_run):
+    workdir, report = dp_run
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    eps = [r["epsilon"] for r in records if "epsilon" in r]
+    assert len(eps) == 2 and eps[0] < eps[1] == pytest.approx(report["privacy"]["epsilon"])
+    assert all("train_loss" not in r for r in records)  # not covered by the DP guarantee
+    assert 0.0 <= records[0]["train_clipped_fraction"] <= 1.0
+
+
+def test_resume_keeps_the_ledger(dp_run, tmp_path):
+    workdir, full = dp_run
+    central.train_and_evaluate(dp_config(), str(tmp_path), quiet=True, stop_at_step=3)
+    resumed = central.train_and_evaluate(dp_config(), str(tmp_path), resume=True, quiet=True)
+    assert resumed["privacy"]["steps"] == 6
+    assert resumed["privacy"]["epsilon"] == pytest.approx(full["privacy"]["epsilon"])
+    _, a = central.restore_for_eval(workdir)
+    _, b = central.restore_for_eval(str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+
+
+def test_budget_stops_the_run(tmp_path):
+    one_step = direct_epsilon(1.0, 32 / 250, 1, 1e-4)
+    three_steps = direct_epsilon(1.0, 32 / 250, 3, 1e-4)
+    # A target between the epsilon of 2 and of 3 steps (N ~ 250 here; exact N read below).
+    config = dp_config(target_epsilon=(one_step + three_steps) / 2)
+    report = central.train_and_evaluate(config, str(tmp_path), quiet=True)
+    privacy = report["privacy"]
+    assert privacy["stopped_by_budget"] is True
+    assert privacy["epsilon"] <= privacy["target_epsilon"]
+    assert 1 <= privacy["steps"] < 6
+    q = privacy["sampling_rate"]
+    over = direct_epsilon(1.0, q, privacy["steps"] + 1, 1e-4)
+    assert over > privacy["target_epsilon"]  # one more step would have passed the target
+
+
+def test_calibrated_run_meets_target(tmp_path):
+    config = dp_config(noise_multiplier=0.0, target_epsilon=3.0, accountant="pld")
+    report = central.train_and_evaluate(config, str(tmp_path), quiet=True)
+    privacy = report["privacy"]
+    assert privacy["steps"] == 6
+    assert privacy["epsilon"] <= 3.0
+    assert privacy["accountant"] == "pld"
+
+
+def test_patient_level_accounts_over_patients(tmp_path):
+    report = central.train_and_evaluate(
+        dp_config(unit="patient", max_images_per_patient=2), str(tmp_path), quiet=True
+    )
+    privacy = report["privacy"]
+    assert privacy["unit"] == "patient"
+    assert privacy["num_units"] < report["val_metrics"]["val_num_examples"] * 10
+    assert privacy["sampling_rate"] == pytest.approx(32 / privacy["num_units"])
+    assert "patient" in privacy["guarantee"]
+
+
+def test_secure_noise_seed(tmp_path):
+    a = central.train_and_evaluate(dp_config(noise_seed="secure"), str(tmp_path / "a"), quiet=True)
+    central.train_and_evaluate(dp_config(noise_seed="secure"), str(tmp_path / "b"), quiet=True)
+    assert a["privacy"]["noise_seed_mode"] == "secure"
+    _, sa = central.restore_for_eval(str(tmp_path / "a"))
+    _, sb = central.restore_for_eval(str(tmp_path / "b"))
+    leaf_a, leaf_b = jax.tree.leaves(sa.params)[0], jax.tree.leaves(sb.params)[0]
+    assert not np.array_equal(leaf_a, leaf_b)  # same seed, different (unpredictable) noise
+
+
+def test_no_noise_infinite_clip_equals_nonprivate_step():
+    config = dp_config(enabled=False)
+    experiment = central.build_experiment(config)
+    model, info = experiment.model, experiment.splits.info
+    params = model.init(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(8, 32, 32, 1)).astype(np.float32)
+    labels = rng.integers(0, 4, 8).astype(np.int32)
+    tx = optax.sgd(0.1)
+    nonprivate = central.make_train_step(model.apply, tx, info.task)
+    state = central.init_state(experiment).replace(params=params, opt_state=tx.init(params))
+    expected, _ = nonprivate(state, images, labels)
+    loss_fn = losses.example_loss_fn(model.apply, info.task)
+    total, _ = clipping.clipped_grad_sum(loss_fn, clip_norm=math.inf)(
+        params, images, labels, np.ones(8, bool)
+    )
+    mean_grad = jax.tree.map(lambda g: g / 8, total)
+    updates, _ = tx.update(mean_grad, tx.init(params), params)
+    got = optax.apply_updates(params, updates)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), expected.params, got
+    )
+
+
+def test_noise_scale_decides_learning(tmp_path):
+    def run(sigma, name):
+        config = dp_config(noise_multiplier=sigma, clip_norm=1.0, delta=1e-4)
+        config.unlock()
+        config.data.synthetic.num_sites = 4
+        config.data.synthetic.examples_per_site = 400
+        config.optimizer.name = "sgd"
+        config.optimizer.learning_rate = 2.0
+        config.train.batch_size = 128
+        config.train.steps = 120
+        config.train.eval_every = 120
+        config.train.checkpoint_every = 120
+        return central.train_and_evaluate(schema.validate(config), str(tmp_path / name), quiet=True)
+
+    moderate = run(0.7, "moderate")["metrics"]["test_accuracy"]
+    huge = run(1000.0, "huge")["metrics"]["test_accuracy"]
+    assert moderate >= 0.55, moderate
+    assert huge <= 0.45, huge  # 4 classes with unequal prevalence: near chance
