@@ -14,7 +14,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     """Returns the default config (centralized, non-private, small CNN on synthetic sites)."""
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.trainer = "central"
+    config.trainer = "central"  # central | federated
 
     # ---- data ------------------------------------------------------------------------------
     config.data = ml_collections.ConfigDict()
@@ -81,6 +81,36 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.privacy.method = "ghost"  # ghost (norm trick) | vmap (reference per-example grads)
     config.privacy.microbatch_size = 0  # chunks of per-example work to bound memory (0 = off)
     config.privacy.noise_seed = "reproducible"  # reproducible (from seed) | secure (OS entropy)
+
+    # ---- federated simulation (config.trainer = "federated") ---------------------------------
+    config.federated = ml_collections.ConfigDict()
+    # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedadagrad | scaffold | dp_fedavg
+    config.federated.algorithm = "fedavg"
+    config.federated.rounds = 50
+    config.federated.clients_per_round = 0  # 0 = every client; the expected cohort for dp_fedavg
+    config.federated.local_steps = 5  # minibatch SGD steps per client per round
+    config.federated.client_batch_size = 32
+    config.federated.client_lr = 0.05
+    config.federated.server_lr = 1.0
+    config.federated.server_momentum = 0.9  # fedavgm
+    config.federated.server_tau = 1e-3  # fedadam / fedyogi / fedadagrad adaptivity
+    config.federated.prox_mu = 0.01  # fedprox
+    config.federated.dropout_prob = 0.0  # a sampled client fails to report with this probability
+    config.federated.max_update_norm = 0.0  # exclude larger updates (0 = only non-finite ones)
+    config.federated.backend = "auto"  # auto | vmap | sharded | loop
+    config.federated.chunk_size = 0  # clients vmapped together (0 = the whole cohort)
+    config.federated.eval_every = 10
+    config.federated.checkpoint_every = 10
+    # dp_fedavg (McMahan et al. 2018) reads privacy.clip_norm (S), privacy.noise_multiplier (z)
+    # or privacy.target_epsilon, privacy.delta, privacy.accountant and privacy.noise_seed.
+    config.federated.adaptive_clipping = False  # Andrew et al. 2021 quantile-based S
+    config.federated.target_quantile = 0.5
+    # privacy.enabled with a non-DP algorithm = local DP-SGD inside every site: each step clips
+    # per-example gradients to privacy.clip_norm and adds noise privacy.noise_multiplier; each
+    # site's epsilon is accounted separately, and a site stops contributing once the next round
+    # would pass its budget: privacy.target_epsilon, or a per-site value from
+    # site_target_epsilons ("hospital_0=2.0,hospital_3=4.0").
+    config.federated.site_target_epsilons = ""
 
     # ---- training loop ---------------------------------------------------------------------
     config.train = ml_collections.ConfigDict()

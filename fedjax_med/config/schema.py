@@ -54,7 +54,7 @@ def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fal
 
 CHECKS: dict[str, Check] = {
     "seed": at_least(0),
-    "trainer": one_of("central"),
+    "trainer": one_of("central", "federated"),
     "data.name": one_of("synthetic", "medmnist", "tfds", "image_folder"),
     "data.image_size": Check(lambda v: v == 0 or v >= 8, "0 (keep) or >= 8"),
     "data.channels": one_of(0, 1, 3),
@@ -93,6 +93,25 @@ CHECKS: dict[str, Check] = {
     "privacy.method": one_of("ghost", "vmap"),
     "privacy.microbatch_size": at_least(0),
     "privacy.noise_seed": one_of("reproducible", "secure"),
+    "federated.algorithm": one_of(
+        "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold", "dp_fedavg"
+    ),
+    "federated.rounds": at_least(1),
+    "federated.clients_per_round": at_least(0),
+    "federated.local_steps": at_least(1),
+    "federated.client_batch_size": at_least(1),
+    "federated.client_lr": greater_than(0.0),
+    "federated.server_lr": greater_than(0.0),
+    "federated.server_momentum": in_range(0.0, 1.0, hi_open=True),
+    "federated.server_tau": greater_than(0.0),
+    "federated.prox_mu": at_least(0.0),
+    "federated.dropout_prob": in_range(0.0, 1.0, hi_open=True),
+    "federated.max_update_norm": at_least(0.0),
+    "federated.backend": one_of("auto", "vmap", "sharded", "loop"),
+    "federated.chunk_size": at_least(0),
+    "federated.eval_every": at_least(1),
+    "federated.checkpoint_every": at_least(1),
+    "federated.target_quantile": in_range(0.0, 1.0, lo_open=True, hi_open=True),
     "train.batch_size": at_least(1),
     "train.steps": at_least(1),
     "train.eval_every": at_least(1),
@@ -187,6 +206,25 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             "config field 'privacy.sampling' must be 'poisson' for privacy.unit='patient'"
         )
+    if config.trainer == "federated":
+        f = config.federated
+        if f.algorithm == "dp_fedavg" and privacy.noise_multiplier == 0 and (
+            privacy.target_epsilon == 0
+        ):
+            raise ConfigError(
+                "config fields 'privacy.noise_multiplier' or 'privacy.target_epsilon' must be > 0 "
+                "for federated.algorithm='dp_fedavg'"
+            )
+        if privacy.enabled and f.algorithm in ("dp_fedavg", "scaffold"):
+            raise ConfigError(
+                "config field 'privacy.enabled' (local DP-SGD in every site) must be False with "
+                f"federated.algorithm={f.algorithm!r}"
+            )
+        if privacy.enabled and privacy.noise_multiplier == 0:
+            raise ConfigError(
+                "config field 'privacy.noise_multiplier' must be > 0 for local DP-SGD "
+                "(privacy.target_epsilon is each site's budget)"
+            )
     if config.optimizer.warmup_steps >= config.train.steps:
         raise ConfigError(
             f"config field 'optimizer.warmup_steps'={config.optimizer.warmup_steps} must be < "

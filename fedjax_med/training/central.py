@@ -429,13 +429,18 @@ def train_and_evaluate(
     return result
 
 
-def restore_for_eval(workdir: str) -> tuple[Experiment, state_lib.TrainState]:
-    """Rebuilds the experiment of ``workdir`` from its config.json and its latest checkpoint."""
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """The validated config a run saved in ``workdir/config.json``."""
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise WorkdirError(f"workdir '{workdir}' has no config.json (was it trained here?)")
     with open(config_path) as f:
-        config = loading.from_json_dict(json.load(f))
+        return loading.from_json_dict(json.load(f))
+
+
+def restore_for_eval(workdir: str) -> tuple[Experiment, state_lib.TrainState]:
+    """Rebuilds the experiment of ``workdir`` from its config.json and its latest checkpoint."""
+    config = load_workdir_config(workdir)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     latest = checkpointer.latest_step()
     if latest is None:
@@ -448,7 +453,14 @@ def restore_for_eval(workdir: str) -> tuple[Experiment, state_lib.TrainState]:
 
 def evaluate_workdir(workdir: str, split: str = "test") -> dict[str, Any]:
     """Evaluates the latest checkpoint of ``workdir`` on ``split``; writes eval_<split>.json."""
-    experiment, state = restore_for_eval(workdir)
+    if load_workdir_config(workdir).trainer == "federated":
+        from fedjax_med.training import federated
+
+        experiment, state = federated.restore_for_eval(workdir)
+        step = int(state.round)
+    else:
+        experiment, state = restore_for_eval(workdir)
+        step = int(state.step)
     predict_fn = evaluate.make_predict_fn(experiment.model.apply, experiment.splits.info.task)
     result = evaluate.evaluate(
         predict_fn,
@@ -459,7 +471,7 @@ def evaluate_workdir(workdir: str, split: str = "test") -> dict[str, Any]:
         experiment.config.train.eval_batch_size,
     )
     out = {
-        "step": int(state.step),
+        "step": step,
         "split": split,
         "metrics": evaluate.prefixed(result["metrics"], split),
         "per_site": {k: evaluate.prefixed(v, split) for k, v in result["per_site"].items()},

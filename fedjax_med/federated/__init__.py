@@ -1,0 +1,1 @@
+"""Federated simulation: client training, cohort backends, aggregation, algorithms, DP."""

@@ -1,0 +1,547 @@
+"""Federated algorithms as ``FederatedAlgorithm(init, apply_round)`` over a ``ServerState``.
+
+One round, for a cohort drawn on the host (:mod:`fedjax_med.federated.sampling`):
+
+1. gather the cohort's padded arrays from :class:`~fedjax_med.federated.client.ClientData` and
+   derive each client's key ``fold_in(fold_in(fold_in(rng, round), STREAM_CLIENTS), k)``;
+2. drop each sampled client with probability ``dropout_rate`` (simulated failures);
+3. run the local update of every slot with a ``for_each_client`` backend;
+4. exclude non-finite or out-of-range updates (``max_update_norm``) and count them;
+5. combine the rest and take the server step.
+
+Algorithms:
+
+* FedAvg (McMahan et al., AISTATS 2017, https://arxiv.org/abs/1602.05629): example-weighted mean
+  of client deltas, ``x <- x + Delta`` (server SGD with learning rate 1 on ``-Delta``).
+* FedAvgM (Hsu, Qi, Brown 2019, https://arxiv.org/abs/1909.06335): server momentum on
+  ``-Delta``.
+* FedProx (Li et al., MLSys 2020, https://arxiv.org/abs/1812.06127): FedAvg whose clients
+  minimise ``f_k(y) + (mu/2)||y - x||^2``.
+* FedAdagrad / FedYogi / FedAdam (Reddi et al., ICLR 2021, https://arxiv.org/abs/2003.00295):
+  ``-Delta`` is the pseudo-gradient of an adaptive server optimizer
+  (:mod:`~fedjax_med.federated.server_optimizers`).
+* SCAFFOLD (Karimireddy et al., ICML 2020, https://arxiv.org/abs/1910.06378), option II:
+  ``x <- x + eta_g mean_S(Delta y)``, ``c <- c + (1/N) sum_S Delta c``, ``c_k <- c_k + Delta c_k``
+  for the clients that reported; ``c`` and every ``c_k`` (stored ``(N, ...)``) start at 0.
+
+Every round has the shapes of the padded cohort, so it compiles once; with the ``loop`` backend
+the gather and the server step are jitted and the clients run one by one in between.
+
+A round in which no client contributes leaves parameters and server optimizer state unchanged
+(only the round counter advances). DP-FedAvg is in :mod:`~fedjax_med.federated.dp_fedavg`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from fedjax_med.federated import aggregation, sampling, server_optimizers
+from fedjax_med.federated import client as client_lib
+from fedjax_med.federated import for_each_client as fec
+
+Params = Any
+Metrics = dict[str, jax.Array]
+
+# fold_in streams under the round key.
+STREAM_CLIENTS = 0
+STREAM_DROPOUT = 1
+STREAM_NOISE = 2
+
+WEIGHTINGS = ("examples", "uniform")
+
+
+@flax.struct.dataclass
+class ServerState:
+    """Everything the server carries from round to round, as one pytree.
+
+    Attributes:
+      round: number of rounds applied so far (int32 scalar).
+      params: the global model ``x``.
+      server_opt_state: state of the server optimizer.
+      rng: root PRNG key of the run's on-device randomness; round ``t`` uses
+        ``fold_in(rng, t)``, so the key itself never changes. A raw ``jax.random.PRNGKey``
+        (uint32) checkpoints like any array; typed ``jax.random.key`` keys work too.
+      server_control: SCAFFOLD's ``c`` (params-shaped); ``None`` for other algorithms.
+      client_controls: SCAFFOLD's ``c_k`` of all ``N`` clients, params with a leading ``N``.
+      clip_norm: DP-FedAvg's current clipping norm ``S`` (adapted by adaptive clipping).
+    """
+
+    round: jax.Array
+    params: Params
+    server_opt_state: optax.OptState
+    rng: jax.Array
+    server_control: Params | None = None
+    client_controls: Params | None = None
+    clip_norm: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundOptions:
+    """How a round runs, shared by every algorithm.
+
+    Attributes:
+      weighting: ``"examples"`` (weights ``n_k``) or ``"uniform"``; ``None`` = the algorithm's
+        paper (``"uniform"`` for SCAFFOLD, ``"examples"`` otherwise).
+      max_update_norm: updates with a larger L2 norm are excluded (``None``: only non-finite
+        updates are).
+      dropout_rate: probability that a sampled client fails to report, per round.
+      backend: ``for_each_client`` backend (``"auto"``, ``"vmap"``, ``"sharded"``, ``"loop"``).
+      chunk_size: clients vmapped together; ``None`` = all.
+      mesh: the ``clients`` mesh of the sharded backend.
+    """
+
+    weighting: str | None = None
+    max_update_norm: float | None = None
+    dropout_rate: float = 0.0
+    backend: str = "auto"
+    chunk_size: int | None = None
+    mesh: Mesh | None = None
+
+    def __post_init__(self):
+        if self.weighting is not None and self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={self.weighting!r} must be one of {WEIGHTINGS} or None")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise ValueError(f"max_update_norm={self.max_update_norm} must be > 0 or None")
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"dropout_rate={self.dropout_rate} must lie in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedAlgorithm:
+    """A federated algorithm: ``init(params, rng) -> ServerState`` and ``apply_round``.
+
+    ``apply_round(state, cohort) -> (state, metrics)`` runs one round for a
+    :class:`~fedjax_med.federated.sampling.Cohort`; ``metrics`` are device scalars:
+    ``loss`` (weighted mean client training loss), ``num_sampled``, ``num_dropped``,
+    ``num_excluded``, ``num_clients`` (contributing), ``update_norm`` (of the applied mean
+    delta), plus algorithm-specific entries.
+
+    Attributes:
+      name: the algorithm's name.
+      init: builds the initial server state from parameters and a PRNG key.
+      apply_round: one round.
+      for_each: the cohort runner.
+      jitted: the jitted functions a round calls (``_cache_size()`` shows recompilations).
+      sampler: the cohort sampler the algorithm was built for (DP-FedAvg's Poisson sampler,
+        whose rate its accounting assumes); ``None`` when any cohort will do.
+    """
+
+    name: str
+    init: Callable[[Params, jax.Array], ServerState]
+    apply_round: Callable[[ServerState, sampling.Cohort], tuple[ServerState, Metrics]]
+    for_each: fec.ForEachClient
+    jitted: tuple[Any, ...]
+    sampler: Any = None
+
+
+@flax.struct.dataclass
+class CohortInputs:
+    """The cohort's gathered arrays and per-slot keys, ready for ``for_each_client``."""
+
+    images: jax.Array
+    labels: jax.Array
+    mask: jax.Array
+    counts: jax.Array
+    keys: jax.Array
+    client_controls: Params | None
+    reporting: jax.Array  # (C,) bool: sampled and not dropped
+    num_dropped: jax.Array
+
+
+def round_key(state: ServerState) -> jax.Array:
+    """The key of the state's current round: ``fold_in(rng, round)``."""
+    return jax.random.fold_in(state.rng, state.round)
+
+
+def gather_cohort(
+    state: ServerState,
+    data: client_lib.ClientData,
+    indices: jax.Array,
+    cohort_mask: jax.Array,
+    dropout_rate: float,
+) -> CohortInputs:
+    """Step 1-2 of a round: the cohort's arrays, client keys and the dropout draw."""
+    key = round_key(state)
+    client_root = jax.random.fold_in(key, STREAM_CLIENTS)
+    keys = jax.vmap(lambda k: jax.random.fold_in(client_root, k))(indices)
+    reporting, num_dropped = aggregation.dropout(
+        jax.random.fold_in(key, STREAM_DROPOUT), cohort_mask, dropout_rate
+    )
+    controls = None
+    if state.client_controls is not None:
+        controls = jax.tree.map(lambda c: c[indices], state.client_controls)
+    return CohortInputs(
+        images=data.images[indices],
+        labels=data.labels[indices],
+        mask=data.mask[indices],
+        counts=data.counts[indices],
+        keys=keys,
+        client_controls=controls,
+        reporting=reporting,
+        num_dropped=num_dropped,
+    )
+
+
+def tree_select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+    """Leafwise ``where(pred, a, b)`` for a scalar ``pred``."""
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+# combine(state, indices, outputs, kept) -> (state, metrics): the server step of an algorithm.
+Combine = Callable[
+    [ServerState, jax.Array, client_lib.ClientOutput, jax.Array], tuple[ServerState, Metrics]
+]
+
+
+def build_algorithm(
+    name: str,
+    local_update: client_lib.LocalUpdate,
+    data: client_lib.ClientData,
+    *,
+    server_optimizer: optax.GradientTransformation,
+    combine: Combine,
+    options: RoundOptions,
+    init_extra: Callable[[Params], dict[str, Any]] | None = None,
+    sampler: Any = None,
+) -> FederatedAlgorithm:
+    """Assembles a :class:`FederatedAlgorithm` from its server step (the round of the module doc).
+
+    Args:
+      name: algorithm name.
+      local_update: the clients' local training.
+      data: all clients' arrays; passed to the jitted round as an argument, never baked in.
+      server_optimizer: optax transformation of the pseudo-gradient.
+      combine: ``combine(state, indices, outputs, kept) -> (state, metrics)``: aggregates the
+        kept clients' outputs and takes the server step; the round counter is advanced after it.
+      options: :class:`RoundOptions`.
+      init_extra: extra :class:`ServerState` fields from the initial parameters.
+      sampler: recorded as :attr:`FederatedAlgorithm.sampler`.
+    """
+    for_each = fec.for_each_client(
+        local_update, backend=options.backend, chunk_size=options.chunk_size, mesh=options.mesh
+    )
+
+    def init(params: Params, rng: jax.Array) -> ServerState:
+        extra = init_extra(params) if init_extra is not None else {}
+        return ServerState(
+            round=jnp.zeros((), jnp.int32),
+            params=params,
+            server_opt_state=server_optimizer.init(params),
+            rng=rng,
+            **extra,
+        )
+
+    def prepare(state, data, indices, cohort_mask):
+        return gather_cohort(state, data, indices, cohort_mask, options.dropout_rate)
+
+    def run_clients(state, inputs):
+        return for_each(
+            state.params,
+            inputs.images,
+            inputs.labels,
+            inputs.mask,
+            inputs.counts,
+            inputs.keys,
+            state.server_control,
+            inputs.client_controls,
+            client_mask=inputs.reporting,
+        )
+
+    def finish(state, indices, cohort_mask, inputs, outputs):
+        kept, num_excluded = aggregation.screen(
+            outputs.delta, inputs.reporting, options.max_update_norm
+        )
+        new_state, metrics = combine(state, indices, outputs, kept)
+        metrics.update(
+            num_sampled=jnp.sum(cohort_mask).astype(jnp.int32),
+            num_dropped=inputs.num_dropped,
+            num_excluded=num_excluded,
+            num_clients=jnp.sum(kept).astype(jnp.int32),
+        )
+        return new_state.replace(round=state.round + 1), metrics
+
+    def check(cohort: sampling.Cohort):
+        indices = np.asarray(cohort.indices, np.int32)
+        mask = np.asarray(cohort.mask, bool)
+        if indices.ndim != 1 or indices.shape != mask.shape:
+            raise ValueError(f"cohort indices {indices.shape} and mask {mask.shape} must be (C,)")
+        if indices.size and (indices.min() < 0 or indices.max() >= data.num_clients):
+            raise ValueError(f"cohort indices must lie in [0, {data.num_clients})")
+        return indices, mask
+
+    if for_each.traceable:
+
+        def round_fn(state, data, indices, cohort_mask):
+            inputs = prepare(state, data, indices, cohort_mask)
+            outputs = run_clients(state, inputs)
+            return finish(state, indices, cohort_mask, inputs, outputs)
+
+        jitted_round = jax.jit(round_fn)
+
+        def apply_round(state, cohort):
+            indices, mask = check(cohort)
+            return jitted_round(state, data, indices, mask)
+
+        jitted = (jitted_round,)
+    else:
+        jitted_prepare = jax.jit(prepare)
+        jitted_finish = jax.jit(finish)
+
+        def apply_round(state, cohort):
+            indices, mask = check(cohort)
+            inputs = jitted_prepare(state, data, indices, mask)
+            outputs = run_clients(state, inputs)
+            return jitted_finish(state, indices, mask, inputs, outputs)
+
+        jitted = (jitted_prepare, for_each._jitted, jitted_finish)
+
+    return FederatedAlgorithm(name, init, apply_round, for_each, jitted, sampler)
+
+
+def fedopt_combine(
+    server_optimizer: optax.GradientTransformation, weighting: str, num_clients: int
+) -> Combine:
+    """The server step of FedAvg / FedAvgM / FedProx / FedOpt, and SCAFFOLD's when controls exist.
+
+    ``Delta = sum_k w_k delta_k / sum_k w_k`` over kept clients (``w_k = n_k`` or 1); the server
+    optimizer takes ``-Delta``. SCAFFOLD (state with controls) also applies
+    ``c <- c + (1/N) sum_S Delta c_k`` and ``c_k <- c_k + Delta c_k``.
+    """
+
+    def combine(state, indices, outputs, kept):
+        weights = kept.astype(jnp.float32)
+        if weighting == "examples":
+            weights = weights * outputs.num_examples
+        mean_delta = aggregation.weighted_mean(outputs.delta, weights)
+        pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
+        updates, opt_state = server_optimizer.update(
+            pseudo_grad, state.server_opt_state, state.params
+        )
+        params = optax.apply_updates(state.params, updates)
+        contributed = jnp.sum(weights) > 0
+        new_state = state.replace(
+            params=tree_select(contributed, params, state.params),
+            server_opt_state=tree_select(contributed, opt_state, state.server_opt_state),
+        )
+        if state.server_control is not None:
+            control_sum = aggregation.masked_sum(outputs.control_delta, kept)
+            server_control = jax.tree.map(
+                lambda c, s: c + s / num_clients, state.server_control, control_sum
+            )
+
+            def scatter(stored, delta):
+                keep = kept.reshape(kept.shape + (1,) * (delta.ndim - 1))
+                return stored.at[indices].add(jnp.where(keep, delta, 0.0))
+
+            client_controls = jax.tree.map(scatter, state.client_controls, outputs.control_delta)
+            new_state = new_state.replace(
+                server_control=server_control, client_controls=client_controls
+            )
+        metrics = {
+            "loss": aggregation.weighted_mean(outputs.loss, weights),
+            "update_norm": optax.global_norm(mean_delta),
+        }
+        return new_state, metrics
+
+    return combine
+
+
+def _check_local_update(local_update: client_lib.LocalUpdate, scaffold: bool, name: str) -> None:
+    if local_update.scaffold != scaffold:
+        raise ValueError(
+            f"{name} needs a local update built with scaffold={scaffold}, got "
+            f"scaffold={local_update.scaffold}"
+        )
+
+
+def fedopt(
+    local_update: client_lib.LocalUpdate,
+    data: client_lib.ClientData,
+    server_optimizer: optax.GradientTransformation,
+    *,
+    options: RoundOptions | None = None,
+    name: str = "fedopt",
+) -> FederatedAlgorithm:
+    """FedAvg-style rounds with any optax server optimizer of the pseudo-gradient ``-Delta``.
+
+    Reddi et al. 2021 (arXiv:2003.00295), Algorithm 1 with ServerOpt = ``server_optimizer``.
+
+    Args:
+      local_update: the clients' training (``scaffold=False``).
+      data: all clients' arrays.
+      server_optimizer: optax transformation applied to ``-Delta``.
+      options: :class:`RoundOptions`; ``None`` = defaults (weighting ``"examples"``).
+      name: reported name.
+    """
+    options = RoundOptions() if options is None else options
+    _check_local_update(local_update, False, name)
+    weighting = options.weighting or "examples"
+    return build_algorithm(
+        name,
+        local_update,
+        data,
+        server_optimizer=server_optimizer,
+        combine=fedopt_combine(server_optimizer, weighting, data.num_clients),
+        options=options,
+    )
+
+
+def fedavg(
+    local_update: client_lib.LocalUpdate,
+    data: client_lib.ClientData,
+    *,
+    server_lr: float = 1.0,
+    options: RoundOptions | None = None,
+) -> FederatedAlgorithm:
+    """FedAvg (McMahan et al. 2017, arXiv:1602.05629): ``x <- x + server_lr * Delta``.
+
+    ``Delta`` is the example-weighted mean of the kept clients' deltas (``options.weighting``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from fedjax_med.federated import client, sampling
+      >>> quadratic = lambda p, x, y: 0.5 * jnp.sum((p - x) ** 2, axis=-1)
+      >>> update = client.make_local_update_for_loss(
+      ...     quadratic, local_steps=1, batch_size=1, client_lr=1.0)
+      >>> data = client.client_data(np.array([[[1.0]], [[4.0]]]), np.zeros((2, 1)),
+      ...                           np.ones((2, 1), bool), np.array([1, 1]))
+      >>> algorithm = fedavg(update, data, options=RoundOptions(backend="vmap"))
+      >>> state = algorithm.init(jnp.zeros(1), jax.random.key(0))
+      >>> state, metrics = algorithm.apply_round(state, sampling.padded_cohort(np.arange(2), 2))
+      >>> state.params.tolist(), int(metrics["num_clients"])  # (1 + 4) / 2
+      ([2.5], 2)
+    """
+    return fedopt(
+        local_update, data, server_optimizers.fedavg(server_lr), options=options, name="fedavg"
+    )
+
+
+def fedavgm(
+    local_update: client_lib.LocalUpdate,
+    data: client_lib.ClientData,
+    *,
+    server_lr: float = 1.0,
+    momentum: float = 0.9,
+    options: RoundOptions | None = None,
+) -> FederatedAlgorithm:
+    """FedAvgM (Hsu et al. 2019, arXiv:1909.06335): ``v <- beta v - Delta; x <- x - eta v``."""
+    return fedopt(
+        local_update,
+        data,
+        server_optimizers.fedavgm(server_lr, momentum),
+        options=options,
+        name="fedavgm",
+    )
+
+
+def fedprox(
+    local_update: client_lib.LocalUpdate,
+    data: client_lib.ClientData,
+    *,
+    mu: float,
+    server_lr: float = 1.0,
+    options: RoundOptions | None = None,
+) -> FederatedAlgorithm:
+    """FedProx (Li et al. 2020, arXiv:1812.06127): FedAvg with the proximal local objective.
+
+    The clients minimise ``f_k(y) + (mu/2)||y - x||^2``; ``local_update``'s own ``prox_mu`` is
+    replaced by ``mu``. ``mu = 0`` is FedAvg.
+    """
+    if not mu >= 0:
+        raise ValueError(f"{mu=} must be >= 0")
+    local_update = dataclasses.replace(local_update, prox_mu=float(mu))
+    return fedopt(
+        local_update, data, server_optimizers.fedavg(server_lr), options=options, name="fedprox"
+    )
+
+
+def fedadam(
+    local_update: client_lib.LocalUpdate,
+    data: client_lib.ClientData,
+    *,
+    server_lr: float,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    tau: float = 1e-3,
+    options: RoundOptions | None = None,
+) -> FederatedAlgorithm:
+    """FedAdam (Reddi et al. 2021, arXiv:2003.00295, Algorithm 2; see ``server_optimizers``)."""
+    tx = server_optimizers.fedadam(server_lr, b1, b2, tau)
+    return fedopt(local_update, data, tx, options=options, name="fedadam")
+
+
+def fedyogi(
+    local_update: client_lib.LocalUpdate,
+    data: client_lib.ClientData,
+    *,
+    server_lr: float,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    tau: float = 1e-3,
+    options: RoundOptions | None = None,
+) -> FederatedAlgorithm:
+    """FedYogi (Reddi et al. 2021, arXiv:2003.00295, Algorithm 2; see ``server_optimizers``)."""
+    tx = server_optimizers.fedyogi(server_lr, b1, b2, tau)
+    return fedopt(local_update, data, tx, options=options, name="fedyogi")
+
+
+def fedadagrad(
+    local_update: client_lib.LocalUpdate,
+    data: client_lib.ClientData,
+    *,
+    server_lr: float,
+    b1: float = 0.9,
+    tau: float = 1e-3,
+    options: RoundOptions | None = None,
+) -> FederatedAlgorithm:
+    """FedAdagrad (Reddi et al. 2021, arXiv:2003.00295, Algorithm 2; see ``server_optimizers``)."""
+    tx = server_optimizers.fedadagrad(server_lr, b1, tau)
+    return fedopt(local_update, data, tx, options=options, name="fedadagrad")
+
+
+def scaffold(
+    local_update: client_lib.LocalUpdate,
+    data: client_lib.ClientData,
+    *,
+    server_lr: float = 1.0,
+    options: RoundOptions | None = None,
+) -> FederatedAlgorithm:
+    """SCAFFOLD, option II (Karimireddy et al. 2020, arXiv:1910.06378, Algorithm 1).
+
+    Clients step ``y <- y - lr (g_k(y) - c_k + c)`` and return ``Delta y`` and
+    ``Delta c_k = -c + (x - y) / (S lr)``; the server sets ``x <- x + eta_g mean_S(Delta y)``,
+    ``c <- c + (1/N) sum_S Delta c_k`` and stores ``c_k <- c_k + Delta c_k``. ``local_update``
+    is switched to SCAFFOLD mode (it must use plain SGD). The mean is uniform over the reporting
+    clients as in the paper, unless ``options.weighting`` says otherwise.
+    """
+    options = RoundOptions() if options is None else options
+    if local_update.optimizer_name != "sgd":
+        raise ValueError("scaffold needs a local update with client_optimizer='sgd'")
+    local_update = dataclasses.replace(local_update, scaffold=True)
+    weighting = options.weighting or "uniform"
+    tx = server_optimizers.fedavg(server_lr)
+    num_clients = data.num_clients
+
+    def init_extra(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        stacked = jax.tree.map(lambda p: jnp.zeros((num_clients, *p.shape), p.dtype), params)
+        return {"server_control": zeros, "client_controls": stacked}
+
+    return build_algorithm(
+        "scaffold",
+        local_update,
+        data,
+        server_optimizer=tx,
+        combine=fedopt_combine(tx, weighting, num_clients),
+        options=options,
+        init_extra=init_extra,
+    )
