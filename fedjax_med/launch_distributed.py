@@ -15,6 +15,8 @@ import jax
 
 
 def initialize() -> None:
+    # Cross-process collectives on CPU hosts go through gloo (accelerators use their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if address:
         jax.distributed.initialize(

@@ -208,8 +208,10 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
         )
     if config.trainer == "federated":
         f = config.federated
-        if f.algorithm == "dp_fedavg" and privacy.noise_multiplier == 0 and (
-            privacy.target_epsilon == 0
+        if (
+            f.algorithm == "dp_fedavg"
+            and privacy.noise_multiplier == 0
+            and (privacy.target_epsilon == 0)
         ):
             raise ConfigError(
                 "config fields 'privacy.noise_multiplier' or 'privacy.target_epsilon' must be > 0 "

@@ -179,7 +179,7 @@ def default_unroll(local_steps: int, platform: str | None = None) -> int | bool:
     On XLA:CPU every step left inside a loop ran about 4x slower (small CNN, 32x32x1, batch 32:
     33-38 ms per rolled step against 8.5-9.5 ms unrolled), and a partial unroll (8) gained
     nothing while any loop remained. GPU/TPU: rolled (``1``); unrolling only lengthens compiles
-    there. Measured with ``python -m fedjax_med.federated.benchmark``.
+    there. Measured with ``python benchmarks/federated.py --unroll``.
 
     Args:
       local_steps: number of local steps ``S``.
