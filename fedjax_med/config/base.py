@@ -111,6 +111,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # would pass its budget: privacy.target_epsilon, or a per-site value from
     # site_target_epsilons ("hospital_0=2.0,hospital_3=4.0").
     config.federated.site_target_epsilons = ""
+    # Personalisation: after training, each site fine-tunes the global model for this many local
+    # steps on its own training images and is evaluated on its own test images (0 = off;
+    # needs data.partition.method = "by_site").
+    config.federated.personalization_steps = 0
 
     # ---- training loop ---------------------------------------------------------------------
     config.train = ml_collections.ConfigDict()

@@ -112,6 +112,7 @@ CHECKS: dict[str, Check] = {
     "federated.eval_every": at_least(1),
     "federated.checkpoint_every": at_least(1),
     "federated.target_quantile": in_range(0.0, 1.0, lo_open=True, hi_open=True),
+    "federated.personalization_steps": at_least(0),
     "train.batch_size": at_least(1),
     "train.steps": at_least(1),
     "train.eval_every": at_least(1),

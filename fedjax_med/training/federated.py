@@ -501,6 +501,11 @@ def run_rounds(
                 "(add/remove-one client)"
             ),
         }
+    if f.personalization_steps > 0:
+        if config.data.partition.method != "by_site":
+            logger.warning("personalisation needs data.partition.method='by_site'; skipped")
+        else:
+            extra["per_site_personalized"] = personalize(plan, state.params)
     if plan.site_budgets is not None:
         b = plan.site_budgets
         per_site_eps = b.per_site_epsilon()
@@ -567,6 +572,52 @@ def private_allowed(ledger: budget.PrivacyLedger, planned: int) -> int:
     if ledger.can_take(planned):
         return planned
     return min(planned, ledger.steps_remaining())
+
+
+def personalize(plan: FederatedPlan, params: Any) -> dict[str, dict[str, float]]:
+    """Per-site test metrics after each site fine-tunes ``params`` on its own training images.
+
+    Fine-tuning is ``federated.personalization_steps`` steps of the same local training the
+    clients ran (local DP-SGD included when enabled: the personalised model stays private to the
+    site either way, it is never sent). Clients are sites (``by_site`` partition).
+    """
+    f = plan.config.federated
+    info = plan.splits.info
+    local = client_lib.make_local_update(
+        plan.model.apply,
+        info.task,
+        local_steps=f.personalization_steps,
+        batch_size=f.client_batch_size,
+        client_lr=f.client_lr,
+        dp_clip_norm=plan.config.privacy.clip_norm if plan.config.privacy.enabled else None,
+        dp_noise_multiplier=(
+            plan.config.privacy.noise_multiplier if plan.config.privacy.enabled else 0.0
+        ),
+    )
+    data = client_lib.from_federated_dataset(plan.federation, plan.normalizer)
+    fine_tune = jax.jit(local)
+    predict_fn = evaluate.make_predict_fn(plan.model.apply, info.task)
+    key = jax.random.fold_in(plan.server_key, 10_000_019)
+    results = {}
+    for k, name in enumerate(plan.federation.client_names):
+        site = info.site_names.index(name)
+        test = plan.splits.test.take(np.flatnonzero(plan.splits.test.sites == site))
+        if len(test) == 0:
+            continue
+        out = fine_tune(
+            params,
+            data.images[k],
+            data.labels[k],
+            data.mask[k],
+            data.counts[k],
+            jax.random.fold_in(key, k),
+        )
+        tuned = jax.tree.map(lambda p, d: p + d, params, out.delta)
+        result = evaluate.evaluate(
+            predict_fn, tuned, test, info, plan.normalizer, plan.config.train.eval_batch_size
+        )
+        results[name] = evaluate.prefixed(result["metrics"], "test")
+    return results
 
 
 def restore_for_eval(workdir: str) -> tuple[FederatedPlan, algorithms.ServerState]:

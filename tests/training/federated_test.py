@@ -117,3 +117,13 @@ def test_local_dp_sgd_reports_each_site(tmp_path):
         client_lib.local_dp_epsilon(1.0, 8, n0, 6, 1e-3), rel=1e-6
     )
     assert privacy["epsilon"] == max(eps.values())
+
+
+def test_personalization_reports_each_site(tmp_path):
+    config = config_of("fedavg.py", "--config.federated.personalization_steps=3")
+    report = federated.run_rounds(config, str(tmp_path), quiet=True)
+    tuned = report["per_site_personalized"]
+    assert set(tuned) == set(report["per_site"])
+    for site, metrics in tuned.items():
+        assert metrics["test_num_examples"] == report["per_site"][site]["test_num_examples"]
+        assert 0.0 <= metrics["test_accuracy"] <= 1.0
