@@ -50,7 +50,7 @@ class PrivatePlan:
     noise_key: jax.Array
     noise_seed_mode: str
     ledger: budget.PrivacyLedger
-    max_steps: int  # steps the budget allows (<= train.steps)
+    planned_steps: int  # train.steps; the budget may allow fewer (see allowed_steps)
 
 
 def unit_ids(train: dataset_lib.ImageDataset, unit: str) -> np.ndarray:
@@ -114,9 +114,9 @@ def make_plan(
         num_units, q, overflow_prob=p.overflow_prob, multiple_of=num_devices
     )
     if p.unit == "patient":
-        per_unit = int(
-            min(p.max_images_per_patient, np.bincount(np.unique(ids, return_inverse=True)[1]).max())
-        )
+        # Example slots per sampled patient: at most k, fewer if no patient has k images.
+        largest_patient = int(np.unique(ids, return_counts=True)[1].max())
+        per_unit = min(p.max_images_per_patient, largest_patient)
         sampler = sampling.PoissonUnitSampler(
             ids,
             q,
@@ -140,7 +140,7 @@ def make_plan(
         noise_key=key,
         noise_seed_mode=mode,
         ledger=ledger,
-        max_steps=steps,
+        planned_steps=steps,
     )
 
 
