@@ -17,9 +17,10 @@ Local objectives:
   ``c_k+ = c_k - c + (x - y_S) / (S lr)``; the client reports ``delta_c = c_k+ - c_k``.
 
 Local DP-SGD (Abadi et al., CCS 2016, https://arxiv.org/abs/1607.00133): with ``dp_clip_norm``
-set, every local step clips each example's gradient to ``C``, sums, adds ``N(0, sigma^2 C^2 I)``
-and divides by the fixed minibatch size, so each site's delta is example-level DP with respect
-to that site's own examples; :func:`local_dp_epsilon` gives the per-site epsilon.
+set, every local step Poisson-samples the site's examples (rate ``q = L / n``, ``L = min(B, n)``),
+clips each sampled example's gradient to ``C``, sums, adds ``N(0, sigma^2 C^2 I)`` and divides by
+``L``, so each site's delta is example-level DP with respect to that site's own examples;
+:func:`local_dp_epsilon` gives the per-site epsilon.
 
 Performance: on XLA:CPU a rolled ``lax.scan`` of training steps ran about 4x slower than the
 same steps unrolled for the small CNN (each step inside a loop body loses most of its speed),
@@ -31,6 +32,7 @@ elsewhere; ``unroll=`` overrides it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -224,6 +226,24 @@ def sample_batch(key: jax.Array, mask: jax.Array, batch_size: int) -> tuple[jax.
     return indices, mask[indices]
 
 
+def poisson_chunk_size(expected_batch: int) -> int:
+    """Rows per chunk of a Poisson batch of mean ``L``: ``L + 3 sqrt(L)`` (rarely exceeded)."""
+    return int(expected_batch + math.ceil(3 * math.sqrt(expected_batch)))
+
+
+def poisson_rows(key: jax.Array, mask: jax.Array, rate: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Poisson sampling of real rows: each independently with probability ``rate``.
+
+    Returns ``(order, realised)``: a permutation of the rows with the ``realised`` sampled rows
+    first (in random order), so ``order[:realised]`` is the batch. The draw is exactly the
+    sampling that ``PoissonSampledDpEvent(rate, .)`` assumes.
+    """
+    u = jax.random.uniform(key, mask.shape)
+    selected = mask & (u < rate)
+    order = jnp.argsort(jnp.where(selected, u, 2.0 + u))
+    return order, jnp.sum(selected)
+
+
 @dataclasses.dataclass(frozen=True)
 class LocalUpdate:
     """Local training of one client, callable as a pure function (see :func:`make_local_update`).
@@ -289,10 +309,9 @@ class LocalUpdate:
         def example_loss(params, example_image, example_label):
             return self.loss_fn(params, example_image[None], example_label[None])[0]
 
-        def private_grads(params, batch_images, batch_labels, is_real, noise_key):
-            # Abadi et al. 2016: (sum_i clip_C(g_i) + N(0, sigma^2 C^2 I)) / B, with B public.
+        def clipped_chunk(params, idx, is_real):
             per_example, grads = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(
-                params, batch_images, batch_labels
+                params, images[idx], labels[idx]
             )
             # where(), not a product with 0: a padding row's gradient may be NaN.
             grads = jax.tree.map(
@@ -300,24 +319,49 @@ class LocalUpdate:
             )
             clipped, _ = clipping.clip_per_example(grads, self.dp_clip_norm)
             total = jax.tree.map(lambda g: jnp.sum(g, axis=0), clipped)
+            return total, jnp.sum(jnp.where(is_real, per_example, 0.0))
+
+        capacity = min(poisson_chunk_size(self.batch_size), mask.shape[0])
+
+        def private_grads(params, step_key):
+            # Abadi et al. 2016: Poisson-sample rows with q = L / n (L = min(B, n), public),
+            # (sum_i clip_C(g_i) + N(0, sigma^2 C^2 I)) / L.
+            n = jnp.maximum(jnp.asarray(count, jnp.float32), 1.0)
+            expected = jnp.minimum(float(self.batch_size), n)
+            order, realised = poisson_rows(step_key, mask, expected / n)
+            padded = jnp.concatenate([order, jnp.zeros(capacity, order.dtype)])
+            slots = jnp.arange(capacity)
+            total, loss_sum = clipped_chunk(params, padded[:capacity], slots < realised)
+
+            # A batch larger than the chunk is processed in further chunks, never truncated.
+            def more(carry):
+                return carry[0] * capacity < realised
+
+            def next_chunk(carry):
+                i, acc, acc_loss = carry
+                start = i * capacity
+                idx = jax.lax.dynamic_slice(padded, (start,), (capacity,))
+                chunk_total, chunk_loss = clipped_chunk(params, idx, start + slots < realised)
+                acc = jax.tree.map(jnp.add, acc, chunk_total)
+                return i + 1, acc, acc_loss + chunk_loss
+
+            _, total, loss_sum = jax.lax.while_loop(more, next_chunk, (1, total, loss_sum))
             if self.dp_noise_multiplier:
                 stddev = self.dp_noise_multiplier * self.dp_clip_norm
-                total = noise.add_gaussian_noise(total, noise_key, stddev)
+                total = noise.add_gaussian_noise(total, jax.random.fold_in(step_key, 1), stddev)
             # Diagnostic only: the reported loss is not privatised.
-            loss = jnp.sum(jnp.where(is_real, per_example, 0.0)) / jnp.maximum(jnp.sum(is_real), 1)
-            return loss, jax.tree.map(lambda g: g / batch_size, total)
+            loss = loss_sum / jnp.maximum(realised, 1)
+            return loss, jax.tree.map(lambda g: g / expected, total)
 
         def step(carry, step_key):
             y, opt_state = carry
-            idx, is_real = sample_batch(step_key, mask, batch_size)
             if self.dp_clip_norm is None:
+                idx, is_real = sample_batch(step_key, mask, batch_size)
                 loss, grads = jax.value_and_grad(minibatch_loss)(
                     y, images[idx], labels[idx], is_real
                 )
             else:
-                # The sampling key is never reused for noise.
-                noise_key = jax.random.fold_in(step_key, 1)
-                loss, grads = private_grads(y, images[idx], labels[idx], is_real, noise_key)
+                loss, grads = private_grads(y, step_key)
             if self.prox_mu:
                 grads = jax.tree.map(lambda g, p, p0: g + self.prox_mu * (p - p0), grads, y, x)
             if self.scaffold:
@@ -422,21 +466,21 @@ def make_local_update(
     delta (Karimireddy et al. 2020, arXiv:1910.06378). The returned delta is ``y_S - x``.
 
     Local DP-SGD (Abadi et al. 2016, arXiv:1607.00133), when ``dp_clip_norm`` is set: each step
-    takes the gradient of every minibatch row's loss, clips it to L2 norm ``C``, sums the real
-    rows (padding rows add exactly zero), adds ``N(0, sigma^2 C^2 I)`` once with a key derived
-    from the step key (never the key that drew the minibatch), divides by the fixed minibatch
-    size ``B = min(batch_size, M)`` (public; the realised size whenever the client has ``n >= B``
-    real examples) and then applies the optimizer; FedProx's ``mu (y - x)`` is added after the
-    noise (it reads no data). SCAFFOLD is refused: its control variates are data-dependent and
-    not privatised.
+    Poisson-samples the client's real rows, each independently with rate ``q = L / n`` where
+    ``n`` is the client's number of examples and ``L = min(batch_size, n)`` the expected batch
+    (:func:`poisson_rows`); the sampled rows are processed in chunks of
+    :func:`poisson_chunk_size` rows (a batch larger than one chunk gets further chunks, never
+    truncated); each row's gradient is clipped to L2 norm ``C`` and summed (padding adds exactly
+    zero), ``N(0, sigma^2 C^2 I)`` is added once with a key derived from the step key (never the
+    key that drew the batch), the sum is divided by ``L`` (public; never the realised size) and
+    the optimizer applied; FedProx's ``mu (y - x)`` is added after the noise (it reads no data).
+    SCAFFOLD is refused: its control variates are data-dependent and not privatised.
 
-    Guarantees (local DP-SGD): the minibatch is ``B`` distinct rows drawn uniformly without
-    replacement from the client's ``n`` examples, so each local step is the subsampled Gaussian
-    mechanism without replacement under replace-one neighbours (sensitivity ``2 C``), accounted
-    by ``accounting.dpsgd_event(sigma, B / n, steps, sampling="shuffle", num_examples=n,
-    batch_size=B)``; a client with ``n < B`` gets all its rows every step (``q = 1``). The
-    per-site epsilon over all its local steps is :func:`local_dp_epsilon`. The delta and
-    everything computed from it are post-processing; the reported ``loss`` is not privatised.
+    Guarantees (local DP-SGD): each local step is the Poisson-subsampled Gaussian mechanism on
+    the client's ``n`` examples under add/remove-one neighbours (sensitivity ``C``), accounted by
+    ``accounting.dpsgd_event(sigma, L / n, steps)``; the per-site epsilon over all its local
+    steps is :func:`local_dp_epsilon`. The delta and everything computed from it are
+    post-processing; the reported ``loss`` is not privatised.
 
     Args:
       apply_fn: ``apply(params, images) -> logits`` (``Model.apply``).
@@ -499,12 +543,11 @@ def local_dp_epsilon(
 ) -> float:
     """Per-site epsilon of local DP-SGD after ``steps`` local steps in total (all rounds).
 
-    Each local step of :func:`make_local_update` with ``dp_clip_norm`` set draws
-    ``b = min(batch_size, n)`` distinct examples uniformly from the site's ``n`` and adds
+    Each local step of :func:`make_local_update` with ``dp_clip_norm`` set Poisson-samples the
+    site's ``n`` examples with rate ``q = min(batch_size, n) / n`` and adds
     ``N(0, sigma^2 C^2 I)`` to their clipped sum (Abadi et al. 2016, arXiv:1607.00133). This is
-    ``accounting.dpsgd_event(sigma, b / n, steps, sampling="shuffle", num_examples=n,
-    batch_size=b)`` (replace-one neighbours, sensitivity ``2 C``) evaluated by
-    ``accounting.epsilon``.
+    ``accounting.dpsgd_event(sigma, q, steps)`` (Poisson, add/remove-one neighbours,
+    sensitivity ``C``) evaluated by ``accounting.epsilon``.
 
     Args:
       noise_multiplier: ``sigma >= 0`` (``dp_noise_multiplier``); ``0`` gives ``inf``.
@@ -512,14 +555,14 @@ def local_dp_epsilon(
       num_examples: the site's number of real examples ``n >= 1``.
       steps: local steps the site has taken in total, ``>= 0`` (``0`` gives ``0.0``).
       delta: in ``(0, 1)``.
-      accountant: ``"rdp"`` (sampling without replacement is supported by RDP only).
+      accountant: ``"rdp"`` or ``"pld"``.
 
     Returns:
-      The site's epsilon at ``delta``, for its own examples under replace-one neighbouring.
+      The site's epsilon at ``delta``, for its own examples under add/remove-one neighbouring.
 
     Guarantees:
       The site's deltas over those steps, and anything computed from them, are
-      ``(epsilon, delta)``-DP with respect to replacing one of the site's examples.
+      ``(epsilon, delta)``-DP with respect to adding or removing one of the site's examples.
 
     Examples:
       >>> local_dp_epsilon(1.0, 10, 100, 0, 1e-5)
@@ -542,7 +585,5 @@ def local_dp_epsilon(
         return float("inf")
     n = int(num_examples)
     b = min(int(batch_size), n)
-    event = accounting.dpsgd_event(
-        noise_multiplier, b / n, int(steps), sampling="shuffle", num_examples=n, batch_size=b
-    )
+    event = accounting.dpsgd_event(noise_multiplier, b / n, int(steps))
     return accounting.epsilon(event, delta, accountant)

@@ -47,8 +47,9 @@ def _run(update, data, key, w=None):
 
 @pytest.mark.parametrize("prox_mu", [0.0, 0.3])
 def test_no_clip_no_noise_equals_the_plain_update(prox_mu):
+    # batch_size >= n: Poisson rate 1 takes every real row, as the plain update does.
     data = _client(n=6, m=8)
-    kw = dict(local_steps=4, batch_size=3, client_lr=0.2, prox_mu=prox_mu)
+    kw = dict(local_steps=4, batch_size=8, client_lr=0.2, prox_mu=prox_mu)
     plain = _run(_update(**kw), data, jax.random.key(3))
     dp = _run(
         _update(**kw, dp_clip_norm=math.inf, dp_noise_multiplier=0.0), data, jax.random.key(3)
@@ -60,7 +61,7 @@ def test_no_clip_no_noise_equals_the_plain_update(prox_mu):
 def test_no_clip_no_noise_equals_the_plain_update_for_a_model(mlp, make_clients):
     model, params = mlp
     data = make_clients([5], max_examples=7)
-    kw = dict(local_steps=2, batch_size=3, client_lr=0.3)
+    kw = dict(local_steps=2, batch_size=7, client_lr=0.3)
     args = (params, data.images[0], data.labels[0], data.mask[0], 5, jax.random.key(1))
     plain = client.make_local_update(model.apply, "multiclass", **kw)(*args)
     dp = client.make_local_update(model.apply, "multiclass", **kw, dp_clip_norm=math.inf)(*args)
@@ -121,7 +122,7 @@ def test_noise_std_is_sigma_clip_over_batch_times_lr():
 
 
 def test_padding_rows_contribute_nothing():
-    # 3 real rows and a batch of 5: every step takes all real rows plus 2 padding rows.
+    # 3 real rows and an expected batch of 5 > 3: rate 1, every step takes all real rows.
     kw = dict(local_steps=2, batch_size=5, client_lr=0.1, dp_clip_norm=10.0)
     zeros = _client(n=3, m=5, padding_value=0.0)
     garbage = _client(n=3, m=5, padding_value=np.nan)
@@ -131,27 +132,43 @@ def test_padding_rows_contribute_nothing():
         b = _run(update, garbage, jax.random.key(2))
         np.testing.assert_array_equal(a.delta["w"], b.delta["w"])
         assert np.isfinite(b.loss)
-    # Closed form without noise: y <- y - lr * sum_real(y - x_i) / B, B = 5 (public) not 3.
+    # Closed form without noise: y <- y - lr * sum_real(y - x_i) / L, L = min(B, n) = 3.
     out = _run(_update(**kw), zeros, jax.random.key(2))
     x, y = np.asarray(zeros[0][:3]), np.zeros(3)
     for _ in range(2):
-        y = y - 0.1 * (y - x).sum(0) / 5
+        y = y - 0.1 * (y - x).sum(0) / 3
     np.testing.assert_allclose(out.delta["w"], y, rtol=1e-5, atol=1e-7)
 
 
 def _direct_epsilon(sigma, batch, n, steps, delta):
-    b = min(batch, n)
+    q = min(batch, n) / n
     event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.SampledWithoutReplacementDpEvent(
-            n, b, dp_accounting.GaussianDpEvent(sigma / 2)
-        ),
-        steps,
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
     )
-    acc = rdp.RdpAccountant(
-        list(accounting.RDP_ORDERS), dp_accounting.NeighboringRelation.REPLACE_ONE
-    )
+    acc = rdp.RdpAccountant(list(accounting.RDP_ORDERS))
     acc.compose(event)
     return acc.get_epsilon(delta)
+
+
+def test_poisson_rows_have_rate_q():
+    mask = jnp.arange(100) < 80
+    keys = jax.random.split(jax.random.key(5), 400)
+    realised = np.asarray(jax.vmap(lambda k: client.poisson_rows(k, mask, 0.25)[1])(keys))
+    # Binomial(80, 0.25): mean 20; the mean of 400 draws has sd ~0.19.
+    assert abs(realised.mean() - 20.0) < 1.0
+    order, count = client.poisson_rows(jax.random.key(1), mask, 0.5)
+    assert bool(jnp.all(mask[order[: int(count)]]))  # sampled rows are real and come first
+
+
+def test_batch_larger_than_a_chunk_is_not_truncated(monkeypatch):
+    # Rate 1 (batch_size >= n) samples all 40 rows; chunks of 7 rows need 6 chunks.
+    monkeypatch.setattr(client, "poisson_chunk_size", lambda expected: 7)
+    data = _client(n=40, m=40)
+    out = _run(
+        _update(batch_size=40, client_lr=1.0, dp_clip_norm=math.inf), data, jax.random.key(0)
+    )
+    expected = np.asarray(data[0]).mean(0)  # one step from w = 0: -lr * mean(w - x) = mean(x)
+    np.testing.assert_allclose(out.delta["w"], expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch,n", [(10, 200), (32, 20)])
