@@ -5,7 +5,7 @@
 Every hospital trains 10 local SGD steps of batch 32 per round, the server averages the models
 weighted by examples. Swap the algorithm with ``--config.federated.algorithm=`` fedadam, fedyogi,
 fedadagrad, fedavgm or scaffold; simulate more, smaller, label-skewed clients with
-``--config.data.partition.method=dirichlet --config.data.partition.num_clients=32``.
+``--config.federated.partition.method=dirichlet --config.federated.partition.num_clients=32``.
 """
 
 from fedjax_med.config import base
@@ -15,7 +15,7 @@ def get_config(arg: str = ""):
     config = base.get_base_config()
     config.trainer = "federated"
     config.data.name = "synthetic"
-    config.data.partition.method = "by_site"
+    config.federated.partition.method = "by_site"
     config.model.name = "small_cnn"
     config.federated.algorithm = "fedavg"
     config.federated.rounds = 40

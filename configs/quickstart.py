@@ -22,7 +22,7 @@ def get_config(arg: str = ""):
     config.trainer = "federated"
     config.data.name = "synthetic"
     config.data.normalization = "fixed"  # per-site statistics would not be covered by DP
-    config.data.partition.method = "by_site"  # one client per hospital
+    config.federated.partition.method = "by_site"  # one client per hospital
     config.model.name = "small_cnn"
 
     config.federated.algorithm = "fedavg"

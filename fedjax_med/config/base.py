@@ -43,12 +43,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.synthetic.images_per_patient = 3
     config.data.synthetic.site_heterogeneity = 1.0
 
-    config.data.partition = ml_collections.ConfigDict()
-    config.data.partition.method = "by_site"  # by_site | iid | dirichlet | quantity_skew
-    config.data.partition.num_clients = 0  # 0 = one client per site
-    config.data.partition.alpha = 0.5  # Dirichlet label-skew concentration
-    config.data.partition.beta = 0.5  # quantity-skew concentration
-
     # ---- model -----------------------------------------------------------------------------
     config.model = ml_collections.ConfigDict()
     config.model.name = "small_cnn"
@@ -86,6 +80,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.federated = ml_collections.ConfigDict()
     # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedadagrad | scaffold | dp_fedavg
     config.federated.algorithm = "fedavg"
+    # How the training split becomes clients (a patient's images stay on one client).
+    config.federated.partition = ml_collections.ConfigDict()
+    config.federated.partition.method = "by_site"  # by_site | iid | dirichlet | quantity_skew
+    config.federated.partition.num_clients = 0  # 0 = one client per site
+    config.federated.partition.alpha = 0.5  # Dirichlet label-skew concentration
+    config.federated.partition.beta = 0.5  # quantity-skew concentration
     config.federated.rounds = 50
     config.federated.clients_per_round = 0  # 0 = every client; the expected cohort for dp_fedavg
     config.federated.local_steps = 5  # minibatch SGD steps per client per round
@@ -113,7 +113,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.federated.site_target_epsilons = ""
     # Personalisation: after training, each site fine-tunes the global model for this many local
     # steps on its own training images and is evaluated on its own test images (0 = off;
-    # needs data.partition.method = "by_site").
+    # needs federated.partition.method = "by_site").
     config.federated.personalization_steps = 0
 
     # ---- training loop ---------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 ``run_rounds(config, workdir)`` is the loop behind ``fedjax-med train`` for
 ``config.trainer = "federated"``. The training split is partitioned into clients by
-``config.data.partition`` (by default one client per hospital); each round samples a cohort
+``config.federated.partition`` (by default one client per hospital); each round samples a cohort
 (uniformly without replacement, or Poisson with rate ``q`` for client-level DP), trains every
 sampled client locally for ``federated.local_steps`` steps (vectorised or looped, see
 :mod:`fedjax_med.federated.for_each_client`) and applies the algorithm's server update.
@@ -140,8 +140,8 @@ def parse_site_targets(text: str, names: tuple[str, ...], default: float) -> np.
 def build_federation(
     config: ml_collections.ConfigDict, splits: dataset_lib.DatasetSplits
 ) -> partition.FederatedDataset:
-    """Partitions the training split into clients per ``config.data.partition``."""
-    p = config.data.partition
+    """Partitions the training split into clients per ``config.federated.partition``."""
+    p = config.federated.partition
     info = splits.info
     num_clients = p.num_clients or len(info.site_names)
     rng = np.random.default_rng([config.seed, 7])
@@ -150,7 +150,7 @@ def build_federation(
         if len(present) != len(info.site_names):
             missing = sorted(set(range(len(info.site_names))) - set(present.tolist()))
             raise ValueError(
-                f"data.partition.method='by_site' needs training images at every site; "
+                f"federated.partition.method='by_site' needs training images at every site; "
                 f"site {info.site_names[missing[0]]!r} has none"
             )
         num_clients = len(info.site_names)
@@ -332,7 +332,7 @@ def describe(plan: FederatedPlan, params: Any) -> None:
         "federation: %d clients (%s), %d-%d training images each; %s, %s clients per round, "
         "%d local steps, %d rounds",
         plan.federation.num_clients,
-        plan.config.data.partition.method,
+        plan.config.federated.partition.method,
         int(counts.min()),
         int(counts.max()),
         f.algorithm,
@@ -474,7 +474,7 @@ def run_rounds(
             "clients_per_round": f.clients_per_round or plan.federation.num_clients,
             "client_names": list(plan.federation.client_names),
             "client_sizes": np.asarray(plan.federation.counts).tolist(),
-            "partition": config.data.partition.method,
+            "partition": config.federated.partition.method,
             "local_steps": f.local_steps,
             "backend": plan.algorithm.for_each.backend,
         }
@@ -502,8 +502,8 @@ def run_rounds(
             ),
         }
     if f.personalization_steps > 0:
-        if config.data.partition.method != "by_site":
-            logger.warning("personalisation needs data.partition.method='by_site'; skipped")
+        if config.federated.partition.method != "by_site":
+            logger.warning("personalisation needs federated.partition.method='by_site'; skipped")
         else:
             extra["per_site_personalized"] = personalize(plan, state.params)
     if plan.site_budgets is not None:
