@@ -115,6 +115,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     # steps on its own training images and is evaluated on its own test images (0 = off;
     # needs federated.partition.method = "by_site").
     config.federated.personalization_steps = 0
+    # Secure aggregation of the round's updates: none | secagg | secagg_plus | additive. Deltas
+    # are clipped per coordinate to secagg_clip before fixed-point encoding; secagg_threshold is
+    # the fraction of sampled clients that must survive (Shamir threshold t = ceil(f * n)).
+    config.federated.secure_aggregation = "none"
+    config.federated.secagg_clip = 0.5
+    config.federated.secagg_threshold = 0.5
 
     # ---- training loop ---------------------------------------------------------------------
     config.train = ml_collections.ConfigDict()

@@ -61,6 +61,8 @@ class FederatedPlan:
     noise_seed_mode: str
     server_key: jax.Array
     site_budgets: SiteBudgets | None = None  # local DP-SGD: per-site accounting
+    client_data: client_lib.ClientData | None = None
+    secure_round: Any = None  # federated.secure_aggregation != "none"
 
 
 @dataclasses.dataclass
@@ -302,7 +304,18 @@ def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
         sigma = float(p.noise_multiplier)
         key, mode = noise.make_noise_key(config.seed, p.noise_seed)
         server_key = jax.random.fold_in(key, STREAM_SERVER)
-    return FederatedPlan(
+    secure_round = None
+    if f.secure_aggregation != "none":
+        if f.algorithm == "dp_fedavg":
+            raise ValueError(
+                "federated.secure_aggregation needs clients to add the noise themselves; "
+                "DP-FedAvg's central noise is not supported with it"
+            )
+        from fedjax_med.training import secure_rounds
+
+        secure_round = "pending"
+    plan = FederatedPlan(
+        client_data=data,
         site_budgets=site_budgets,
         config=config,
         splits=splits,
@@ -316,6 +329,11 @@ def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
         noise_seed_mode=mode,
         server_key=server_key,
     )
+    if secure_round is not None:
+        plan = dataclasses.replace(
+            plan, secure_round=secure_rounds.make_secure_round(plan, server_optimizer(f))
+        )
+    return plan
 
 
 def init_server_state(plan: FederatedPlan):
@@ -422,7 +440,10 @@ def run_rounds(
             admitted = plan.site_budgets.admit(cohort.sampled(), round_num)
             cohort = sampling.padded_cohort(admitted, cohort.capacity)
         t0 = time.perf_counter()
-        state, metrics = plan.algorithm.apply_round(state, cohort)
+        if plan.secure_round is not None:
+            state, metrics = plan.secure_round(state, cohort)
+        else:
+            state, metrics = plan.algorithm.apply_round(state, cohort)
         metrics = {k: float(v) for k, v in metrics.items()}  # blocks: honest timing
         elapsed["train_time_s"] += time.perf_counter() - t0
         sampled = cohort.sampled()
@@ -477,8 +498,23 @@ def run_rounds(
             "partition": config.federated.partition.method,
             "local_steps": f.local_steps,
             "backend": plan.algorithm.for_each.backend,
+            "secure_aggregation": f.secure_aggregation,
         }
     }
+    if f.secure_aggregation != "none":
+        rounds_log = [r for r in central.read_metrics(metrics_path) if r.get("split") == "round"]
+        extra["aggregation_cost"] = {
+            "method": f.secure_aggregation,
+            "bytes_per_client_per_round": float(
+                np.mean([r["secure_bytes_per_client"] for r in rounds_log])
+            ),
+            "plaintext_bytes_per_client_per_round": float(
+                rounds_log[-1]["plaintext_bytes_per_client"]
+            ),
+            "seconds_per_round": float(
+                np.mean([r["secure_aggregation_seconds"] for r in rounds_log])
+            ),
+        }
     if ledger is not None:
         eps = ledger.epsilon()
         extra["privacy"] = {
