@@ -8,6 +8,8 @@ AES-CTR expansion, Shamir shares of the mask keys for dropout recovery): the ser
 the weighted sum. The report's ``aggregation_cost`` compares bytes per client per round with the
 plaintext upload. ``--config.federated.secure_aggregation=secagg_plus`` masks with O(log n)
 neighbours (Bell et al. 2020); ``additive`` shares among two non-colluding servers.
+``configs/secagg_fedavg.py:ddp`` adds distributed DP: the clients add the noise, and the server
+sees only the noisy sum.
 """
 
 from fedjax_med.config import base
@@ -28,6 +30,13 @@ def get_config(arg: str = ""):
     config.federated.secure_aggregation = "secagg"
     config.federated.secagg_clip = 0.5
     config.federated.secagg_threshold = 0.5
-    if arg:
-        raise ValueError(f"configs/secagg_fedavg.py: unknown argument {arg!r}")
+    if arg == "ddp":
+        # Distributed DP: every hospital adds discrete Gaussian noise to its quantised, L2-clipped
+        # update; any 3 survivors together carry noise multiplier 1 (Kairouz et al. 2021).
+        config.federated.distributed_dp = "discrete_gaussian"
+        config.privacy.clip_norm = 0.5
+        config.privacy.noise_multiplier = 1.0
+        config.privacy.delta = 1e-3
+    elif arg:
+        raise ValueError(f"configs/secagg_fedavg.py: unknown argument {arg!r} (allowed: 'ddp')")
     return config

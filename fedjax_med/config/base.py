@@ -121,6 +121,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.federated.secure_aggregation = "none"
     config.federated.secagg_clip = 0.5
     config.federated.secagg_threshold = 0.5
+    # Distributed DP with secagg / secagg_plus: clients clip to privacy.clip_norm and add integer
+    # noise (none | discrete_gaussian | skellam) so the secure sum carries privacy.noise_multiplier.
+    config.federated.distributed_dp = "none"
 
     # ---- training loop ---------------------------------------------------------------------
     config.train = ml_collections.ConfigDict()

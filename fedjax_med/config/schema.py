@@ -116,6 +116,7 @@ CHECKS: dict[str, Check] = {
     "federated.secure_aggregation": one_of("none", "secagg", "secagg_plus", "additive"),
     "federated.secagg_clip": greater_than(0.0),
     "federated.secagg_threshold": in_range(0.0, 1.0, lo_open=True),
+    "federated.distributed_dp": one_of("none", "discrete_gaussian", "skellam"),
     "train.batch_size": at_least(1),
     "train.steps": at_least(1),
     "train.eval_every": at_least(1),
@@ -225,6 +226,13 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 "config field 'privacy.enabled' (local DP-SGD in every site) must be False with "
                 f"federated.algorithm={f.algorithm!r}"
+            )
+        if f.distributed_dp != "none" and (
+            f.secure_aggregation not in ("secagg", "secagg_plus") or privacy.noise_multiplier <= 0
+        ):
+            raise ConfigError(
+                "config field 'federated.distributed_dp' needs federated.secure_aggregation in "
+                "('secagg', 'secagg_plus') and privacy.noise_multiplier > 0"
             )
         if privacy.enabled and privacy.noise_multiplier == 0:
             raise ConfigError(

@@ -451,6 +451,10 @@ def run_rounds(
         elapsed["examples_seen"] += int(per_step.sum()) * f.local_steps
         done = round_num + 1
         record = {"step": done, "split": "round", **metrics}
+        ddp = getattr(plan.secure_round, "ddp", None)
+        if ddp is not None:
+            record["epsilon"] = ddp.epsilon(done)
+            record["delta"] = ddp.delta
         if plan.site_budgets is not None:
             plan.site_budgets.record(sampled)
             eps = plan.site_budgets.per_site_epsilon()
@@ -542,6 +546,29 @@ def run_rounds(
             logger.warning("personalisation needs federated.partition.method='by_site'; skipped")
         else:
             extra["per_site_personalized"] = personalize(plan, state.params)
+    ddp = getattr(plan.secure_round, "ddp", None)
+    if ddp is not None:
+        eps = ddp.epsilon(end)
+        extra["privacy"] = {
+            "epsilon": eps,
+            "delta": ddp.delta,
+            "accountant": f"rdp ({ddp.kind} sum bound)",
+            "noise_multiplier": ddp.z,
+            "sampling_rate": (f.clients_per_round or plan.federation.num_clients)
+            / plan.federation.num_clients,
+            "steps": end,
+            "clip_norm": ddp.clip,
+            "unit": "client",
+            "level": "client",
+            "mechanism": f"distributed {ddp.kind} via {f.secure_aggregation}",
+            "min_clients_per_round": ddp.threshold,
+            "noise_seed_mode": "secure" if ddp.secure_noise else "reproducible",
+            "guarantee": (
+                f"({eps:.4g}, {ddp.delta:.3g})-DP for each client's update (replace-one client), "
+                f"noise added by clients and summed by secure aggregation; no amplification by "
+                "client sampling is claimed"
+            ),
+        }
     if plan.site_budgets is not None:
         b = plan.site_budgets
         per_site_eps = b.per_site_epsilon()

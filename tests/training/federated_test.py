@@ -173,3 +173,31 @@ def test_secure_aggregation_survives_dropouts(tmp_path):
         else:
             assert r["num_clients"] >= 2
     assert np.isfinite(report["metrics"]["test_loss"])
+
+
+def test_distributed_dp_epsilon_matches_the_published_bound(tmp_path):
+    config = config_of(
+        "fedavg.py",
+        "--config.federated.secure_aggregation=secagg",
+        "--config.federated.distributed_dp=skellam",
+        "--config.privacy.noise_multiplier=2.0",
+        "--config.privacy.clip_norm=0.5",
+        "--config.privacy.delta=1e-3",
+    )
+    report = federated.run_rounds(config, str(tmp_path), quiet=True)
+    privacy = report["privacy"]
+    from fedjax_med.secure import distributed_dp, field
+
+    n = report["federated"]["clients_per_round"]
+    dim = report["num_params"]
+    t = privacy["min_clients_per_round"]
+    encoder = field.FieldEncoder(0.5 * (1 + 8 * 2.0), n, 32)
+    l2 = distributed_dp.quantised_l2_sensitivity(0.5, encoder.scale, dim, rounding="nearest")
+    l1 = distributed_dp.l1_sensitivity_bound(l2, dim)
+    expected = distributed_dp.distributed_epsilon("skellam", 2.0, l2, l1, t, 3, 1e-3, dim=dim)
+    assert privacy["epsilon"] == pytest.approx(expected)
+    assert privacy["level"] == "client" and privacy["steps"] == 3
+    with open(tmp_path / "metrics.jsonl") as f:
+        eps = [json.loads(line)["epsilon"] for line in f if '"round"' in line]
+    assert eps == sorted(eps) and eps[-1] == pytest.approx(expected)
+    assert np.isfinite(report["metrics"]["test_loss"])
