@@ -306,10 +306,10 @@ def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
         server_key = jax.random.fold_in(key, STREAM_SERVER)
     secure_round = None
     if f.secure_aggregation != "none":
-        if f.algorithm == "dp_fedavg":
+        if f.algorithm == "dp_fedavg" and f.distributed_dp != "none":
             raise ValueError(
-                "federated.secure_aggregation needs clients to add the noise themselves; "
-                "DP-FedAvg's central noise is not supported with it"
+                "federated.distributed_dp replaces DP-FedAvg's server noise: use "
+                "federated.algorithm='fedavg' with it"
             )
         from fedjax_med.training import secure_rounds
 
@@ -517,6 +517,12 @@ def run_rounds(
             ),
             "seconds_per_round": float(
                 np.mean([r["secure_aggregation_seconds"] for r in rounds_log])
+            ),
+            "bytes_received_per_client_per_round": float(
+                np.mean([r.get("secure_bytes_received_per_client", 0.0) for r in rounds_log])
+            ),
+            "plaintext_seconds_per_round": float(
+                np.mean([r.get("plaintext_aggregation_seconds", 0.0) for r in rounds_log])
             ),
         }
     if ledger is not None:

@@ -26,13 +26,21 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from fedjax_med.federated import aggregation, algorithms
+from fedjax_med.federated import aggregation, algorithms, dp_fedavg
 from fedjax_med.secure import additive, secagg
 
 logger = logging.getLogger("fedjax_med")
 
 SECURE_METHODS = ("secagg", "secagg_plus", "additive")
-SUPPORTED_ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+SUPPORTED_ALGORITHMS = (
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "dp_fedavg",
+)
 
 
 def make_secure_round(plan: Any, server_optimizer: optax.GradientTransformation):
@@ -66,6 +74,36 @@ def make_secure_round(plan: Any, server_optimizer: optax.GradientTransformation)
         params = optax.apply_updates(state.params, updates)
         return state.replace(round=state.round + 1, params=params, server_opt_state=opt_state)
 
+    central_dp = f.algorithm == "dp_fedavg"
+    if central_dp and f.adaptive_clipping:
+        raise ValueError(
+            "federated.adaptive_clipping is not supported with federated.secure_aggregation "
+            "(the clipped-count estimate would need its own secure sum)"
+        )
+
+    @jax.jit
+    def clip_deltas(deltas, clip_norm):
+        return aggregation.clip_updates(deltas, clip_norm)
+
+    @jax.jit
+    def dp_server_step(state, total):
+        # DP-FedAvg (McMahan et al. 2018) on the securely summed clipped deltas: the server adds
+        # N(0, z^2 S^2) to the sum it decoded and divides by the expected cohort q K, with the
+        # same key stream as the plaintext algorithm.
+        key = jax.random.fold_in(algorithms.round_key(state), algorithms.STREAM_NOISE)
+        delta_key, _ = jax.random.split(key)
+        if plan.noise_multiplier > 0:
+            noise = dp_fedavg.gaussian_like(
+                delta_key, total, plan.noise_multiplier * state.clip_norm
+            )
+            total = jax.tree.map(jnp.add, total, noise)
+        mean_delta = jax.tree.map(lambda t: t / plan.sampler.expected_clients, total)
+        updates, opt_state = server_optimizer.update(
+            jax.tree.map(jnp.negative, mean_delta), state.server_opt_state, state.params
+        )
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(round=state.round + 1, params=params, server_opt_state=opt_state)
+
     ddp = None
     if f.distributed_dp != "none":
         ddp = DistributedDP(plan.config, expected_clients=float(plan.sampler.cohort_size))
@@ -86,12 +124,19 @@ def make_secure_round(plan: Any, server_optimizer: optax.GradientTransformation)
         kept, num_excluded = screen(outputs.delta, inputs.reporting)
         kept = np.asarray(kept)
         sampled = np.flatnonzero(mask)
-        flat = jax.vmap(lambda d: ravel_pytree(d)[0])(outputs.delta)
+        deltas = clip_deltas(outputs.delta, state.clip_norm) if central_dp else outputs.delta
+        flat = jax.vmap(lambda d: ravel_pytree(d)[0])(deltas)
         _, unravel = ravel_pytree(jax.tree.map(lambda x: x[0], outputs.delta))
-        weights = np.asarray(outputs.num_examples, np.float64) / padded_size
-        clip = float(f.secagg_clip)
-        values = np.clip(np.asarray(flat, np.float64), -clip, clip) * weights[:, None]
-        vectors = np.concatenate([values, weights[:, None]], axis=1)[sampled]
+        if central_dp:
+            # Each client's clipped delta with weight 1; |coordinate| <= S after L2 clipping.
+            clip = float(state.clip_norm)
+            flat_np = np.asarray(flat, np.float64)
+            vectors = np.where(np.isfinite(flat_np), flat_np, 0.0)[sampled]
+        else:
+            weights = np.asarray(outputs.num_examples, np.float64) / padded_size
+            clip = float(f.secagg_clip)
+            values = np.clip(np.asarray(flat, np.float64), -clip, clip) * weights[:, None]
+            vectors = np.concatenate([values, weights[:, None]], axis=1)[sampled]
         dropped = [i for i, slot in enumerate(sampled) if not kept[slot]]
         n = len(sampled)
         aborted = False
@@ -126,6 +171,7 @@ def make_secure_round(plan: Any, server_optimizer: optax.GradientTransformation)
                 vectors[survivors], clip=max(clip, 1.0), num_servers=2, seed=int(state.round)
             )
             bytes_per_client = float(np.mean(list(stats["bytes_sent"].values())))
+            received_per_client = 0.0  # clients receive nothing in additive sharing
         else:
             neighbours = (
                 "all" if method == "secagg" else max(2, math.ceil(2 * math.log2(max(n, 2))))
@@ -141,17 +187,25 @@ def make_secure_round(plan: Any, server_optimizer: optax.GradientTransformation)
                     seed=int(state.round),
                 )
                 bytes_per_client = float(np.mean(list(stats.bytes_sent.values())))
+                received_per_client = float(np.mean(list(stats.bytes_received.values())))
             except secagg.TooFewSurvivorsError as err:
                 # The protocol aborts rather than reveal anything: the round makes no update.
                 logger.warning("round %d: secure aggregation aborted (%s)", int(state.round), err)
                 total, bytes_per_client, aborted = np.zeros(vectors.shape[1]), 0.0, True
+                received_per_client = 0.0
         secure_seconds = time.perf_counter() - t0
-        weight_sum = float(total[-1])
+        t0 = time.perf_counter()
+        np.sum(vectors, axis=0)  # what the same aggregation costs in plaintext, for the report
+        plaintext_seconds = time.perf_counter() - t0
         contributed = 0 if aborted else n - len(dropped)
-        if contributed == 0 or weight_sum <= 0:
+        if central_dp:
+            # As in plaintext DP-FedAvg, noise is added even when no client contributed.
+            summed = total if contributed else np.zeros_like(total)
+            new_state = dp_server_step(state, unravel(jnp.asarray(summed, jnp.float32)))
+        elif contributed == 0 or float(total[-1]) <= 0:
             new_state = state.replace(round=state.round + 1)
         else:
-            mean_delta = unravel(jnp.asarray(total[:-1] / weight_sum, jnp.float32))
+            mean_delta = unravel(jnp.asarray(total[:-1] / float(total[-1]), jnp.float32))
             new_state = server_step(state, mean_delta)
         losses = np.asarray(outputs.loss)[kept]
         metrics = {
@@ -163,6 +217,8 @@ def make_secure_round(plan: Any, server_optimizer: optax.GradientTransformation)
             "secure_bytes_per_client": bytes_per_client,
             "plaintext_bytes_per_client": 4.0 * vectors.shape[1],
             "secure_aggregation_seconds": secure_seconds,
+            "plaintext_aggregation_seconds": plaintext_seconds,
+            "secure_bytes_received_per_client": received_per_client,
             "secure_round_aborted": int(aborted),
         }
         return new_state, metrics

@@ -201,3 +201,17 @@ def test_distributed_dp_epsilon_matches_the_published_bound(tmp_path):
         eps = [json.loads(line)["epsilon"] for line in f if '"round"' in line]
     assert eps == sorted(eps) and eps[-1] == pytest.approx(expected)
     assert np.isfinite(report["metrics"]["test_loss"])
+
+
+def test_dp_fedavg_with_secagg_equals_plaintext_dp_fedavg(tmp_path):
+    plain = federated.run_rounds(config_of("dp_fedavg.py"), str(tmp_path / "plain"), quiet=True)
+    secure = federated.run_rounds(
+        config_of("dp_fedavg.py", "--config.federated.secure_aggregation=secagg"),
+        str(tmp_path / "secure"),
+        quiet=True,
+    )
+    _, a = federated.restore_for_eval(str(tmp_path / "plain"))
+    _, b = federated.restore_for_eval(str(tmp_path / "secure"))
+    # Same cohorts and the same server noise: only the 32-bit fixed-point error differs.
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), a.params, b.params)
+    assert secure["privacy"]["epsilon"] == pytest.approx(plain["privacy"]["epsilon"])
