@@ -1,0 +1,1 @@
+"""Privacy attacks and audits: membership inference and empirical epsilon lower bounds."""
