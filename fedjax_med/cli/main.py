@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         privacy_cli = None
     if privacy_cli is not None:
         privacy_cli.register(sub)
+    from fedjax_med.attacks import cli as attack_cli
+
+    attack_cli.register(sub)
     return parser
 
 
@@ -151,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_eval(args)
         if args.command == "data":
             return run_data_describe(args, overrides)
+        if args.command == "attack":
+            from fedjax_med.attacks import cli as attack_cli
+
+            return attack_cli.run(args)
         if args.command == "privacy":
             from fedjax_med.privacy import cli as privacy_cli
 
