@@ -69,8 +69,10 @@ class Experiment:
     plan: private.PrivatePlan | None = None  # DP-SGD plan when config.privacy.enabled
 
 
-def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
-    """Loads the data and builds normaliser, model and optimizer from ``config``."""
+def build_data_and_model(
+    config: ml_collections.ConfigDict,
+) -> tuple[dataset_lib.DatasetSplits, preprocess.Normalizer, registry.Model]:
+    """The splits of ``config.data``, their normaliser and the model sized for them."""
     splits = sources.load_splits(config.data, config.seed)
     info = splits.info
     normalizer = preprocess.fit_normalizer(
@@ -86,6 +88,12 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         num_outputs=info.num_outputs,
         **config.model.kwargs.to_dict(),
     )
+    return splits, normalizer, model
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+    """Loads the data and builds normaliser, model and optimizer from ``config``."""
+    splits, normalizer, model = build_data_and_model(config)
     optimizer = optimizers.make_optimizer(config.optimizer, config.train.steps)
     plan = None
     if config.privacy.enabled:

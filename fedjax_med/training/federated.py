@@ -32,7 +32,7 @@ import tqdm
 
 from fedjax_med.config import loading
 from fedjax_med.data import dataset as dataset_lib
-from fedjax_med.data import partition, preprocess, sources
+from fedjax_med.data import partition, preprocess
 from fedjax_med.federated import algorithms, dp_fedavg, sampling, server_optimizers
 from fedjax_med.federated import client as client_lib
 from fedjax_med.models import registry
@@ -184,21 +184,8 @@ def server_optimizer(f: ml_collections.ConfigDict):
 
 
 def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
-    splits = sources.load_splits(config.data, config.seed)
+    splits, normalizer, model = central.build_data_and_model(config)
     info = splits.info
-    normalizer = preprocess.fit_normalizer(
-        splits.train,
-        len(info.site_names),
-        method=config.data.normalization,
-        mean=config.data.mean,
-        std=config.data.std,
-    )
-    model = registry.get_model(
-        config.model.name,
-        input_shape=info.image_shape,
-        num_outputs=info.num_outputs,
-        **config.model.kwargs.to_dict(),
-    )
     federation = build_federation(config, splits)
     data = client_lib.from_federated_dataset(federation, normalizer)
     f = config.federated

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from fedjax_med.config import base, schema
+from fedjax_med.data import sources
 from fedjax_med.privacy import clipping
 from fedjax_med.training import central, losses
 
@@ -126,7 +127,10 @@ def test_patient_level_accounts_over_patients(tmp_path):
     )
     privacy = report["privacy"]
     assert privacy["unit"] == "patient"
-    assert privacy["num_units"] < report["val_metrics"]["val_num_examples"] * 10
+    config = dp_config()
+    train = sources.load_splits(config.data, config.seed).train
+    patients = {(int(s), int(p)) for s, p in zip(train.sites, train.patient_ids, strict=True)}
+    assert privacy["num_units"] == len(patients) < len(train)
     assert privacy["sampling_rate"] == pytest.approx(32 / privacy["num_units"])
     assert "patient" in privacy["guarantee"]
 
