@@ -128,6 +128,45 @@ def gaussian_like(key: jax.Array, tree, stddev: jax.Array):
     return jax.tree.unflatten(treedef, noise)
 
 
+def noised_mean(
+    total,
+    clip_norm: jax.Array | float,
+    noise_multiplier: float,
+    expected_clients: float,
+    key: jax.Array,
+):
+    """``(total + N(0, z^2 S^2 I)) / qN``: the server's noise on a clipped sum, then the mean.
+
+    ``total`` is the sum of client deltas each clipped to ``S = clip_norm``; ``z`` is the noise
+    multiplier (0 adds nothing) and ``qN = expected_clients`` the public denominator (McMahan et
+    al. 2018). Shared by the plaintext round and the round over secure aggregation.
+    """
+    if noise_multiplier > 0:
+        noise = gaussian_like(key, total, noise_multiplier * clip_norm)
+        total = jax.tree.map(jnp.add, total, noise)
+    return jax.tree.map(lambda t: t / expected_clients, total)
+
+
+def noisy_clipped_mean(
+    deltas,
+    kept: jax.Array,
+    clip_norm: jax.Array | float,
+    noise_multiplier: float,
+    expected_clients: float,
+    key: jax.Array,
+):
+    """One round's release: ``(sum_k kept_k clip(delta_k) + N(0, z^2 S^2 I)) / qN``.
+
+    ``deltas`` are stacked client deltas (leading client axis), ``kept`` the mask of clients that
+    reported and ``clip(d) = d min(1, S / ||d||)``. This and :func:`noised_mean` are where
+    DP-FedAvg clips and noises, so the canary audit (``fedjax_med.attacks.canaries``) calls
+    them to audit the trainer's own code.
+    """
+    clipped = aggregation.clip_updates(deltas, clip_norm)
+    total = aggregation.masked_sum(clipped, kept)
+    return noised_mean(total, clip_norm, noise_multiplier, expected_clients, key)
+
+
 def dp_fedavg(
     local_update: client_lib.LocalUpdate,
     data: client_lib.ClientData,
@@ -200,14 +239,9 @@ def dp_fedavg(
         del indices
         s = state.clip_norm
         norms = aggregation.global_norms(outputs.delta)
-        clipped = aggregation.clip_updates(outputs.delta, s)
-        total = aggregation.masked_sum(clipped, kept)
         key = jax.random.fold_in(algorithms.round_key(state), algorithms.STREAM_NOISE)
         delta_key, count_key = jax.random.split(key)
-        if z_delta > 0:
-            noise = gaussian_like(delta_key, total, z_delta * s)
-            total = jax.tree.map(jnp.add, total, noise)
-        mean_delta = jax.tree.map(lambda t: t / expected, total)
+        mean_delta = noisy_clipped_mean(outputs.delta, kept, s, z_delta, expected, delta_key)
         pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
         updates, opt_state = tx.update(pseudo_grad, state.server_opt_state, state.params)
         new_state = state.replace(

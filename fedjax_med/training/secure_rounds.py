@@ -92,12 +92,9 @@ def make_secure_round(plan: Any, server_optimizer: optax.GradientTransformation)
         # same key stream as the plaintext algorithm.
         key = jax.random.fold_in(algorithms.round_key(state), algorithms.STREAM_NOISE)
         delta_key, _ = jax.random.split(key)
-        if plan.noise_multiplier > 0:
-            noise = dp_fedavg.gaussian_like(
-                delta_key, total, plan.noise_multiplier * state.clip_norm
-            )
-            total = jax.tree.map(jnp.add, total, noise)
-        mean_delta = jax.tree.map(lambda t: t / plan.sampler.expected_clients, total)
+        mean_delta = dp_fedavg.noised_mean(
+            total, state.clip_norm, plan.noise_multiplier, plan.sampler.expected_clients, delta_key
+        )
         updates, opt_state = server_optimizer.update(
             jax.tree.map(jnp.negative, mean_delta), state.server_opt_state, state.params
         )

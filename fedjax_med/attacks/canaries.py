@@ -1,0 +1,318 @@
+"""Canary audits of the library's own DP-SGD step and DP-FedAvg round.
+
+Each trial runs the release the trainers run, on the same code path, with a canary present
+(half the trials) or absent, and a white-box attacker scores the release; the scores go through
+:func:`fedjax_med.attacks.auditing.audit_held_out`, which gives an epsilon that the mechanism
+provably exceeds with probability at least ``confidence`` (Jagielski, Ullman, Oprea,
+NeurIPS 2020, https://arxiv.org/abs/2006.07709; Nasr et al., IEEE S&P 2021,
+https://arxiv.org/abs/2101.04535).
+
+* :func:`audit_dp_sgd_step`: the canary is one *example* added to a batch; the batch goes
+  through :func:`fedjax_med.privacy.clipping.clipped_grad_sum` and the noise through
+  :func:`fedjax_med.privacy.noise.dp_aggregate`, exactly as in
+  :mod:`fedjax_med.training.private`. The attacker knows the model and the other examples
+  (the worst case DP allows) and scores the release's projection on the canary's gradient
+  direction, the white-box gradient canary of Nasr et al., USENIX Security 2023
+  (https://arxiv.org/abs/2302.07956).
+* :func:`audit_dp_fedavg_round`: the canary is a malicious *client* that sends a Dirac update
+  (one coordinate, norm far above ``S``); other clients' deltas and the release go through
+  :func:`fedjax_med.federated.dp_fedavg.noisy_clipped_mean`, the DP-FedAvg trainer's code.
+
+The audited event is one release with the canary certainly present or absent, so its
+accountant epsilon is that of ``GaussianDpEvent(sigma)`` (no sampling amplification); a whole
+run's epsilon is smaller per step but composed over steps. Broken variants of the same code
+(``no_noise``, ``wrong_scale``: noise 10x too small, ``no_clipping``) show that the audit
+catches an implementation that does not keep its claim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from fedjax_med.attacks import auditing
+from fedjax_med.federated import dp_fedavg
+from fedjax_med.privacy import accounting, clipping, noise
+
+MECHANISMS = ("correct", "no_noise", "wrong_scale", "no_clipping")
+MAX_TRIAL_FLOATS = 2**25  # floats of releases materialised at once (128 MiB), bounds memory
+
+
+@dataclasses.dataclass(frozen=True)
+class CanaryAudit:
+    """Outcome of a canary audit.
+
+    Attributes:
+      mechanism: which variant of the code ran (one of :data:`MECHANISMS`).
+      epsilon_lower_bound: the empirical bound (holds at ``confidence``).
+      accountant_epsilon: the epsilon the accountant claims for the audited release
+        (one Gaussian release with the *claimed* noise multiplier, whatever variant ran).
+      noise_multiplier, clip_norm: the claim.
+      delta, confidence, trials: the audit's parameters.
+      canary_norm: the canary's gradient (update) norm before clipping.
+    """
+
+    mechanism: str
+    epsilon_lower_bound: float
+    accountant_epsilon: float
+    noise_multiplier: float
+    clip_norm: float
+    delta: float
+    confidence: float
+    trials: int
+    canary_norm: float
+
+    @property
+    def consistent(self) -> bool:
+        """True when the empirical bound does not exceed the accountant (no violation found)."""
+        return self.epsilon_lower_bound <= self.accountant_epsilon
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "consistent": self.consistent}
+
+
+def claimed_epsilon(noise_multiplier: float, delta: float, accountant: str = "rdp") -> float:
+    """Epsilon of one Gaussian release with noise multiplier ``sigma`` (``inf`` for 0)."""
+    if noise_multiplier <= 0:
+        return math.inf
+    return accounting.epsilon(dp_accounting.GaussianDpEvent(noise_multiplier), delta, accountant)
+
+
+def _variant(mechanism: str, clip_norm: float, noise_multiplier: float) -> tuple[float, float]:
+    """``(clip norm used, noise multiplier used)`` of each variant of the same code."""
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"mechanism={mechanism!r} must be one of {MECHANISMS}")
+    return {
+        "correct": (clip_norm, noise_multiplier),
+        "no_noise": (clip_norm, 0.0),
+        "wrong_scale": (clip_norm, noise_multiplier / 10),
+        "no_clipping": (math.inf, noise_multiplier),
+    }[mechanism]
+
+
+def _check(clip_norm, noise_multiplier, num_trials, delta, confidence):
+    if not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ValueError(f"{clip_norm=} must be finite and > 0")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ValueError(f"{noise_multiplier=} must be finite and > 0 (the claim under audit)")
+    if int(num_trials) != num_trials or num_trials < 8:
+        raise ValueError(f"{num_trials=} must be an integer >= 8")
+    if not 0 < delta < 1:
+        raise ValueError(f"{delta=} must be in (0, 1)")
+    if not 0 < confidence < 1:
+        raise ValueError(f"{confidence=} must be in (0, 1)")
+
+
+def _scores(release_fn, sum_in, sum_out, direction, num_trials, key) -> tuple[np.ndarray, ...]:
+    """Projections ``<release_t - sum_out, u>`` of ``num_trials`` releases, half with the canary.
+
+    ``release_fn(key, total) -> flat release`` (already multiplied back by any public
+    denominator). Trials alternate IN/OUT so that both halves of :func:`audit_held_out` see both
+    kinds; they run under ``lax.map`` in chunks of at most :data:`MAX_TRIAL_FLOATS` floats.
+    """
+    has_canary = jnp.arange(num_trials) % 2 == 0
+    keys = jax.random.split(key, num_trials)
+
+    def one(args):
+        trial_key, present = args
+        total = jax.tree.map(lambda a, b: jnp.where(present, a, b), sum_in, sum_out)
+        return jnp.dot(release_fn(trial_key, total) - ravel_pytree(sum_out)[0], direction)
+
+    chunk = max(1, min(num_trials, MAX_TRIAL_FLOATS // direction.size))
+    scores = jax.jit(lambda k, h: jax.lax.map(one, (k, h), batch_size=chunk))(keys, has_canary)
+    scores, has_canary = np.asarray(scores, np.float64), np.asarray(has_canary)
+    return scores[has_canary], scores[~has_canary]
+
+
+def _result(
+    mechanism,
+    scores_in,
+    scores_out,
+    noise_multiplier,
+    clip_norm,
+    delta,
+    confidence,
+    accountant,
+    canary_norm,
+) -> CanaryAudit:
+    eps, _ = auditing.audit_held_out(scores_in, scores_out, delta, confidence)
+    return CanaryAudit(
+        mechanism=mechanism,
+        epsilon_lower_bound=eps,
+        accountant_epsilon=claimed_epsilon(noise_multiplier, delta, accountant),
+        noise_multiplier=float(noise_multiplier),
+        clip_norm=float(clip_norm),
+        delta=float(delta),
+        confidence=float(confidence),
+        trials=int(scores_in.size + scores_out.size),
+        canary_norm=float(canary_norm),
+    )
+
+
+def audit_dp_sgd_step(
+    loss_fn: Callable[[Any, jax.Array, jax.Array], jax.Array],
+    params: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    canary_image: jax.Array,
+    canary_label: jax.Array,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    num_trials: int,
+    key: jax.Array,
+    mechanism: str = "correct",
+    delta: float = 1e-5,
+    confidence: float = 0.95,
+    accountant: str = "rdp",
+    method: str = "vmap",
+) -> CanaryAudit:
+    """Audits one DP-SGD release ``(sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / L`` with a canary.
+
+    The batch is ``images`` plus the canary example; in OUT trials the canary's mask is off,
+    which is how the trainer drops a Poisson-unsampled slot. The clipped sums come from
+    :func:`~fedjax_med.privacy.clipping.clipped_grad_sum` (``method`` as in the trainer) and the
+    noise from :func:`~fedjax_med.privacy.noise.dp_aggregate` with a fresh key per trial. The
+    attacker multiplies the release by the public ``L``, subtracts the others' clipped sum and
+    projects on the direction of the canary's gradient.
+
+    Args:
+      loss_fn: loss of one example ``(params, image, label) -> scalar``, as the trainer's.
+      params: the model parameters the step is taken at.
+      images, labels: the other examples of the batch, ``(B, H, W, C)`` and ``(B,)``.
+      canary_image, canary_label: the canary example, ``(H, W, C)`` and a scalar label.
+      clip_norm, noise_multiplier: the claim ``(C, sigma)`` under audit.
+      num_trials: releases drawn, half with the canary (>= 8).
+      key: PRNG key of the trials' noise.
+      mechanism: ``"correct"`` or a deliberately broken variant (:data:`MECHANISMS`).
+      delta, confidence: of the audit; ``accountant``: for the claimed epsilon.
+      method: ``"vmap"`` or ``"ghost"`` clipped sums.
+
+    Returns:
+      A :class:`CanaryAudit`.
+    """
+    _check(clip_norm, noise_multiplier, num_trials, delta, confidence)
+    used_clip, used_sigma = _variant(mechanism, clip_norm, noise_multiplier)
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+    if images.shape[1:] != jnp.shape(canary_image) or labels.ndim != 1:
+        raise ValueError(
+            f"canary_image {jnp.shape(canary_image)} must match images {images.shape[1:]} and "
+            f"labels must be (B,), got {labels.shape}"
+        )
+    batch = jnp.concatenate([images, jnp.asarray(canary_image)[None]])
+    batch_labels = jnp.concatenate([labels, jnp.asarray(canary_label, labels.dtype)[None]])
+    mask_in = jnp.ones(batch.shape[0], bool)
+    mask_out = mask_in.at[-1].set(False)
+    grad_sum = jax.jit(clipping.clipped_grad_sum(loss_fn, clip_norm=used_clip, method=method).fn)
+    sum_in, _ = grad_sum(params, batch, batch_labels, mask_in)
+    sum_out, _ = grad_sum(params, batch, batch_labels, mask_out)
+    canary_grad = ravel_pytree(jax.grad(loss_fn)(params, canary_image, canary_label))[0]
+    canary_norm = float(jnp.linalg.norm(canary_grad))
+    if not canary_norm > 0:
+        raise ValueError("the canary's gradient is zero at these params: pick another canary")
+    expected_batch_size = float(batch.shape[0])  # public; multiplied back by the attacker
+
+    def release(trial_key, total):
+        tx = noise.dp_aggregate(used_sigma, clip_norm, expected_batch_size, trial_key)
+        update, _ = tx.update(total, tx.init(total))
+        return ravel_pytree(update)[0] * expected_batch_size
+
+    scores_in, scores_out = _scores(
+        release, sum_in, sum_out, canary_grad / canary_norm, num_trials, key
+    )
+    return _result(
+        mechanism,
+        scores_in,
+        scores_out,
+        noise_multiplier,
+        clip_norm,
+        delta,
+        confidence,
+        accountant,
+        canary_norm,
+    )
+
+
+def audit_dp_fedavg_round(
+    params: Any,
+    *,
+    num_clients: int,
+    clip_norm: float,
+    noise_multiplier: float,
+    num_trials: int,
+    key: jax.Array,
+    mechanism: str = "correct",
+    canary_scale: float = 10.0,
+    delta: float = 1e-5,
+    confidence: float = 0.95,
+    accountant: str = "rdp",
+) -> CanaryAudit:
+    """Audits one DP-FedAvg release ``(sum_k clip(delta_k) + N(0, z^2 S^2 I)) / qN``.
+
+    ``num_clients - 1`` honest clients send Gaussian deltas shaped like ``params`` with norm
+    about ``3 S`` (so clipping acts); the canary client sends ``canary_scale * S`` times a
+    coordinate vector chosen from ``key`` (a Dirac canary, Nasr et al. 2023). OUT trials mark
+    it as not reporting (``kept`` False), as the trainer does for a dropped client. The release
+    is :func:`~fedjax_med.federated.dp_fedavg.noisy_clipped_mean`; the attacker multiplies by
+    the public ``qN``, subtracts the honest sum and reads the canary's coordinate.
+
+    Args:
+      params: a pytree with the model's parameter shapes (values unused).
+      num_clients: clients in the round, canary included (>= 2).
+      clip_norm, noise_multiplier: the claim ``(S, z)`` under audit.
+      num_trials, key, mechanism, delta, confidence, accountant: as in
+        :func:`audit_dp_sgd_step`.
+      canary_scale: the canary update's norm over ``S`` (> 0).
+
+    Returns:
+      A :class:`CanaryAudit`.
+    """
+    _check(clip_norm, noise_multiplier, num_trials, delta, confidence)
+    if int(num_clients) != num_clients or num_clients < 2:
+        raise ValueError(f"{num_clients=} must be an integer >= 2")
+    if not canary_scale > 0:
+        raise ValueError(f"{canary_scale=} must be > 0")
+    used_clip, used_sigma = _variant(mechanism, clip_norm, noise_multiplier)
+    flat, unravel = ravel_pytree(params)
+    dim = flat.size
+    honest_key, coord_key, trial_key = jax.random.split(key, 3)
+    honest = jax.random.normal(honest_key, (num_clients - 1, dim)) * (3 * clip_norm / dim**0.5)
+    coordinate = jax.random.randint(coord_key, (), 0, dim)
+    canary = jnp.zeros(dim).at[coordinate].set(canary_scale * clip_norm)
+    deltas = jax.vmap(unravel)(jnp.concatenate([honest, canary[None]]))
+    kept_in = jnp.ones(num_clients, bool)
+    kept_out = kept_in.at[-1].set(False)
+    expected = float(num_clients)  # public; multiplied back by the attacker
+
+    def clipped_sum(kept):
+        mean = dp_fedavg.noisy_clipped_mean(deltas, kept, used_clip, 0.0, expected, trial_key)
+        return jax.tree.map(lambda m: m * expected, mean)
+
+    sum_in, sum_out = clipped_sum(kept_in), clipped_sum(kept_out)
+
+    def release(k, total):
+        # noised_mean is the noise step of noisy_clipped_mean, applied to the clipped sum.
+        mean = dp_fedavg.noised_mean(total, clip_norm, used_sigma, expected, k)
+        return ravel_pytree(mean)[0] * expected
+
+    direction = jnp.zeros(dim).at[coordinate].set(1.0)
+    scores_in, scores_out = _scores(release, sum_in, sum_out, direction, num_trials, trial_key)
+    return _result(
+        mechanism,
+        scores_in,
+        scores_out,
+        noise_multiplier,
+        clip_norm,
+        delta,
+        confidence,
+        accountant,
+        canary_scale * clip_norm,
+    )

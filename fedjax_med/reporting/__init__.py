@@ -1,0 +1,1 @@
+"""Privacy report figures: utility against epsilon, attack ROC curves, audits, reconstructions."""

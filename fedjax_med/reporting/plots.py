@@ -1,0 +1,491 @@
+"""PNG figures of a privacy report: utility against epsilon, attack ROCs, audits, reconstructions.
+
+Each function draws one figure on a fresh ``matplotlib.figure.Figure`` rendered by the Agg
+canvas, writes it to ``path`` at 150 dpi and returns the path. Nothing goes through
+``matplotlib.pyplot``, so no global figure state is created or leaked between calls, and the
+functions work on machines without a display. matplotlib is imported only when a figure is drawn;
+install it with ``pip install 'fedjax_med[report]'``.
+
+The membership ROC is drawn on log-log axes as recommended by Carlini, Chien, Nasr, Song, Terzis,
+Tramer, "Membership Inference Attacks From First Principles", IEEE S&P 2022
+(https://arxiv.org/abs/2112.03570): an attack is only worrying if it has a high true positive
+rate at a low false positive rate, which linear axes hide.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+DPI = 150
+_INSTALL_HINT = "the privacy report's plots need matplotlib: pip install 'fedjax_med[report]'"
+# Dash patterns for non-private reference lines of one group, so several stay distinguishable.
+_DASHES = ("--", "-.", (0, (8, 3)), (0, (5, 2, 1, 2, 1, 2)))
+
+
+def utility_vs_epsilon(
+    path: str | os.PathLike,
+    points: Sequence[Mapping[str, Any]],
+    *,
+    metric: str = "test accuracy",
+    chance: float | None = None,
+) -> str:
+    """Plots a utility metric against the privacy budget epsilon, one line per group.
+
+    Points with a finite epsilon are drawn on a log x-axis, joined in order of epsilon within
+    their group and annotated with their name. Points with ``epsilon`` ``None`` (or ``inf``) are
+    non-private baselines and become horizontal dashed lines in the colour of their group.
+
+    Args:
+      path: where to write the PNG; missing parent folders are created.
+      points: dicts ``{"name": str, "epsilon": float | None, "value": float, "group": str}``.
+      metric: what ``value`` measures; the y-axis label.
+      chance: the metric of a trivial predictor, drawn as a dotted grey line; ``None`` omits it.
+
+    Returns:
+      ``path`` as a string.
+
+    Examples:
+      >>> import os, tempfile
+      >>> points = [
+      ...     {"name": "eps=1", "epsilon": 1.0, "value": 0.71, "group": "DP-SGD"},
+      ...     {"name": "eps=8", "epsilon": 8.0, "value": 0.80, "group": "DP-SGD"},
+      ...     {"name": "SGD", "epsilon": None, "value": 0.86, "group": "DP-SGD"},
+      ... ]
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     out = os.path.join(tmp, "utility.png")
+      ...     utility_vs_epsilon(out, points, chance=0.5) == out
+      True
+    """
+    path = os.fspath(path)
+    points = _check_points(points)
+    if chance is not None:
+        chance = _finite(chance, "chance")
+    mpl = _matplotlib()
+    fig = _new_figure(mpl, (7.0, 4.5))
+    ax = fig.add_subplot()
+
+    groups = list(dict.fromkeys(p["group"] for p in points))
+    colors = {g: f"C{i % 10}" for i, g in enumerate(groups)}
+    private = [p for p in points if p["epsilon"] is not None]
+    for group in groups:
+        line = sorted((p for p in private if p["group"] == group), key=lambda p: p["epsilon"])
+        if not line:
+            continue
+        eps = [p["epsilon"] for p in line]
+        ax.plot(eps, [p["value"] for p in line], marker="o", color=colors[group], label=group)
+        for p in line:
+            ax.annotate(
+                p["name"],
+                (p["epsilon"], p["value"]),
+                textcoords="offset points",
+                # Below and to the right: the empty side of a curve rising with epsilon.
+                xytext=(6, -6),
+                va="top",
+                fontsize=8,
+                color=colors[group],
+            )
+    dashes_used = dict.fromkeys(groups, 0)
+    for p in points:
+        if p["epsilon"] is not None:
+            continue
+        group = p["group"]
+        ax.axhline(
+            p["value"],
+            color=colors[group],
+            linestyle=_DASHES[dashes_used[group] % len(_DASHES)],
+            linewidth=1.5,
+            label=f"{p['name']} (non-private): {p['value']:.3g}",
+        )
+        dashes_used[group] += 1
+    if chance is not None:
+        ax.axhline(
+            chance, color="grey", linestyle=":", linewidth=1.5, label=f"chance: {chance:.3g}"
+        )
+
+    ax.set_xscale("log")
+    if private:
+        eps = [p["epsilon"] for p in private]
+        # Room on the right for the name annotations.
+        ax.set_xlim(min(eps) / 2, max(eps) * 3)
+    else:
+        ax.set_xlim(0.1, 100.0)
+        ax.text(
+            0.5,
+            0.03,
+            "no private runs: non-private baselines only",
+            transform=ax.transAxes,
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="grey",
+        )
+    ax.set_xlabel("epsilon (lower = more private)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs privacy budget")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    return _save(fig, path)
+
+
+def roc_curves(path: str | os.PathLike, curves: Sequence[Mapping[str, Any]]) -> str:
+    """Plots membership-inference ROC curves on log-log (left) and linear (right) axes.
+
+    The log-log panel spans from ``1e-3``, or the smallest positive false positive rate if that is
+    smaller, to 1; zero rates, which a log axis cannot show, are clipped to that floor. Both panels
+    show the diagonal of an attack at chance.
+
+    Args:
+      path: where to write the PNG; missing parent folders are created.
+      curves: dicts ``{"name": str, "fpr": array, "tpr": array, "auc": float}``; ``fpr`` and
+        ``tpr`` are 1-D with the same length and values in ``[0, 1]``; ``auc`` may be ``None``.
+
+    Returns:
+      ``path`` as a string.
+
+    Examples:
+      >>> import os, tempfile
+      >>> curve = {"name": "LiRA", "fpr": [0, 0.01, 1], "tpr": [0, 0.2, 1], "auc": 0.6}
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     out = os.path.join(tmp, "roc.png")
+      ...     roc_curves(out, [curve]) == out
+      True
+    """
+    path = os.fspath(path)
+    curves = _check_curves(curves)
+    positive = [c["fpr"][c["fpr"] > 0].min() for c in curves if np.any(c["fpr"] > 0)]
+    floor = min([1e-3, *positive])
+    floor = 10.0 ** math.floor(math.log10(floor))  # start on a decade so the ticks read well
+    mpl = _matplotlib()
+    fig = _new_figure(mpl, (8.0, 4.4))
+    log_ax, lin_ax = fig.subplots(1, 2)
+    for i, c in enumerate(curves):
+        label = c["name"] if c["auc"] is None else f"{c['name']} (AUC {c['auc']:.2f})"
+        color = f"C{i % 10}"
+        order = np.lexsort((c["tpr"], c["fpr"]))
+        fpr, tpr = c["fpr"][order], c["tpr"][order]
+        log_ax.plot(np.clip(fpr, floor, 1), np.clip(tpr, floor, 1), color=color, label=label)
+        lin_ax.plot(fpr, tpr, color=color)
+    log_ax.plot([floor, 1], [floor, 1], color="grey", linestyle="--", label="chance")
+    lin_ax.plot([0, 1], [0, 1], color="grey", linestyle="--")
+
+    log_ax.set_xscale("log")
+    log_ax.set_yscale("log")
+    log_ax.set_xlim(floor, 1)
+    log_ax.set_ylim(floor, 1)
+    log_ax.set_title("log-log (low false positive rates)")
+    lin_ax.set_xlim(0, 1)
+    lin_ax.set_ylim(0, 1)
+    lin_ax.set_title("linear")
+    for ax in (log_ax, lin_ax):
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_aspect("equal")
+        ax.grid(True, which="major", alpha=0.3)
+    fig.suptitle("Membership inference ROC")
+    # Below the diagonal of the linear panel is where no useful attack's curve goes.
+    lin_ax.legend(*log_ax.get_legend_handles_labels(), loc="lower right", fontsize="small")
+    return _save(fig, path)
+
+
+def audit_vs_accountant(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> str:
+    """Plots each audit's empirical epsilon lower bound next to the accountant's epsilon.
+
+    A sound implementation keeps every lower bound at or below its accountant's epsilon; bounds
+    above it are drawn in red. An infinite accountant epsilon (a mechanism without noise) is a
+    hatched bar reaching the axis limit, labelled ``inf``.
+
+    Args:
+      path: where to write the PNG; missing parent folders are created.
+      rows: dicts ``{"name": str, "accountant_epsilon": float, "audit_epsilon": float}``, with
+        ``accountant_epsilon >= 0`` (``inf`` allowed) and finite ``audit_epsilon >= 0``.
+
+    Returns:
+      ``path`` as a string.
+
+    Examples:
+      >>> import os, tempfile
+      >>> rows = [{"name": "sigma=1", "accountant_epsilon": 4.2, "audit_epsilon": 1.3}]
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     out = os.path.join(tmp, "audit.png")
+      ...     audit_vs_accountant(out, rows) == out
+      True
+    """
+    path = os.fspath(path)
+    rows = _check_audit_rows(rows)
+    finite = [r["audit_epsilon"] for r in rows]
+    finite += [r["accountant_epsilon"] for r in rows if math.isfinite(r["accountant_epsilon"])]
+    xmax = 1.3 * max(finite) if max(finite) > 0 else 1.0
+    pad = 0.01 * xmax
+
+    mpl = _matplotlib()
+    fig = _new_figure(mpl, (7.0, max(3.0, 0.75 * len(rows) + 2.0)))
+    ax = fig.add_subplot()
+    height = 0.38
+    broken = False
+    for i, r in enumerate(rows):
+        acc, audit = r["accountant_epsilon"], r["audit_epsilon"]
+        y_acc, y_audit = i - height / 2, i + height / 2
+        if math.isinf(acc):
+            ax.barh(y_acc, xmax, height, color="C0", alpha=0.35, hatch="//", edgecolor="C0")
+            ax.text(xmax - pad, y_acc, "inf", ha="right", va="center", fontsize=8, weight="bold")
+        else:
+            ax.barh(y_acc, acc, height, color="C0")
+            ax.text(acc + pad, y_acc, f"{acc:.2f}", va="center", fontsize=8)
+        above = audit > acc
+        broken |= above
+        ax.barh(y_audit, audit, height, color="C3" if above else "C1")
+        ax.text(audit + pad, y_audit, f"{audit:.2f}", va="center", fontsize=8)
+
+    handles = [
+        mpl.patches.Patch(color="C0", label="accountant epsilon (upper bound)"),
+        mpl.patches.Patch(color="C1", label="empirical lower bound (audit)"),
+    ]
+    if broken:
+        handles.append(mpl.patches.Patch(color="C3", label="lower bound above accountant: broken"))
+    ax.legend(handles=handles, fontsize="small", loc="lower right")
+    ax.set_yticks(range(len(rows)), [r["name"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlim(0, xmax)
+    ax.set_xlabel("epsilon")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title("Empirical epsilon lower bound vs accountant")
+    fig.supxlabel(
+        "A lower bound above the accountant's epsilon means the implementation is broken.",
+        fontsize="small",
+        style="italic",
+    )
+    return _save(fig, path)
+
+
+def reconstruction_gallery(
+    path: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    value_range: tuple[float, float] = (0.0, 1.0),
+) -> str:
+    """Shows original images above their reconstructions by an attack, one block per row.
+
+    Each row's block is labelled with its name and PSNR; a row whose ``reconstructions`` is
+    ``None`` (an attack that does not apply) gets one blank "not applicable" panel instead.
+    Single-channel images use a grey colour map over ``value_range``; RGB images are clipped to it.
+
+    Args:
+      path: where to write the PNG; missing parent folders are created.
+      rows: dicts ``{"name": str, "originals": array (B, H, W, C), "reconstructions": array of
+        the same shape or None, "psnr": float | None}`` with ``C`` 1 or 3; ``B`` may differ
+        between rows.
+      value_range: ``(low, high)`` pixel values shown as black and white.
+
+    Returns:
+      ``path`` as a string.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> x = np.random.default_rng(0).uniform(size=(2, 8, 8, 1))
+      >>> row = {"name": "FedAvg", "originals": x, "reconstructions": x, "psnr": 30.0}
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     out = os.path.join(tmp, "gallery.png")
+      ...     reconstruction_gallery(out, [row]) == out
+      True
+    """
+    path = os.fspath(path)
+    low, high = _check_value_range(value_range)
+    rows = _check_gallery_rows(rows)
+    ncols = max(len(r["originals"]) for r in rows)
+    panel = min(1.3, 6.5 / ncols)
+    width = max(5.0, panel * ncols + 1.0)
+    height = len(rows) * (2 * panel + 0.5) + 0.2
+
+    mpl = _matplotlib()
+    fig = _new_figure(mpl, (width, height))
+    subfigs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
+    for sub, r in zip(subfigs, rows, strict=True):
+        title = r["name"] if r["psnr"] is None else f"{r['name']}: PSNR {r['psnr']:.1f} dB"
+        sub.suptitle(title, fontsize="medium", weight="bold")
+        grid = sub.add_gridspec(2, ncols)
+        batch = len(r["originals"])
+        for j in range(batch):
+            ax = sub.add_subplot(grid[0, j])
+            _show_image(ax, r["originals"][j], low, high)
+            if j == 0:
+                ax.set_ylabel("original", fontsize="small")
+        if r["reconstructions"] is None:
+            ax = sub.add_subplot(grid[1, :batch])
+            ax.text(0.5, 0.5, "not applicable", ha="center", va="center", color="grey")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_color("lightgrey")
+            ax.set_ylabel("reconstructed", fontsize="small")
+        else:
+            for j in range(batch):
+                ax = sub.add_subplot(grid[1, j])
+                _show_image(ax, r["reconstructions"][j], low, high)
+                if j == 0:
+                    ax.set_ylabel("reconstructed", fontsize="small")
+    return _save(fig, path)
+
+
+def _matplotlib() -> types.SimpleNamespace:
+    try:
+        from matplotlib import figure, patches
+        from matplotlib.backends import backend_agg
+    except ImportError as e:
+        raise ImportError(_INSTALL_HINT) from e
+    return types.SimpleNamespace(figure=figure, patches=patches, backend_agg=backend_agg)
+
+
+def _new_figure(mpl: types.SimpleNamespace, figsize: tuple[float, float]):
+    fig = mpl.figure.Figure(figsize=figsize, dpi=DPI, layout="constrained")
+    mpl.backend_agg.FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str) -> str:
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png")
+    return path
+
+
+def _show_image(ax, image: np.ndarray, low: float, high: float) -> None:
+    # A diverged reconstruction may hold NaN or inf; show it as black/white instead of failing.
+    image = np.nan_to_num(image, nan=low, posinf=high, neginf=low)
+    if image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=low, vmax=high)
+    else:
+        ax.imshow(np.clip((image - low) / (high - low), 0.0, 1.0))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _check_items(items: Any, arg: str, keys: tuple[str, ...]) -> list[Mapping[str, Any]]:
+    if isinstance(items, Mapping) or not isinstance(items, Sequence) or not items:
+        raise ValueError(f"{arg} must be a non-empty list of dicts, got {items!r}")
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"{arg}[{i}] must be a dict, got {type(item).__name__}")
+        missing = [k for k in keys if k not in item]
+        if missing:
+            raise ValueError(f"{arg}[{i}] is missing {missing}; expected keys {list(keys)}")
+    return list(items)
+
+
+def _finite(value: Any, where: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ValueError(f"{where} must be finite, got {value!r}")
+    return out
+
+
+def _check_points(points: Any) -> list[dict[str, Any]]:
+    out = []
+    for i, p in enumerate(_check_items(points, "points", ("name", "epsilon", "value", "group"))):
+        eps = p["epsilon"]
+        if eps is not None:
+            try:
+                eps = float(eps)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"points[{i}]['epsilon']={eps!r} must be a number or None"
+                ) from None
+            if not eps > 0:  # also rejects NaN
+                raise ValueError(f"points[{i}]['epsilon']={eps!r} must be > 0 (or None)")
+            if math.isinf(eps):
+                eps = None
+        value = _finite(p["value"], f"points[{i}]['value']")
+        out.append(
+            {"name": str(p["name"]), "epsilon": eps, "value": value, "group": str(p["group"])}
+        )
+    return out
+
+
+def _check_curves(curves: Any) -> list[dict[str, Any]]:
+    out = []
+    for i, c in enumerate(_check_items(curves, "curves", ("name", "fpr", "tpr", "auc"))):
+        fpr = np.asarray(c["fpr"], dtype=np.float64)
+        tpr = np.asarray(c["tpr"], dtype=np.float64)
+        if fpr.ndim != 1 or fpr.shape != tpr.shape or fpr.size == 0:
+            raise ValueError(
+                f"curves[{i}]: 'fpr' and 'tpr' must be non-empty 1-D arrays of the same length, "
+                f"got shapes {fpr.shape} and {tpr.shape}"
+            )
+        for key, rate in (("fpr", fpr), ("tpr", tpr)):
+            if not np.all((rate >= 0) & (rate <= 1)):
+                raise ValueError(f"curves[{i}]['{key}'] must lie in [0, 1]")
+        auc = c["auc"]
+        if auc is not None:
+            auc = _finite(auc, f"curves[{i}]['auc']")
+        out.append({"name": str(c["name"]), "fpr": fpr, "tpr": tpr, "auc": auc})
+    return out
+
+
+def _check_audit_rows(rows: Any) -> list[dict[str, Any]]:
+    out = []
+    for i, r in enumerate(
+        _check_items(rows, "rows", ("name", "accountant_epsilon", "audit_epsilon"))
+    ):
+        try:
+            acc = float(r["accountant_epsilon"])
+        except (TypeError, ValueError):
+            acc = math.nan
+        if not acc >= 0:
+            raise ValueError(
+                f"rows[{i}]['accountant_epsilon']={r['accountant_epsilon']!r} must be >= 0 or inf"
+            )
+        audit = _finite(r["audit_epsilon"], f"rows[{i}]['audit_epsilon']")
+        if audit < 0:
+            raise ValueError(f"rows[{i}]['audit_epsilon']={audit!r} must be >= 0")
+        out.append({"name": str(r["name"]), "accountant_epsilon": acc, "audit_epsilon": audit})
+    return out
+
+
+def _check_value_range(value_range: Any) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value_range=} must be a pair (low, high)") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"{value_range=} must be finite with low < high")
+    return low, high
+
+
+def _check_gallery_rows(rows: Any) -> list[dict[str, Any]]:
+    keys = ("name", "originals", "reconstructions", "psnr")
+    out = []
+    for i, r in enumerate(_check_items(rows, "rows", keys)):
+        originals = np.asarray(r["originals"], dtype=np.float64)
+        if originals.ndim != 4 or originals.shape[0] == 0 or originals.shape[-1] not in (1, 3):
+            raise ValueError(
+                f"rows[{i}]['originals'] must have shape (B, H, W, C) with B >= 1 and C in (1, 3), "
+                f"got {originals.shape}"
+            )
+        recon = r["reconstructions"]
+        if recon is not None:
+            recon = np.asarray(recon, dtype=np.float64)
+            if recon.shape != originals.shape:
+                raise ValueError(
+                    f"rows[{i}]['reconstructions'] has shape {recon.shape}, expected the shape "
+                    f"of 'originals' {originals.shape} (or None)"
+                )
+        psnr = r["psnr"]
+        if psnr is not None:
+            try:
+                psnr = float(psnr)
+            except (TypeError, ValueError):
+                raise ValueError(f"rows[{i}]['psnr']={psnr!r} must be a number or None") from None
+        out.append(
+            {"name": str(r["name"]), "originals": originals, "reconstructions": recon, "psnr": psnr}
+        )
+    return out
