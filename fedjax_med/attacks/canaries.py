@@ -58,6 +58,8 @@ class CanaryAudit:
       noise_multiplier, clip_norm: the claim.
       delta, confidence, trials: the audit's parameters.
       canary_norm: the canary's gradient (update) norm before clipping.
+      max_detectable_epsilon: the bound a perfect attack would get from these trials; an audit
+        can only catch a violation of a claim below it (more trials raise it).
     """
 
     mechanism: str
@@ -69,6 +71,7 @@ class CanaryAudit:
     confidence: float
     trials: int
     canary_norm: float
+    max_detectable_epsilon: float
 
     @property
     def consistent(self) -> bool:
@@ -144,6 +147,9 @@ def _result(
     canary_norm,
 ) -> CanaryAudit:
     eps, _ = auditing.audit_held_out(scores_in, scores_out, delta, confidence)
+    # A perfect attack errs on no held-out trial (the second half of each kind).
+    n_in, n_out = scores_in.size - scores_in.size // 2, scores_out.size - scores_out.size // 2
+    perfect = float(auditing.epsilon_lower_bound(0, 0, n_out, n_in, delta, confidence))
     return CanaryAudit(
         mechanism=mechanism,
         epsilon_lower_bound=eps,
@@ -154,6 +160,7 @@ def _result(
         confidence=float(confidence),
         trials=int(scores_in.size + scores_out.size),
         canary_norm=float(canary_norm),
+        max_detectable_epsilon=perfect,
     )
 
 

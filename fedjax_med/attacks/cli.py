@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_med.attacks import gradient_inversion, image_metrics, membership
+from fedjax_med.attacks import gradient_inversion, image_metrics, runs
 
 
 def register(subparsers) -> None:
@@ -54,62 +54,22 @@ def register(subparsers) -> None:
         parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
 
-def restore(workdir: str):
-    """The experiment (data, normaliser, model) and parameters of the run in ``workdir``."""
-    from fedjax_med.training import central
-
-    if central.load_workdir_config(workdir).trainer == "federated":
-        from fedjax_med.training import federated
-
-        experiment, state = federated.restore_for_eval(workdir)
-    else:
-        experiment, state = central.restore_for_eval(workdir)
-    return experiment, state.params
-
-
 def membership_attack(workdir: str) -> dict[str, Any]:
-    from fedjax_med.training import evaluate
-
-    experiment, params = restore(workdir)
-    info = experiment.splits.info
-    predict = evaluate.make_predict_fn(experiment.model.apply, info.task)
-    batch = experiment.config.train.eval_batch_size
-    _, member_losses = evaluate.predict_dataset(
-        predict, params, experiment.splits.train, experiment.normalizer, batch
-    )
-    _, nonmember_losses = evaluate.predict_dataset(
-        predict, params, experiment.splits.test, experiment.normalizer, batch
-    )
-    fpr, tpr = membership.roc_curve(
-        membership.loss_threshold_scores(member_losses),
-        membership.loss_threshold_scores(nonmember_losses),
-    )
-    return {
-        "attack": "loss_threshold",
-        "members": int(member_losses.size),
-        "nonmembers": int(nonmember_losses.size),
-        "auc": membership.auc(fpr, tpr),
-        "tpr_at_0.1%_fpr": membership.tpr_at_fpr(fpr, tpr, 0.001),
-        "tpr_at_1%_fpr": membership.tpr_at_fpr(fpr, tpr, 0.01),
-        "mean_member_loss": float(member_losses.mean()),
-        "mean_nonmember_loss": float(nonmember_losses.mean()),
-    }
+    result = runs.loss_threshold_attack(*runs.restore(workdir))
+    return {k: v for k, v in result.items() if k not in ("fpr", "tpr")}
 
 
 def inversion_attack(workdir: str, index: int, steps: int, restarts: int) -> dict[str, Any]:
-    experiment, params = restore(workdir)
+    experiment, params = runs.restore(workdir)
     info = experiment.splits.info
     if info.task != "multiclass":
         raise ValueError(f"attack inversion supports multiclass tasks, not {info.task!r}")
     train = experiment.splits.train
     if not 0 <= index < len(train):
         raise ValueError(f"--index={index} must lie in [0, {len(train)})")
-    site = int(train.sites[index])
     image = experiment.normalizer(train.images[index : index + 1], train.sites[index : index + 1])
     label = jnp.asarray(train.labels[index : index + 1])
-    norm = experiment.normalizer
-    lo = float(((0.0 - norm.mean[site]) / norm.std[site]).min())
-    hi = float(((1.0 - norm.mean[site]) / norm.std[site]).max())
+    lo, hi = runs.pixel_bounds(experiment.normalizer, train.sites[index : index + 1])
     target = gradient_inversion.shared_gradient(experiment.model.apply, params, image, label)
     kernel = gradient_inversion.get_at_path(target, gradient_inversion.last_kernel_path(target))
     recovered_label = int(gradient_inversion.idlg_label(kernel))

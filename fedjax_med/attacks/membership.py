@@ -98,6 +98,29 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, fpr_target: float) -> float:
     return float(tpr[ok].max()) if ok.any() else 0.0
 
 
+def summarize(scores_members: np.ndarray, scores_nonmembers: np.ndarray) -> dict[str, Any]:
+    """AUC and TPR at 0.1% and 1% FPR of an attack, plus its ROC curve (``fpr``, ``tpr``).
+
+    Carlini et al. (https://arxiv.org/abs/2112.03570) argue that the low-FPR regime, not the
+    AUC, says whether an attack identifies members confidently.
+
+    Examples:
+      >>> s = summarize(np.array([3.0, 2.0]), np.array([1.0, 0.0]))
+      >>> s["auc"], s["tpr_at_1%_fpr"], s["members"]
+      (1.0, 1.0, 2)
+    """
+    fpr, tpr = roc_curve(scores_members, scores_nonmembers)
+    return {
+        "auc": auc(fpr, tpr),
+        "tpr_at_0.1%_fpr": tpr_at_fpr(fpr, tpr, 0.001),
+        "tpr_at_1%_fpr": tpr_at_fpr(fpr, tpr, 0.01),
+        "members": int(np.size(scores_members)),
+        "nonmembers": int(np.size(scores_nonmembers)),
+        "fpr": fpr,
+        "tpr": tpr,
+    }
+
+
 def loss_threshold_scores(losses: np.ndarray) -> np.ndarray:
     """Yeom et al. (CSF 2018): members have low loss, so the score is ``-loss``.
 
@@ -225,12 +248,14 @@ def train_shadow_models(
     lr: float,
     key: PRNGKey,
     momentum: float | None = 0.9,
+    batch_size: int | None = None,
 ) -> Params:
     """Trains N models together under ``jax.vmap``; model n sees only its IN examples.
 
-    Each step is full-batch SGD on the masked mean of the per-example loss, so all models share
-    one compiled program with static shapes; ``lax.scan`` runs the steps. A model with an empty
-    row never moves from its initialisation.
+    Each step is SGD on the masked mean of the per-example loss: over all IN examples
+    (``batch_size=None``), or over ``batch_size`` of them drawn uniformly with replacement from
+    the step's key. All models share one compiled program with static shapes; ``lax.scan`` runs
+    the steps. A model with an empty row never moves from its initialisation.
 
     Args:
       init_fn: ``key -> params`` of one model.
@@ -242,32 +267,48 @@ def train_shadow_models(
       lr: SGD learning rate.
       key: PRNG key; model n is initialised from ``fold_in(key, n)``.
       momentum: SGD momentum (``None`` for plain gradient descent).
+      batch_size: examples per step (``None``: every IN example, full-batch).
 
     Returns:
       Params stacked along a leading axis of size N.
     """
     membership = jnp.asarray(membership, jnp.float32)
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
     if membership.ndim != 2 or membership.shape[1] != images.shape[0]:
         raise ValueError(f"membership {membership.shape} must be (N, M={images.shape[0]})")
     if steps < 1:
         raise ValueError(f"{steps=} must be >= 1")
-    num_models = membership.shape[0]
+    if batch_size is not None and not (int(batch_size) == batch_size and batch_size >= 1):
+        raise ValueError(f"{batch_size=} must be None or an integer >= 1")
+    num_models, num_examples = membership.shape
     opt = optax.sgd(lr, momentum=momentum)
     per_example = jax.vmap(loss_fn, in_axes=(None, 0, 0))
 
     def masked_loss(params, mask):
         return jnp.sum(mask * per_example(params, images, labels)) / jnp.maximum(mask.sum(), 1.0)
 
-    def train_one(model_key, mask):
-        params = init_fn(model_key)
+    def sampled_loss(params, mask, step_key):
+        count = mask.sum()
+        p = jnp.where(count > 0, mask / jnp.maximum(count, 1.0), 1.0 / num_examples)
+        idx = jax.random.choice(step_key, num_examples, (batch_size,), p=p)
+        return jnp.mean(mask[idx] * per_example(params, images[idx], labels[idx]))
 
-        def step(carry, _):
+    def train_one(model_key, mask):
+        init_key, data_key = jax.random.split(model_key)
+        params = init_fn(init_key if batch_size else model_key)
+
+        def step(carry, step_index):
             params, opt_state = carry
-            grads = jax.grad(masked_loss)(params, mask)
+            if batch_size:
+                step_key = jax.random.fold_in(data_key, step_index)
+                grads = jax.grad(sampled_loss)(params, mask, step_key)
+            else:
+                grads = jax.grad(masked_loss)(params, mask)
             updates, opt_state = opt.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), None
 
-        (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+        carry = (params, opt.init(params))
+        (params, _), _ = jax.lax.scan(step, carry, jnp.arange(steps))
         return params
 
     keys = jax.vmap(lambda n: jax.random.fold_in(key, n))(jnp.arange(num_models))

@@ -1,6 +1,7 @@
 """The ``fedjax-med`` command line: parse arguments, load the config, call the library.
 
-Subcommands: ``train``, ``eval``, ``data describe`` and ``privacy`` (epsilon and calibration).
+Subcommands: ``train``, ``eval``, ``data describe``, ``privacy`` (epsilon and calibration),
+``attack`` (against one run) and ``report`` (the privacy report over several settings).
 User errors (missing file, bad override, invalid value) print one ``error:`` line and exit 2;
 ``--debug`` shows the traceback instead.
 """
@@ -82,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     from fedjax_med.attacks import cli as attack_cli
 
     attack_cli.register(sub)
+
+    report = sub.add_parser(
+        "report",
+        help="train a task under several settings, attack each, write a privacy report",
+        description="Train every setting of config.report.settings into --workdir/runs/, run "
+        "membership inference, gradient inversion and DP audits on each, and write "
+        "report.json, report.md and PNG plots into --workdir. Finished runs are reused.",
+    )
+    add_config_args(report)
+    report.add_argument("--workdir", required=True, help="output folder of the report")
+    add_common_args(report)
     return parser
 
 
@@ -136,6 +148,32 @@ def run_data_describe(args, overrides: Sequence[str]) -> int:
     return 0
 
 
+def report_line(name: str, entry: dict) -> str:
+    """One setting of the privacy report in a line: utility, epsilon, what the attacks got."""
+    eps = entry["epsilon"]
+    parts = [
+        f"{name:>14}:",
+        f"accuracy {entry['utility']['test_accuracy']:.3f}",
+        f"epsilon {'none' if eps is None else format(eps, '.3g')}",
+        f"MIA AUC {entry['membership']['loss_threshold']['auc']:.3f}",
+    ]
+    if entry["inversion"].get("attacked"):
+        parts.append(f"inversion PSNR {entry['inversion']['psnr']:.1f} dB")
+    return "  ".join(parts)
+
+
+def run_report(args, overrides: Sequence[str]) -> int:
+    from fedjax_med.config import loading
+    from fedjax_med.reporting import privacy_report
+
+    config = loading.load_config(args.config, overrides)
+    result = privacy_report.run(config, args.workdir, quiet=args.quiet)
+    for name, entry in result["settings"].items():
+        print(report_line(name, entry))
+    print(f"report: {os.path.join(args.workdir, 'report.md')}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -144,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [a for a in extra if not a.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides and args.command not in ("train", "data"):
+    if overrides and args.command not in ("train", "data", "report"):
         parser.error(f"{args.command} takes no --config.FIELD overrides")
     setup_logging(getattr(args, "quiet", False))
     try:
@@ -154,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_eval(args)
         if args.command == "data":
             return run_data_describe(args, overrides)
+        if args.command == "report":
+            return run_report(args, overrides)
         if args.command == "attack":
             from fedjax_med.attacks import cli as attack_cli
 

@@ -136,4 +136,26 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Data parallelism over a 1-D mesh of this many devices (0 = all devices JAX sees, across
     # hosts after jax.distributed.initialize()); batch sizes must be divisible by it.
     config.train.num_devices = 0
+
+    # ---- privacy report (fedjax-med report; ignored by train) ------------------------------
+    config.report = ml_collections.ConfigDict()
+    # Free-form: setting name -> nested overrides of this config (e.g. {"trainer": "federated",
+    # "federated": {"secure_aggregation": "secagg"}}); each setting is trained and attacked.
+    config.report.settings = ml_collections.ConfigDict()
+    config.report.shadow_models = 8  # LiRA shadow models trained together under vmap (0: none)
+    config.report.shadow_steps = 300  # full-batch SGD steps of each shadow model
+    config.report.shadow_lr = 0.05
+    config.report.shadow_batch_size = 32  # examples per shadow step (0: full batch)
+    config.report.pool_size = 600  # examples LiRA scores: half training, half test split
+    config.report.inversion_batch_size = 1  # images behind each attacked update
+    config.report.inversion_local_steps = 1  # 1: FedSGD gradient; more: a FedAvg update
+    config.report.inversion_steps = 300
+    config.report.inversion_restarts = 4
+    # The round whose update is inverted: "first" (the initial model, where updates leak most)
+    # or "last" (the trained model).
+    config.report.inversion_round = "first"
+    config.report.audit_trials = 2000  # canary releases per audit, half with the canary
+    config.report.audit_confidence = 0.95
+    # Deliberately broken variants of the DP-SGD code audited beside the real one.
+    config.report.broken_mechanisms = "no_noise,wrong_scale"
     return config

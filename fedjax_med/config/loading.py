@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from fedjax_med.config import schema
+from fedjax_med.config import base, schema
 
 OVERRIDE_PREFIX = "--config."
 
@@ -115,6 +115,8 @@ def to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def from_json_dict(data: dict[str, Any]) -> ml_collections.ConfigDict:
     """Rebuilds and validates a config saved with :func:`to_json_dict`."""
     config = ml_collections.ConfigDict(data)
+    if "report" not in config:  # runs saved before the report section existed
+        config.report = base.get_base_config().report
     schema.validate(config)
     config.lock()
     return config

@@ -17,7 +17,7 @@ import ml_collections
 
 from fedjax_med.config import base
 
-FREE_FORM = ("model.kwargs",)
+FREE_FORM = ("model.kwargs", "report.settings")
 
 
 class ConfigError(ValueError):
@@ -124,6 +124,18 @@ CHECKS: dict[str, Check] = {
     "train.checkpoint_every": at_least(1),
     "train.log_every": at_least(1),
     "train.num_devices": at_least(0),
+    "report.shadow_models": at_least(0),
+    "report.shadow_steps": at_least(1),
+    "report.shadow_lr": greater_than(0.0),
+    "report.shadow_batch_size": at_least(0),
+    "report.pool_size": at_least(4),
+    "report.inversion_batch_size": in_range(1, 8),
+    "report.inversion_local_steps": at_least(1),
+    "report.inversion_steps": at_least(1),
+    "report.inversion_restarts": at_least(1),
+    "report.inversion_round": one_of("first", "last"),
+    "report.audit_trials": at_least(8),
+    "report.audit_confidence": in_range(0.0, 1.0, lo_open=True, hi_open=True),
 }
 
 
@@ -239,6 +251,13 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
                 "config field 'privacy.noise_multiplier' must be > 0 for local DP-SGD "
                 "(privacy.target_epsilon is each site's budget)"
             )
+    broken = [m for m in config.report.broken_mechanisms.split(",") if m.strip()]
+    allowed = ("no_noise", "wrong_scale", "no_clipping")
+    if any(m.strip() not in allowed for m in broken):
+        raise ConfigError(
+            f"config field 'report.broken_mechanisms'={config.report.broken_mechanisms!r} must "
+            f"be a comma-separated subset of {allowed} (or empty)"
+        )
     if config.optimizer.warmup_steps >= config.train.steps:
         raise ConfigError(
             f"config field 'optimizer.warmup_steps'={config.optimizer.warmup_steps} must be < "

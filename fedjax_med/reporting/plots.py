@@ -271,6 +271,8 @@ def reconstruction_gallery(
 ) -> str:
     """Shows original images above their reconstructions by an attack, one block per row.
 
+    Blocks sit side by side when there are at most 12 images in all, else one above the other.
+
     Each row's block is labelled with its name and PSNR; a row whose ``reconstructions`` is
     ``None`` (an attack that does not apply) gets one blank "not applicable" panel instead.
     Single-channel images use a grey colour map over ``value_range``; RGB images are clipped to it.
@@ -298,18 +300,25 @@ def reconstruction_gallery(
     path = os.fspath(path)
     low, high = _check_value_range(value_range)
     rows = _check_gallery_rows(rows)
-    ncols = max(len(r["originals"]) for r in rows)
-    panel = min(1.3, 6.5 / ncols)
-    width = max(5.0, panel * ncols + 1.0)
-    height = len(rows) * (2 * panel + 0.5) + 0.2
-
+    widths = [len(r["originals"]) for r in rows]
+    # Few images in all: blocks side by side (one column block per row); else stacked.
+    side_by_side = sum(widths) <= 12
     mpl = _matplotlib()
-    fig = _new_figure(mpl, (width, height))
-    subfigs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
+    if side_by_side:
+        panel = 1.3
+        fig = _new_figure(mpl, (max(5.0, panel * sum(widths) + 0.4 * len(rows)), 2 * panel + 1.0))
+        subfigs = fig.subfigures(1, len(rows), squeeze=False, width_ratios=widths)[0]
+    else:
+        ncols = max(widths)
+        panel = min(1.3, 6.5 / ncols)
+        width = max(5.0, panel * ncols + 1.0)
+        fig = _new_figure(mpl, (width, len(rows) * (2 * panel + 0.5) + 0.2))
+        subfigs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
     for sub, r in zip(subfigs, rows, strict=True):
-        title = r["name"] if r["psnr"] is None else f"{r['name']}: PSNR {r['psnr']:.1f} dB"
-        sub.suptitle(title, fontsize="medium", weight="bold")
-        grid = sub.add_gridspec(2, ncols)
+        psnr = "" if r["psnr"] is None else f"PSNR {r['psnr']:.1f} dB"
+        sep = "\n" if side_by_side else ": "
+        sub.suptitle(r["name"] + (sep + psnr if psnr else ""), fontsize="medium", weight="bold")
+        grid = sub.add_gridspec(2, len(r["originals"]) if side_by_side else ncols)
         batch = len(r["originals"])
         for j in range(batch):
             ax = sub.add_subplot(grid[0, j])
@@ -331,6 +340,21 @@ def reconstruction_gallery(
                 if j == 0:
                     ax.set_ylabel("reconstructed", fontsize="small")
     return _save(fig, path)
+
+
+def require_matplotlib() -> None:
+    """Raises the install hint now, before hours of work that end in a plot."""
+    _matplotlib()
+
+
+def message_figure(path: str | os.PathLike, message: str) -> str:
+    """A small PNG that only says ``message`` (a plot with nothing to show)."""
+    mpl = _matplotlib()
+    fig = _new_figure(mpl, (6.0, 1.5))
+    ax = fig.add_subplot()
+    ax.axis("off")
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize="large")
+    return _save(fig, os.fspath(path))
 
 
 def _matplotlib() -> types.SimpleNamespace:

@@ -54,17 +54,21 @@ class Checkpointer:
         self._manager.close()
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    """Writes ``data`` as JSON to ``path`` so readers never see a half-written file."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` so readers never see a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, allow_nan=True)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Writes ``data`` as JSON to ``path`` so readers never see a half-written file."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=True) + "\n")

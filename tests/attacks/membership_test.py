@@ -164,3 +164,23 @@ def test_lira_shape_errors():
         membership.lira_online_scores(np.zeros((4, 3)), np.zeros((4, 3), bool), np.zeros(2))
     with pytest.raises(ValueError, match="shadow_in"):
         membership.lira_offline_scores(np.zeros((4, 3)), np.zeros((4, 2), bool), np.zeros(3))
+
+
+def test_minibatch_shadows_learn_only_their_members():
+    images, labels = _data()
+    member = membership.balanced_membership(np.random.default_rng(2), 2, NUM_EXAMPLES)
+    rows = np.concatenate([member, np.zeros((1, NUM_EXAMPLES), bool)])
+    x, y = jnp.asarray(images), jnp.asarray(labels)
+    params = membership.train_shadow_models(
+        _init, _loss, x, y, rows, 400, 0.3, jax.random.key(3), batch_size=16
+    )
+    losses = np.asarray(jax.vmap(lambda p: jax.vmap(_loss, (None, 0, 0))(p, x, y))(params))
+    assert losses[:2][member].mean() < 0.5 * losses[:2][~member].mean()
+    # The model with no members saw only zero-weight draws: its loss is its initial loss.
+    init_key = jax.random.split(jax.random.fold_in(jax.random.key(3), 2))[0]
+    init_losses = np.asarray(jax.vmap(_loss, (None, 0, 0))(_init(init_key), x, y))
+    np.testing.assert_allclose(losses[-1], init_losses, rtol=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        membership.train_shadow_models(
+            _init, _loss, x, y, rows, 1, 0.1, jax.random.key(0), batch_size=0
+        )

@@ -1,0 +1,339 @@
+"""``fedjax-med report``: train one task under several settings, attack each, write the report.
+
+For every setting of ``config.report.settings`` (see :mod:`fedjax_med.reporting.settings`):
+
+1. train it into ``DIR/runs/<name>`` with the ordinary trainers (a finished run with the same
+   config is reused, an interrupted one resumed), so ``fedjax-med attack ... --workdir
+   DIR/runs/<name>`` works on each;
+2. membership inference on the trained model: the loss threshold (Yeom et al., CSF 2018) on
+   the whole training vs test split, and LiRA (Carlini et al., IEEE S&P 2022, online, global
+   variance) on a pool of training and test examples with ``report.shadow_models`` shadow models
+   trained together under ``vmap`` once per task;
+3. gradient inversion against what the server receives in that setting
+   (:mod:`fedjax_med.reporting.threats`), in the first round (the initial model, where updates
+   leak most) or the last (``report.inversion_round``);
+4. for DP settings, a canary audit of the setting's own release code at its noise multiplier;
+   then deliberately broken variants of the DP-SGD code, on the DP-SGD setting with the most
+   noise (the smallest claim per release, so the broken code can be caught), for contrast.
+
+Writes ``DIR/report.json`` (keys documented in the README), ``DIR/report.md`` and the plots
+``utility_vs_epsilon.png``, ``mia_roc.png``, ``reconstructions.png`` and ``audit.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from fedjax_med.attacks import membership, runs
+from fedjax_med.config import loading
+from fedjax_med.reporting import markdown, plots, threats
+from fedjax_med.reporting import settings as settings_lib
+from fedjax_med.training import checkpoint, losses
+
+logger = logging.getLogger("fedjax_med")
+
+SCHEMA_VERSION = 1
+PLOTS = {
+    "utility_vs_epsilon": "utility_vs_epsilon.png",
+    "mia_roc": "mia_roc.png",
+    "reconstructions": "reconstructions.png",
+    "audit": "audit.png",
+}
+# Streams of the report's own randomness, folded into jax.random.key(config.seed).
+STREAM_SHADOWS, STREAM_INVERSION, STREAM_AUDIT, STREAM_POOL = range(4)
+
+
+def train_setting(setting: settings_lib.Setting, run_dir: str, quiet: bool) -> tuple[dict, str]:
+    """Trains (or reuses, or resumes) the setting's run; ``(run report, how)``."""
+    wanted = loading.to_json_dict(setting.config)
+    report_path = os.path.join(run_dir, "report.json")
+    config_path = os.path.join(run_dir, "config.json")
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            previous = json.load(f)
+        if previous.get("config") == wanted:
+            return previous, "reused"
+    resume = False
+    if os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        saved = None
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                saved = json.load(f)
+        if saved != wanted:
+            raise ValueError(
+                f"'{run_dir}' holds a run of a different config than report setting "
+                f"'{setting.name}'; choose a new --workdir or delete that folder"
+            )
+        resume = True
+    if setting.federated:
+        from fedjax_med.training import federated
+
+        federated.run_rounds(setting.config, run_dir, resume=resume, quiet=quiet)
+    else:
+        from fedjax_med.training import central
+
+        central.train_and_evaluate(setting.config, run_dir, resume=resume, quiet=quiet)
+    with open(report_path) as f:
+        return json.load(f), "resumed" if resume else "trained"
+
+
+def run_epsilon(privacy: dict[str, Any] | None) -> float | None:
+    """The run's epsilon (the largest site's under local DP), ``None`` when not private."""
+    if not privacy:
+        return None
+    per_site = privacy.get("per_site_epsilon")
+    if per_site:
+        return float(max(per_site.values()))
+    eps = privacy.get("epsilon")
+    return None if eps is None else float(eps)
+
+
+class ShadowModels:
+    """LiRA's shadow models for one task, trained together under ``vmap`` (shared by settings).
+
+    The pool is ``pool_size / 2`` training and as many test examples; shadow ``n`` trains on the
+    half of the pool that :func:`~fedjax_med.attacks.membership.balanced_membership` gives it
+    (SGD with momentum, ``report.shadow_steps`` steps of ``report.shadow_batch_size`` examples),
+    so every example is IN for half the shadows and OUT for the other half.
+    """
+
+    def __init__(self, experiment: Any, config: ml_collections.ConfigDict, key: jax.Array):
+        """``config`` is the report's (``report.*`` knobs and ``seed``), ``experiment`` the
+        setting's (data, normaliser, model)."""
+        r = config.report
+        splits, normalizer = experiment.splits, experiment.normalizer
+        rng = np.random.default_rng([config.seed, STREAM_POOL])
+        half = r.pool_size // 2
+        train_idx = rng.permutation(len(splits.train))[: min(half, len(splits.train))]
+        test_idx = rng.permutation(len(splits.test))[: min(half, len(splits.test))]
+        train, test = splits.train.take(train_idx), splits.test.take(test_idx)
+        self.images = np.concatenate(
+            [normalizer(train.images, train.sites), normalizer(test.images, test.sites)]
+        )
+        self.labels = np.concatenate([train.labels, test.labels]).astype(np.int32)
+        self.is_member = np.arange(len(self.labels)) < len(train_idx)
+        self.apply = experiment.model.apply
+        self.shadow_in = membership.balanced_membership(rng, r.shadow_models, len(self.labels))
+        loss_fn = losses.example_loss_fn(self.apply, splits.info.task)
+        stacked = membership.train_shadow_models(
+            experiment.model.init,
+            loss_fn,
+            self.images,
+            self.labels,
+            self.shadow_in,
+            steps=r.shadow_steps,
+            lr=r.shadow_lr,
+            key=key,
+            batch_size=r.shadow_batch_size or None,
+        )
+        self.shadow_phi = membership.confidences(self.apply, stacked, self.images, self.labels)
+
+    def attack(self, params: Any) -> dict[str, Any]:
+        """Online LiRA against ``params``: members are the pool's training examples."""
+        stacked = jax.tree.map(lambda p: p[None], params)
+        target = membership.confidences(self.apply, stacked, self.images, self.labels)[0]
+        scores = membership.lira_online_scores(
+            self.shadow_phi, self.shadow_in, target, global_variance=True
+        )
+        summary = membership.summarize(scores[self.is_member], scores[~self.is_member])
+        return {"attack": "lira_online", "shadow_models": len(self.shadow_phi), **summary}
+
+
+def _task_key(config: ml_collections.ConfigDict) -> str:
+    """Settings that share data, model and seed share shadow models."""
+    return json.dumps(
+        {"data": config.data.to_dict(), "model": config.model.to_dict(), "seed": config.seed},
+        sort_keys=True,
+        default=str,
+    )
+
+
+def _without_curve(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k not in ("fpr", "tpr")}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict:
+    """Builds the whole report in ``workdir``; returns what ``report.json`` holds."""
+    plots.require_matplotlib()
+    start = time.time()
+    settings = settings_lib.resolve(config)
+    os.makedirs(workdir, exist_ok=True)
+    r = config.report
+    root_key = jax.random.key(config.seed)
+    shadows: dict[str, ShadowModels] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    curves, gallery, audits = [], [], []
+    broken_on = None  # (noise multiplier, threats.audit arguments, key) of the broken audits
+    broken = [m.strip() for m in r.broken_mechanisms.split(",") if m.strip()]
+    for index, setting in enumerate(settings):
+        logger.info("report setting %d/%d: %s", index + 1, len(settings), setting.name)
+        run_dir = os.path.join(workdir, "runs", setting.name)
+        tic = time.time()
+        run_report, how = train_setting(setting, run_dir, quiet)
+        train_seconds = time.time() - tic
+        experiment, params = runs.restore(run_dir)
+        privacy = run_report.get("privacy")
+        entry: dict[str, Any] = {
+            "description": setting.describe(),
+            "defences": list(setting.defences),
+            "workdir": os.path.relpath(run_dir, workdir),
+            "run": how,
+            "train_seconds": round(train_seconds, 2),
+            "utility": {
+                k: run_report["metrics"].get(k)
+                for k in ("test_accuracy", "test_balanced_accuracy", "test_auroc", "test_loss")
+            },
+            "worst_site_accuracy": run_report.get("site_summary", {}).get("worst_accuracy"),
+            "epsilon": run_epsilon(privacy),
+            "delta": privacy.get("delta") if privacy else None,
+            "privacy_level": privacy.get("level") if privacy else None,
+            "noise_multiplier": privacy.get("noise_multiplier") if privacy else None,
+        }
+        tic = time.time()
+        loss_mia = runs.loss_threshold_attack(experiment, params)
+        entry["membership"] = {"loss_threshold": _without_curve(loss_mia)}
+        curve = loss_mia
+        if r.shadow_models >= 2:
+            task = _task_key(setting.config)
+            if task not in shadows:
+                logger.info("training %d LiRA shadow models under vmap", r.shadow_models)
+                shadows[task] = ShadowModels(
+                    experiment, config, jax.random.fold_in(root_key, STREAM_SHADOWS)
+                )
+            lira = shadows[task].attack(params)
+            entry["membership"]["lira"] = _without_curve(lira)
+            curve = lira
+        curves.append(
+            {"name": setting.name, "fpr": curve["fpr"], "tpr": curve["tpr"], "auc": curve["auc"]}
+        )
+        victims = threats.pick_victims(setting, experiment, r.inversion_batch_size)
+        attacked = runs.initial_params(experiment) if r.inversion_round == "first" else params
+        inversion, reconstruction = threats.invert(
+            setting,
+            experiment,
+            attacked,
+            privacy,
+            victims,
+            local_steps=r.inversion_local_steps,
+            steps=r.inversion_steps,
+            restarts=r.inversion_restarts,
+            key=jax.random.fold_in(jax.random.fold_in(root_key, STREAM_INVERSION), index),
+        )
+        entry["inversion"] = {**inversion, "round": r.inversion_round}
+        gallery.append(
+            {
+                "name": setting.name,
+                "originals": victims.images[: victims.num_victim],
+                "reconstructions": reconstruction,
+                "psnr": inversion.get("psnr"),
+                "bounds": victims.bounds,
+            }
+        )
+        entry["audit"] = None
+        if setting.private:
+            audit_key = jax.random.fold_in(jax.random.fold_in(root_key, STREAM_AUDIT), index)
+            result = threats.audit(
+                setting,
+                experiment,
+                params,
+                privacy,
+                victims,
+                mechanism="correct",
+                trials=r.audit_trials,
+                confidence=r.audit_confidence,
+                key=audit_key,
+            )
+            if result is not None:
+                entry["audit"] = result.as_dict()
+                audits.append({"name": setting.name, **result.as_dict()})
+                dp_sgd_like = {"dp_sgd", "local_dp_sgd"} & set(setting.defences)
+                # Broken code is audited where the claim is smallest (most noise), where a
+                # finite number of trials can show that it is not kept.
+                if dp_sgd_like and (broken_on is None or result.noise_multiplier > broken_on[0]):
+                    args = (setting, experiment, params, privacy, victims)
+                    broken_on = (result.noise_multiplier, args, audit_key)
+        entry["attack_seconds"] = round(time.time() - tic, 2)
+        entries[setting.name] = entry
+    if broken_on is not None:
+        _, args, audit_key = broken_on
+        for mechanism in broken:
+            bad = threats.audit(
+                *args,
+                mechanism=mechanism,
+                trials=r.audit_trials,
+                confidence=r.audit_confidence,
+                key=audit_key,
+            )
+            audits.append({"name": f"{args[0].name} [{mechanism}]", **bad.as_dict()})
+    report = _assemble(config, entries, audits, time.time() - start)
+    _write_plots(workdir, entries, curves, gallery, audits)
+    report["seconds"] = round(time.time() - start, 2)
+    from fedjax_med.training import report as report_lib
+
+    report = report_lib.json_safe(report)
+    checkpoint.write_json_atomic(os.path.join(workdir, "report.json"), report)
+    markdown.write(os.path.join(workdir, "report.md"), report)
+    return report
+
+
+def _assemble(config, entries, audits, seconds) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "settings": entries,
+        "audits": audits,
+        "plots": dict(PLOTS),
+        "report_md": "report.md",
+        "config": loading.to_json_dict(config),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _write_plots(workdir, entries, curves, gallery, audits) -> None:
+    points = []
+    for name, e in entries.items():
+        if e["utility"]["test_accuracy"] is None:
+            continue
+        group = (
+            "DP-SGD"
+            if {"dp_sgd", "local_dp_sgd"} & set(e["defences"])
+            else "DP-FedAvg"
+            if "dp_fedavg" in e["defences"]
+            else name
+        )
+        points.append(
+            {
+                "name": name,
+                "epsilon": e["epsilon"],
+                "value": e["utility"]["test_accuracy"],
+                "group": group,
+            }
+        )
+    plots.utility_vs_epsilon(os.path.join(workdir, PLOTS["utility_vs_epsilon"]), points)
+    plots.roc_curves(os.path.join(workdir, PLOTS["mia_roc"]), curves)
+    lo = min(g["bounds"][0] for g in gallery)
+    hi = max(g["bounds"][1] for g in gallery)
+    plots.reconstruction_gallery(
+        os.path.join(workdir, PLOTS["reconstructions"]),
+        [{k: g[k] for k in ("name", "originals", "reconstructions", "psnr")} for g in gallery],
+        value_range=(lo, hi),
+    )
+    rows = [
+        {
+            "name": a["name"],
+            "accountant_epsilon": a["accountant_epsilon"],
+            "audit_epsilon": a["epsilon_lower_bound"],
+        }
+        for a in audits
+    ]
+    if rows:
+        plots.audit_vs_accountant(os.path.join(workdir, PLOTS["audit"]), rows)
+    else:
+        plots.message_figure(os.path.join(workdir, PLOTS["audit"]), "no DP setting to audit")

@@ -1,0 +1,144 @@
+"""``fedjax-med report`` end to end on a tiny task: files, promised keys, each setting's meaning."""
+
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from fedjax_med.attacks import canaries
+from fedjax_med.cli import main as cli
+from fedjax_med.config import loading, schema
+from fedjax_med.reporting import privacy_report, settings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "configs", "privacy_report.py") + ":tiny"
+SETTING_KEYS = {
+    "description",
+    "defences",
+    "workdir",
+    "run",
+    "train_seconds",
+    "utility",
+    "worst_site_accuracy",
+    "epsilon",
+    "delta",
+    "privacy_level",
+    "noise_multiplier",
+    "membership",
+    "inversion",
+    "audit",
+    "attack_seconds",
+}
+MIA_KEYS = {"attack", "auc", "tpr_at_0.1%_fpr", "tpr_at_1%_fpr", "members", "nonmembers"}
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("report")
+    args = ["report", "--config", TINY, "--workdir", str(workdir), "--quiet"]
+    assert cli.main([*args, "--config.data.cache_dir=none"]) == 0
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def report(report_dir):
+    return json.loads((report_dir / "report.json").read_text())
+
+
+def test_writes_every_promised_file(report_dir, report):
+    assert set(report["plots"]) == {"utility_vs_epsilon", "mia_roc", "reconstructions", "audit"}
+    for name in report["plots"].values():
+        with Image.open(report_dir / name) as image:
+            assert image.format == "PNG" and min(image.size) > 200
+    text = (report_dir / "report.md").read_text()
+    for name in report["settings"]:
+        assert f"| {name} |" in text
+        assert (report_dir / "runs" / name / "report.json").exists()
+
+
+def test_report_keys_and_settings(report):
+    assert {"schema_version", "settings", "audits", "plots", "config", "seconds"} <= set(report)
+    assert list(report["settings"]) == ["central", "fedavg", "secagg", "dp_sgd_eps1", "dp_fedavg"]
+    for name, entry in report["settings"].items():
+        assert set(entry) == SETTING_KEYS, name
+        assert 0.0 <= entry["utility"]["test_accuracy"] <= 1.0
+        assert MIA_KEYS <= set(entry["membership"]["loss_threshold"])
+        assert entry["membership"]["lira"]["shadow_models"] == 2
+        assert entry["run"] == "trained"
+
+
+def test_each_setting_is_attacked_as_its_server_sees_it(report):
+    s = report["settings"]
+    assert s["central"]["inversion"]["attacked"] is False  # the server holds the images
+    assert s["central"]["epsilon"] is None and s["central"]["audit"] is None
+    fedavg = s["fedavg"]["inversion"]
+    assert fedavg["images_behind_update"] == 1 and "label_recovered" in fedavg
+    secagg = s["secagg"]["inversion"]
+    assert secagg["images_behind_update"] == 3 and secagg["labels_given"]  # 3 hospitals' sum
+    assert s["secagg"]["defences"] == ["secure_aggregation"]
+    dp = s["dp_sgd_eps1"]
+    assert dp["epsilon"] <= 1.0 + 1e-6 and dp["privacy_level"] == "example"
+    assert s["dp_fedavg"]["privacy_level"] == "client"
+    for name in ("dp_sgd_eps1", "dp_fedavg"):
+        audit = s[name]["audit"]
+        claimed = canaries.claimed_epsilon(audit["noise_multiplier"], audit["delta"])
+        assert audit["accountant_epsilon"] == pytest.approx(claimed)
+        assert audit["noise_multiplier"] == pytest.approx(s[name]["noise_multiplier"])
+        assert audit["consistent"] and audit["mechanism"] == "correct"
+
+
+def test_audits_include_the_broken_variant(report):
+    mechanisms = [a["mechanism"] for a in report["audits"]]
+    assert mechanisms.count("correct") == 2 and "no_noise" in mechanisms
+
+
+def test_finished_runs_are_reused(report_dir):
+    config = loading.load_config(TINY, ["--config.data.cache_dir=none"])
+    central = next(s for s in settings.resolve(config) if s.name == "central")
+    run_dir = str(report_dir / "runs" / "central")
+    before = os.path.getmtime(os.path.join(run_dir, "report.json"))
+    _, how = privacy_report.train_setting(central, run_dir, quiet=True)
+    assert how == "reused" and os.path.getmtime(os.path.join(run_dir, "report.json")) == before
+
+
+def test_default_and_gpu_variants_resolve():
+    for variant in ("", ":gpu"):
+        spec = os.path.join(ROOT, "configs", "privacy_report.py") + variant
+        resolved = settings.resolve(loading.load_config(spec))
+        assert [s.name for s in resolved] == [
+            "central",
+            "fedavg",
+            "secagg",
+            "dp_sgd_eps16",
+            "dp_sgd_eps4",
+            "dp_sgd_eps1",
+            "dp_fedavg",
+        ]
+        assert all(s.config.privacy.target_epsilon > 0 for s in resolved if s.private)
+
+
+def test_settings_defences_and_errors():
+    config = loading.load_config(TINY)
+    by_name = {s.name: s for s in settings.resolve(config)}
+    assert by_name["dp_fedavg"].defences == ("dp_fedavg",)
+    assert by_name["dp_sgd_eps1"].defences == ("dp_sgd",) and by_name["dp_sgd_eps1"].private
+    assert not by_name["fedavg"].private and by_name["fedavg"].federated
+    with config.unlocked():
+        config.report.settings = {"bad": {"privacy": {"noise_multipler": 1.0}}}
+    with pytest.raises(schema.ConfigError, match="'bad'.*privacy.noise_multipler.*did you mean"):
+        settings.resolve(config)
+    with config.unlocked():
+        config.report.settings = {"bad": {"privacy": {"delta": 2.0}}}
+    with pytest.raises(schema.ConfigError, match="'bad'.*privacy.delta"):
+        settings.resolve(config)
+    with config.unlocked():
+        config.report.settings = {}
+    with pytest.raises(schema.ConfigError, match="report.settings"):
+        settings.resolve(config)
+
+
+def test_bad_report_field_is_a_user_error(tmp_path, capsys):
+    args = ["report", "--config", TINY, "--workdir", str(tmp_path)]
+    assert cli.main([*args, "--config.report.broken_mechanisms=no_clip"]) == 2
+    assert "report.broken_mechanisms" in capsys.readouterr().err
