@@ -45,6 +45,7 @@ def _audit(audit: dict[str, Any] | None) -> str:
 def render(report: dict[str, Any]) -> str:
     """The Markdown text of ``report`` (the dict written to ``report.json``)."""
     settings = report["settings"]
+    majority = report.get("majority_class_accuracy")
     lines = [
         "# Privacy report",
         "",
@@ -58,6 +59,11 @@ def render(report: dict[str, Any]) -> str:
         "",
         "## Settings",
         "",
+        *(
+            [f"Always predicting the most common class scores {_num(majority)} test accuracy.", ""]
+            if majority is not None
+            else []
+        ),
         "| setting | defences | test accuracy | epsilon | MIA AUC (loss) | MIA AUC (LiRA) "
         "| LiRA TPR @ 0.1% FPR | inversion PSNR | audit: lower bound <= accountant (one release) |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -105,7 +105,11 @@ def utility_vs_epsilon(
         dashes_used[group] += 1
     if chance is not None:
         ax.axhline(
-            chance, color="grey", linestyle=":", linewidth=1.5, label=f"chance: {chance:.3g}"
+            chance,
+            color="grey",
+            linestyle=":",
+            linewidth=1.5,
+            label=f"trivial predictor: {chance:.3g}",
         )
 
     ax.set_xscale("log")

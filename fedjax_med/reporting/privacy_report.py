@@ -171,6 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
     shadows: dict[str, ShadowModels] = {}
     entries: dict[str, dict[str, Any]] = {}
     curves, gallery, audits = [], [], []
+    majority = None
     broken_on = None  # (noise multiplier, threats.audit arguments, key) of the broken audits
     broken = [m.strip() for m in r.broken_mechanisms.split(",") if m.strip()]
     for index, setting in enumerate(settings):
@@ -180,6 +181,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
         run_report, how = train_setting(setting, run_dir, quiet)
         train_seconds = time.time() - tic
         experiment, params = runs.restore(run_dir)
+        if majority is None:
+            majority = majority_class_accuracy(experiment)
         privacy = run_report.get("privacy")
         entry: dict[str, Any] = {
             "description": setting.describe(),
@@ -274,7 +277,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
             )
             audits.append({"name": f"{args[0].name} [{mechanism}]", **bad.as_dict()})
     report = _assemble(config, entries, audits, time.time() - start)
-    _write_plots(workdir, entries, curves, gallery, audits)
+    report["majority_class_accuracy"] = majority
+    _write_plots(workdir, entries, curves, gallery, audits, majority)
     report["seconds"] = round(time.time() - start, 2)
     from fedjax_med.training import report as report_lib
 
@@ -296,7 +300,16 @@ def _assemble(config, entries, audits, seconds) -> dict[str, Any]:
     }
 
 
-def _write_plots(workdir, entries, curves, gallery, audits) -> None:
+def majority_class_accuracy(experiment: Any) -> float | None:
+    """Test accuracy of always predicting the most common training label (single-label tasks)."""
+    labels = np.asarray(experiment.splits.test.labels)
+    if labels.ndim != 1:
+        return None
+    train_labels = np.asarray(experiment.splits.train.labels).astype(np.int64)
+    return float(np.mean(labels == np.bincount(train_labels).argmax()))
+
+
+def _write_plots(workdir, entries, curves, gallery, audits, majority) -> None:
     points = []
     for name, e in entries.items():
         if e["utility"]["test_accuracy"] is None:
@@ -316,7 +329,9 @@ def _write_plots(workdir, entries, curves, gallery, audits) -> None:
                 "group": group,
             }
         )
-    plots.utility_vs_epsilon(os.path.join(workdir, PLOTS["utility_vs_epsilon"]), points)
+    plots.utility_vs_epsilon(
+        os.path.join(workdir, PLOTS["utility_vs_epsilon"]), points, chance=majority
+    )
     plots.roc_curves(os.path.join(workdir, PLOTS["mia_roc"]), curves)
     lo = min(g["bounds"][0] for g in gallery)
     hi = max(g["bounds"][1] for g in gallery)

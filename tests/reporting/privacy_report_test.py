@@ -59,6 +59,7 @@ def test_writes_every_promised_file(report_dir, report):
 
 def test_report_keys_and_settings(report):
     assert {"schema_version", "settings", "audits", "plots", "config", "seconds"} <= set(report)
+    assert 0.0 < report["majority_class_accuracy"] < 1.0
     assert list(report["settings"]) == ["central", "fedavg", "secagg", "dp_sgd_eps1", "dp_fedavg"]
     for name, entry in report["settings"].items():
         assert set(entry) == SETTING_KEYS, name
