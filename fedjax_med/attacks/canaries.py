@@ -2,7 +2,8 @@
 
 Each trial runs the release the trainers run, on the same code path, with a canary present
 (half the trials) or absent, and a white-box attacker scores the release; the scores go through
-:func:`fedjax_med.attacks.auditing.audit_held_out`, which gives an epsilon that the mechanism
+:func:`fedjax_med.attacks.auditing.audit_scores` (the statistics of ``jax_privacy.auditing``,
+threshold chosen on a random half of the trials), which gives an epsilon that the mechanism
 provably exceeds with probability at least ``confidence`` (Jagielski, Ullman, Oprea,
 NeurIPS 2020, https://arxiv.org/abs/2006.07709; Nasr et al., IEEE S&P 2021,
 https://arxiv.org/abs/2101.04535).
@@ -28,6 +29,7 @@ catches an implementation that does not keep its claim.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -118,8 +120,8 @@ def _scores(release_fn, sum_in, sum_out, direction, num_trials, key) -> tuple[np
     """Projections ``<release_t - sum_out, u>`` of ``num_trials`` releases, half with the canary.
 
     ``release_fn(key, total) -> flat release`` (already multiplied back by any public
-    denominator). Trials alternate IN/OUT so that both halves of :func:`audit_held_out` see both
-    kinds; they run under ``lax.map`` in chunks of at most :data:`MAX_TRIAL_FLOATS` floats.
+    denominator). Trials alternate IN/OUT; they run under ``lax.map`` in chunks of at most
+    :data:`MAX_TRIAL_FLOATS` floats.
     """
     has_canary = jnp.arange(num_trials) % 2 == 0
     keys = jax.random.split(key, num_trials)
@@ -145,11 +147,12 @@ def _result(
     confidence,
     accountant,
     canary_norm,
+    seed,
 ) -> CanaryAudit:
-    eps, _ = auditing.audit_held_out(scores_in, scores_out, delta, confidence)
-    # A perfect attack errs on no held-out trial (the second half of each kind).
-    n_in, n_out = scores_in.size - scores_in.size // 2, scores_out.size - scores_out.size // 2
-    perfect = float(auditing.epsilon_lower_bound(0, 0, n_out, n_in, delta, confidence))
+    audit = functools.partial(auditing.audit_scores, delta=delta, confidence=confidence, seed=seed)
+    eps = audit(scores_in, scores_out)
+    # The same split with a perfect attack: the most these trials can ever certify.
+    perfect = audit(np.ones(scores_in.size), np.zeros(scores_out.size))
     return CanaryAudit(
         mechanism=mechanism,
         epsilon_lower_bound=eps,
@@ -162,6 +165,11 @@ def _result(
         canary_norm=float(canary_norm),
         max_detectable_epsilon=perfect,
     )
+
+
+def _split_seed(key: jax.Array) -> int:
+    """A seed for the audit's random split of the trials, from the audit's key."""
+    return int(jax.random.randint(jax.random.fold_in(key, 1), (), 0, 2**31 - 1))
 
 
 def audit_dp_sgd_step(
@@ -245,6 +253,7 @@ def audit_dp_sgd_step(
         confidence,
         accountant,
         canary_norm,
+        _split_seed(key),
     )
 
 
@@ -322,4 +331,5 @@ def audit_dp_fedavg_round(
         confidence,
         accountant,
         canary_scale * clip_norm,
+        _split_seed(key),
     )
