@@ -3,12 +3,16 @@
 * ``attack membership --workdir W``: the loss-threshold membership attack (Yeom et al., CSF 2018)
   with the run's training split as members and its test split as non-members; writes
   ``W/attack_membership.json`` with AUC and TPR at 0.1% and 1% FPR (Carlini et al. 2022).
+  With ``--shadow-models N``, also LiRA (Carlini et al., IEEE S&P 2022) with N shadow models
+  trained together under ``vmap``; ROC curves in ``W/attack_membership_roc.png``.
+* ``attack audit --workdir W``: a white-box canary audit of a DP run's own release code
+  (:mod:`fedjax_med.attacks.canaries`) at its noise multiplier; writes ``W/attack_audit.json``.
 * ``attack inversion --workdir W [--index I]``: Inverting Gradients (Geiping et al. 2020) on the
   gradient the checkpoint's model would share for training example ``I`` (a FedSGD update of
   batch 1, label read by iDLG); writes ``W/attack_inversion.json`` (PSNR, SSIM, label recovered)
   and ``W/attack_inversion.png`` (original | reconstruction).
 
-Both print their main number last. The workdir may hold a centralized or a federated run.
+Each prints its main number last. The workdir may hold a centralized or a federated run.
 """
 
 from __future__ import annotations
@@ -39,6 +43,32 @@ def register(subparsers) -> None:
         "attack_membership.json and prints the AUC last.",
     )
     mia.add_argument("--workdir", required=True, help="folder of a run made by train")
+    mia.add_argument(
+        "--shadow-models",
+        type=int,
+        default=0,
+        help="also run LiRA (Carlini et al. 2022) with this many shadow models trained "
+        "together under vmap (0: loss threshold only)",
+    )
+    mia.add_argument("--shadow-steps", type=int, default=300, help="SGD steps per shadow")
+    mia.add_argument("--pool-size", type=int, default=600, help="examples LiRA scores")
+    audit = sub.add_parser(
+        "audit",
+        help="canary audit of a DP run's own release code: an empirical lower bound on epsilon",
+        description="White-box canary audit (Nasr et al. 2023) of the DP-SGD step or the "
+        "DP-FedAvg round of the run in --workdir, at its noise multiplier and clipping norm; "
+        "writes attack_audit.json and prints the lower bound last. It must not exceed "
+        "accountant_epsilon, the accountant's epsilon for one release.",
+    )
+    audit.add_argument("--workdir", required=True, help="folder of a DP run made by train")
+    audit.add_argument("--trials", type=int, default=4000, help="releases, half with the canary")
+    audit.add_argument(
+        "--mechanism",
+        default="correct",
+        choices=("correct", "no_noise", "wrong_scale", "no_clipping"),
+        help="audit the code as it is, or a deliberately broken copy of it",
+    )
+    audit.add_argument("--confidence", type=float, default=0.95, help="of the lower bound")
     inv = sub.add_parser(
         "inversion",
         help="reconstruct a training image from the gradient the model would share",
@@ -49,14 +79,82 @@ def register(subparsers) -> None:
     inv.add_argument("--index", type=int, default=0, help="training example to attack")
     inv.add_argument("--steps", type=int, default=300, help="attack optimisation steps")
     inv.add_argument("--restarts", type=int, default=2, help="restarts run together (vmap)")
-    for parser in (mia, inv):
+    for parser in (mia, inv, audit):
         parser.add_argument("--quiet", action="store_true", help="warnings only")
         parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
 
-def membership_attack(workdir: str) -> dict[str, Any]:
-    result = runs.loss_threshold_attack(*runs.restore(workdir))
-    return {k: v for k, v in result.items() if k not in ("fpr", "tpr")}
+def membership_attack(
+    workdir: str, shadow_models: int = 0, shadow_steps: int = 300, pool_size: int = 600
+) -> dict[str, Any]:
+    """Loss threshold on the whole splits; LiRA too when ``shadow_models >= 2``.
+
+    The ROC curves go to ``attack_membership_roc.png`` when matplotlib is installed.
+    """
+    experiment, params = runs.restore(workdir)
+    curves = [runs.loss_threshold_attack(experiment, params)]
+    if shadow_models:
+        shadows = runs.LiraShadows(
+            experiment,
+            num_models=shadow_models,
+            steps=shadow_steps,
+            lr=0.05,
+            batch_size=32,
+            pool_size=pool_size,
+            seed=experiment.config.seed,
+            key=jax.random.key(experiment.config.seed),
+        )
+        curves.append(shadows.attack(params))
+    result = {k: v for k, v in curves[0].items() if k not in ("fpr", "tpr")}
+    if shadow_models:
+        result["lira"] = {k: v for k, v in curves[1].items() if k not in ("fpr", "tpr")}
+    try:
+        from fedjax_med.reporting import plots
+
+        path = os.path.join(workdir, "attack_membership_roc.png")
+        plots.roc_curves(path, [{"name": c["attack"], **c} for c in curves])
+        result["roc_png"] = os.path.basename(path)
+    except ImportError:
+        result["roc_png"] = None  # matplotlib is an optional extra
+    return result
+
+
+def audit_attack(workdir: str, trials: int, mechanism: str, confidence: float) -> dict[str, Any]:
+    """:func:`fedjax_med.reporting.threats.audit` on the run in ``workdir``."""
+    from fedjax_med.reporting import settings, threats
+
+    experiment, params = runs.restore(workdir)
+    setting = settings.Setting(
+        name=os.path.basename(os.path.normpath(workdir)), config=experiment.config
+    )
+    if not setting.private:
+        raise ValueError(
+            f"attack audit needs a DP run (privacy.enabled, or federated.algorithm="
+            f"'dp_fedavg'); the run in '{workdir}' is not private"
+        )
+    report_path = os.path.join(workdir, "report.json")
+    if not os.path.exists(report_path):
+        raise FileNotFoundError(f"'{report_path}' is missing: let the run finish first")
+    with open(report_path) as f:
+        privacy = json.load(f)["privacy"]
+    victims = threats.pick_victims(setting, experiment, batch_size=8)
+    result = threats.audit(
+        setting,
+        experiment,
+        params,
+        privacy,
+        victims,
+        mechanism=mechanism,
+        trials=trials,
+        confidence=confidence,
+        key=jax.random.key(experiment.config.seed),
+    )
+    if result is None:
+        raise ValueError(
+            f"the run in '{workdir}' has no release this audit covers (it audits add/remove-one "
+            "claims of DP-SGD with Poisson sampling and of DP-FedAvg)"
+        )
+    return {"attack": "canary_audit", "run_epsilon": privacy.get("epsilon"), **result.as_dict()}
 
 
 def inversion_attack(workdir: str, index: int, steps: int, restarts: int) -> dict[str, Any]:
@@ -120,8 +218,13 @@ def save_gallery(path: str, originals: np.ndarray, guesses: np.ndarray, lo: floa
 
 def run(args: argparse.Namespace) -> int:
     if args.attack_command == "membership":
-        result = membership_attack(args.workdir)
+        result = membership_attack(
+            args.workdir, args.shadow_models, args.shadow_steps, args.pool_size
+        )
         path, last = os.path.join(args.workdir, "attack_membership.json"), "auc"
+    elif args.attack_command == "audit":
+        result = audit_attack(args.workdir, args.trials, args.mechanism, args.confidence)
+        path, last = os.path.join(args.workdir, "attack_audit.json"), "epsilon_lower_bound"
     else:
         result = inversion_attack(args.workdir, args.index, args.steps, args.restarts)
         path, last = os.path.join(args.workdir, "attack_inversion.json"), "psnr"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
 
 from fedjax_med.attacks import membership
@@ -80,3 +81,70 @@ def pixel_bounds(normalizer: Any, sites: np.ndarray) -> tuple[float, float]:
     lo = (0.0 - normalizer.mean[sites]) / normalizer.std[sites]
     hi = (1.0 - normalizer.mean[sites]) / normalizer.std[sites]
     return float(lo.min()), float(hi.max())
+
+
+class LiraShadows:
+    """LiRA (Carlini et al., IEEE S&P 2022) against a run: shadow models trained under ``vmap``.
+
+    The candidate pool is ``pool_size / 2`` random training and as many test examples of the
+    run's splits; shadow ``n`` trains on the half of the pool that
+    :func:`~fedjax_med.attacks.membership.balanced_membership` gives it (SGD with momentum,
+    ``steps`` steps of ``batch_size`` examples, or full-batch), so every example is IN for half
+    the shadows and OUT for the others. :meth:`attack` scores a target model with online LiRA
+    (global variance, better with few shadows); its members are the pool's training examples.
+    Shadows depend only on the data and the architecture, so one set serves many targets.
+    """
+
+    def __init__(
+        self,
+        experiment: Any,
+        *,
+        num_models: int,
+        steps: int,
+        lr: float,
+        batch_size: int | None,
+        pool_size: int,
+        seed: int,
+        key: Any,
+    ):
+        from fedjax_med.training import losses
+
+        if num_models < 2:
+            raise ValueError(f"{num_models=} must be >= 2 (LiRA fits IN and OUT Gaussians)")
+        if pool_size < 4:
+            raise ValueError(f"{pool_size=} must be >= 4")
+        splits, normalizer = experiment.splits, experiment.normalizer
+        rng = np.random.default_rng([seed, 1])  # the pool and the shadows' halves
+        half = pool_size // 2
+        train_idx = rng.permutation(len(splits.train))[: min(half, len(splits.train))]
+        test_idx = rng.permutation(len(splits.test))[: min(half, len(splits.test))]
+        train, test = splits.train.take(train_idx), splits.test.take(test_idx)
+        self.images = np.concatenate(
+            [normalizer(train.images, train.sites), normalizer(test.images, test.sites)]
+        )
+        self.labels = np.concatenate([train.labels, test.labels]).astype(np.int32)
+        self.is_member = np.arange(len(self.labels)) < len(train_idx)
+        self.apply = experiment.model.apply
+        self.shadow_in = membership.balanced_membership(rng, num_models, len(self.labels))
+        stacked = membership.train_shadow_models(
+            experiment.model.init,
+            losses.example_loss_fn(self.apply, splits.info.task),
+            self.images,
+            self.labels,
+            self.shadow_in,
+            steps=steps,
+            lr=lr,
+            key=key,
+            batch_size=batch_size,
+        )
+        self.shadow_phi = membership.confidences(self.apply, stacked, self.images, self.labels)
+
+    def attack(self, params: Any) -> dict[str, Any]:
+        """Online LiRA against ``params``: :func:`membership.summarize` plus the attack's name."""
+        stacked = jax.tree.map(lambda p: p[None], params)
+        target = membership.confidences(self.apply, stacked, self.images, self.labels)[0]
+        scores = membership.lira_online_scores(
+            self.shadow_phi, self.shadow_in, target, global_variance=True
+        )
+        summary = membership.summarize(scores[self.is_member], scores[~self.is_member])
+        return {"attack": "lira_online", "shadow_models": len(self.shadow_phi), **summary}

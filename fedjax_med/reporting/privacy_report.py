@@ -32,11 +32,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from fedjax_med.attacks import membership, runs
+from fedjax_med.attacks import runs
 from fedjax_med.config import loading
 from fedjax_med.reporting import markdown, plots, threats
 from fedjax_med.reporting import settings as settings_lib
-from fedjax_med.training import checkpoint, losses
+from fedjax_med.training import checkpoint
 
 logger = logging.getLogger("fedjax_med")
 
@@ -48,7 +48,7 @@ PLOTS = {
     "audit": "audit.png",
 }
 # Streams of the report's own randomness, folded into jax.random.key(config.seed).
-STREAM_SHADOWS, STREAM_INVERSION, STREAM_AUDIT, STREAM_POOL = range(4)
+STREAM_SHADOWS, STREAM_INVERSION, STREAM_AUDIT = range(3)
 
 
 def train_setting(setting: settings_lib.Setting, run_dir: str, quiet: bool) -> tuple[dict, str]:
@@ -96,57 +96,6 @@ def run_epsilon(privacy: dict[str, Any] | None) -> float | None:
     return None if eps is None else float(eps)
 
 
-class ShadowModels:
-    """LiRA's shadow models for one task, trained together under ``vmap`` (shared by settings).
-
-    The pool is ``pool_size / 2`` training and as many test examples; shadow ``n`` trains on the
-    half of the pool that :func:`~fedjax_med.attacks.membership.balanced_membership` gives it
-    (SGD with momentum, ``report.shadow_steps`` steps of ``report.shadow_batch_size`` examples),
-    so every example is IN for half the shadows and OUT for the other half.
-    """
-
-    def __init__(self, experiment: Any, config: ml_collections.ConfigDict, key: jax.Array):
-        """``config`` is the report's (``report.*`` knobs and ``seed``), ``experiment`` the
-        setting's (data, normaliser, model)."""
-        r = config.report
-        splits, normalizer = experiment.splits, experiment.normalizer
-        rng = np.random.default_rng([config.seed, STREAM_POOL])
-        half = r.pool_size // 2
-        train_idx = rng.permutation(len(splits.train))[: min(half, len(splits.train))]
-        test_idx = rng.permutation(len(splits.test))[: min(half, len(splits.test))]
-        train, test = splits.train.take(train_idx), splits.test.take(test_idx)
-        self.images = np.concatenate(
-            [normalizer(train.images, train.sites), normalizer(test.images, test.sites)]
-        )
-        self.labels = np.concatenate([train.labels, test.labels]).astype(np.int32)
-        self.is_member = np.arange(len(self.labels)) < len(train_idx)
-        self.apply = experiment.model.apply
-        self.shadow_in = membership.balanced_membership(rng, r.shadow_models, len(self.labels))
-        loss_fn = losses.example_loss_fn(self.apply, splits.info.task)
-        stacked = membership.train_shadow_models(
-            experiment.model.init,
-            loss_fn,
-            self.images,
-            self.labels,
-            self.shadow_in,
-            steps=r.shadow_steps,
-            lr=r.shadow_lr,
-            key=key,
-            batch_size=r.shadow_batch_size or None,
-        )
-        self.shadow_phi = membership.confidences(self.apply, stacked, self.images, self.labels)
-
-    def attack(self, params: Any) -> dict[str, Any]:
-        """Online LiRA against ``params``: members are the pool's training examples."""
-        stacked = jax.tree.map(lambda p: p[None], params)
-        target = membership.confidences(self.apply, stacked, self.images, self.labels)[0]
-        scores = membership.lira_online_scores(
-            self.shadow_phi, self.shadow_in, target, global_variance=True
-        )
-        summary = membership.summarize(scores[self.is_member], scores[~self.is_member])
-        return {"attack": "lira_online", "shadow_models": len(self.shadow_phi), **summary}
-
-
 def _task_key(config: ml_collections.ConfigDict) -> str:
     """Settings that share data, model and seed share shadow models."""
     return json.dumps(
@@ -168,7 +117,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
     os.makedirs(workdir, exist_ok=True)
     r = config.report
     root_key = jax.random.key(config.seed)
-    shadows: dict[str, ShadowModels] = {}
+    shadows: dict[str, runs.LiraShadows] = {}
     entries: dict[str, dict[str, Any]] = {}
     curves, gallery, audits = [], [], []
     majority = None
@@ -208,8 +157,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
             task = _task_key(setting.config)
             if task not in shadows:
                 logger.info("training %d LiRA shadow models under vmap", r.shadow_models)
-                shadows[task] = ShadowModels(
-                    experiment, config, jax.random.fold_in(root_key, STREAM_SHADOWS)
+                shadows[task] = runs.LiraShadows(
+                    experiment,
+                    num_models=r.shadow_models,
+                    steps=r.shadow_steps,
+                    lr=r.shadow_lr,
+                    batch_size=r.shadow_batch_size or None,
+                    pool_size=r.pool_size,
+                    seed=config.seed,
+                    key=jax.random.fold_in(root_key, STREAM_SHADOWS),
                 )
             lira = shadows[task].attack(params)
             entry["membership"]["lira"] = _without_curve(lira)

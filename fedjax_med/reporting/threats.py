@@ -261,11 +261,16 @@ def audit(
     confidence: float,
     key: jax.Array,
 ) -> canaries.CanaryAudit | None:
-    """The canary audit of the setting's DP release (``None`` if it has none we audit)."""
+    """The canary audit of the setting's DP release (``None`` if it has none we audit: no noise,
+    distributed DP, or a replace-one claim from fixed-size batches)."""
     defences = setting.defences
     c = setting.config.privacy
     sigma = float(privacy["noise_multiplier"])
     if sigma <= 0 or "distributed_dp" in defences:
+        return None
+    if privacy.get("sampling", "poisson") != "poisson":
+        # The canary is added or removed; a replace-one claim (fixed-size batches) would need a
+        # swapped canary instead.
         return None
     canary_key, trial_key = jax.random.split(key)
     common = dict(
