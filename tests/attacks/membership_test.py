@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fedjax_med.attacks import membership
@@ -184,3 +185,34 @@ def test_minibatch_shadows_learn_only_their_members():
         membership.train_shadow_models(
             _init, _loss, x, y, rows, 1, 0.1, jax.random.key(0), batch_size=0
         )
+
+
+def test_strong_dp_sgd_hides_membership_of_the_overfit_target():
+    """The overfit target's training, redone with DP-SGD (the library's clipped sum and noise,
+    every member in every step, epsilon < 1): the loss-threshold AUC falls to about 0.5."""
+    from fedjax_med.privacy import accounting, clipping, noise
+
+    target_in, _, _, losses = _overfit_setting()
+    images, labels = (jnp.asarray(a) for a in _data())
+    grad_sum = clipping.clipped_grad_sum(_loss, clip_norm=1.0)
+    sigma, steps = 30.0, 50
+    epsilon = accounting.epsilon(accounting.dpsgd_event(sigma, 1.0, steps), 1e-5)
+    dp = noise.dp_aggregate(sigma, 1.0, float(target_in.sum()), jax.random.key(5))
+    opt = optax.chain(dp, optax.sgd(0.3, momentum=0.9))
+    mask = jnp.asarray(target_in)
+
+    def step(carry, _):
+        params, state = carry
+        total, _ = grad_sum(params, images, labels, mask)
+        updates, state = opt.update(total, state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    params = _init(jax.random.fold_in(jax.random.key(1), 0))  # the target's initialisation
+    (params, _), _ = jax.jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), None, length=300))(
+        params
+    )
+    dp_losses = np.asarray(jax.vmap(_loss, (None, 0, 0))(params, images, labels))
+    dp_auc = _auc(membership.loss_threshold_scores(dp_losses), target_in)
+    overfit_auc = _auc(membership.loss_threshold_scores(losses[0]), target_in)
+    print(f"{overfit_auc=:.3f} {dp_auc=:.3f} {epsilon=:.2f}")
+    assert epsilon < 1 and overfit_auc > 0.8 and abs(dp_auc - 0.5) < 0.1
