@@ -88,7 +88,9 @@ def apply_overrides(
             )
         *parents, leaf = path.split(".")
         node = config
-        for name in parents:
+        for depth, name in enumerate(parents):
+            if name not in node and free is not None and depth >= free.count("."):
+                node[name] = ml_collections.ConfigDict()  # free-form sections grow on demand
             node = node[name]
         if free is not None:
             value = parse_free_value(text)

@@ -143,3 +143,16 @@ def test_bad_report_field_is_a_user_error(tmp_path, capsys):
     args = ["report", "--config", TINY, "--workdir", str(tmp_path)]
     assert cli.main([*args, "--config.report.broken_mechanisms=no_clip"]) == 2
     assert "report.broken_mechanisms" in capsys.readouterr().err
+
+
+def test_settings_can_be_added_and_changed_from_the_command_line():
+    overrides = [
+        "--config.report.settings.central.train.steps=3",
+        "--config.report.settings.local_dp.trainer=federated",
+        "--config.report.settings.local_dp.privacy.enabled=True",
+        "--config.report.settings.local_dp.privacy.noise_multiplier=1.5",
+    ]
+    by_name = {s.name: s for s in settings.resolve(loading.load_config(TINY, overrides))}
+    assert by_name["central"].config.train.steps == 3
+    assert by_name["local_dp"].defences == ("local_dp_sgd",)
+    assert by_name["local_dp"].config.privacy.noise_multiplier == 1.5
