@@ -37,6 +37,7 @@ from fedjax_med.config import loading
 from fedjax_med.reporting import markdown, plots, threats
 from fedjax_med.reporting import settings as settings_lib
 from fedjax_med.training import checkpoint
+from fedjax_med.training import report as report_lib
 
 logger = logging.getLogger("fedjax_med")
 
@@ -109,6 +110,78 @@ def _without_curve(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k not in ("fpr", "tpr")}
 
 
+def _run_entry(setting, run_dir, workdir, how, train_seconds, run_report) -> dict[str, Any]:
+    """What the run itself says: defences, utility, epsilon."""
+    privacy = run_report.get("privacy")
+    return {
+        "description": setting.describe(),
+        "defences": list(setting.defences),
+        "workdir": os.path.relpath(run_dir, workdir),
+        "run": how,
+        "train_seconds": round(train_seconds, 2),
+        "utility": {
+            k: run_report["metrics"].get(k)
+            for k in ("test_accuracy", "test_balanced_accuracy", "test_auroc", "test_loss")
+        },
+        "worst_site_accuracy": run_report.get("site_summary", {}).get("worst_accuracy"),
+        "epsilon": run_epsilon(privacy),
+        "delta": privacy.get("delta") if privacy else None,
+        "privacy_level": privacy.get("level") if privacy else None,
+        "noise_multiplier": privacy.get("noise_multiplier") if privacy else None,
+    }
+
+
+def _membership(setting, experiment, params, config, shadows, key) -> tuple[dict, dict]:
+    """``(membership entry, ROC curve)``: loss threshold, and LiRA when shadows are asked for
+    (one set of shadows per task, shared by the settings that train the same task)."""
+    r = config.report
+    loss_mia = runs.loss_threshold_attack(experiment, params)
+    entry = {"loss_threshold": _without_curve(loss_mia)}
+    curve = loss_mia
+    if r.shadow_models >= 2:
+        task = _task_key(setting.config)
+        if task not in shadows:
+            logger.info("training %d LiRA shadow models under vmap", r.shadow_models)
+            shadows[task] = runs.LiraShadows(
+                experiment,
+                num_models=r.shadow_models,
+                steps=r.shadow_steps,
+                lr=r.shadow_lr,
+                batch_size=r.shadow_batch_size or None,
+                pool_size=r.pool_size,
+                seed=config.seed,
+                key=key,
+            )
+        curve = shadows[task].attack(params)
+        entry["lira"] = _without_curve(curve)
+    roc = {"name": setting.name, "fpr": curve["fpr"], "tpr": curve["tpr"], "auc": curve["auc"]}
+    return entry, roc
+
+
+def _inversion(setting, experiment, params, privacy, victims, r, key) -> tuple[dict, dict]:
+    """``(inversion entry, gallery row)`` of the update of ``report.inversion_round``."""
+    attacked = runs.initial_params(experiment) if r.inversion_round == "first" else params
+    inversion, reconstruction = threats.invert(
+        setting,
+        experiment,
+        attacked,
+        privacy,
+        victims,
+        local_steps=r.inversion_local_steps,
+        steps=r.inversion_steps,
+        restarts=r.inversion_restarts,
+        key=key,
+    )
+    row = {
+        "name": setting.name,
+        "originals": victims.images[: victims.num_victim],
+        "reconstructions": reconstruction,
+        "psnr": inversion.get("psnr"),
+        "bounds": victims.bounds,
+    }
+    return {**inversion, "round": r.inversion_round}, row
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict:
     """Builds the whole report in ``workdir``; returns what ``report.json`` holds."""
     plots.require_matplotlib()
@@ -117,138 +190,73 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
     os.makedirs(workdir, exist_ok=True)
     r = config.report
     root_key = jax.random.key(config.seed)
+    audit_kwargs = dict(trials=r.audit_trials, confidence=r.audit_confidence)
     shadows: dict[str, runs.LiraShadows] = {}
     entries: dict[str, dict[str, Any]] = {}
     curves, gallery, audits = [], [], []
     majority = None
     broken_on = None  # (noise multiplier, threats.audit arguments, key) of the broken audits
-    broken = [m.strip() for m in r.broken_mechanisms.split(",") if m.strip()]
     for index, setting in enumerate(settings):
         logger.info("report setting %d/%d: %s", index + 1, len(settings), setting.name)
         run_dir = os.path.join(workdir, "runs", setting.name)
         tic = time.time()
         run_report, how = train_setting(setting, run_dir, quiet)
-        train_seconds = time.time() - tic
+        entry = _run_entry(setting, run_dir, workdir, how, time.time() - tic, run_report)
+        tic = time.time()
         experiment, params = runs.restore(run_dir)
         if majority is None:
             majority = majority_class_accuracy(experiment)
         privacy = run_report.get("privacy")
-        entry: dict[str, Any] = {
-            "description": setting.describe(),
-            "defences": list(setting.defences),
-            "workdir": os.path.relpath(run_dir, workdir),
-            "run": how,
-            "train_seconds": round(train_seconds, 2),
-            "utility": {
-                k: run_report["metrics"].get(k)
-                for k in ("test_accuracy", "test_balanced_accuracy", "test_auroc", "test_loss")
-            },
-            "worst_site_accuracy": run_report.get("site_summary", {}).get("worst_accuracy"),
-            "epsilon": run_epsilon(privacy),
-            "delta": privacy.get("delta") if privacy else None,
-            "privacy_level": privacy.get("level") if privacy else None,
-            "noise_multiplier": privacy.get("noise_multiplier") if privacy else None,
-        }
-        tic = time.time()
-        loss_mia = runs.loss_threshold_attack(experiment, params)
-        entry["membership"] = {"loss_threshold": _without_curve(loss_mia)}
-        curve = loss_mia
-        if r.shadow_models >= 2:
-            task = _task_key(setting.config)
-            if task not in shadows:
-                logger.info("training %d LiRA shadow models under vmap", r.shadow_models)
-                shadows[task] = runs.LiraShadows(
-                    experiment,
-                    num_models=r.shadow_models,
-                    steps=r.shadow_steps,
-                    lr=r.shadow_lr,
-                    batch_size=r.shadow_batch_size or None,
-                    pool_size=r.pool_size,
-                    seed=config.seed,
-                    key=jax.random.fold_in(root_key, STREAM_SHADOWS),
-                )
-            lira = shadows[task].attack(params)
-            entry["membership"]["lira"] = _without_curve(lira)
-            curve = lira
-        curves.append(
-            {"name": setting.name, "fpr": curve["fpr"], "tpr": curve["tpr"], "auc": curve["auc"]}
-        )
-        victims = threats.pick_victims(setting, experiment, r.inversion_batch_size)
-        attacked = runs.initial_params(experiment) if r.inversion_round == "first" else params
-        inversion, reconstruction = threats.invert(
+        entry["membership"], roc = _membership(
             setting,
             experiment,
-            attacked,
-            privacy,
-            victims,
-            local_steps=r.inversion_local_steps,
-            steps=r.inversion_steps,
-            restarts=r.inversion_restarts,
-            key=jax.random.fold_in(jax.random.fold_in(root_key, STREAM_INVERSION), index),
+            params,
+            config,
+            shadows,
+            jax.random.fold_in(root_key, STREAM_SHADOWS),
         )
-        entry["inversion"] = {**inversion, "round": r.inversion_round}
-        gallery.append(
-            {
-                "name": setting.name,
-                "originals": victims.images[: victims.num_victim],
-                "reconstructions": reconstruction,
-                "psnr": inversion.get("psnr"),
-                "bounds": victims.bounds,
-            }
+        curves.append(roc)
+        victims = threats.pick_victims(setting, experiment, r.inversion_batch_size)
+        inversion_key = jax.random.fold_in(jax.random.fold_in(root_key, STREAM_INVERSION), index)
+        entry["inversion"], row = _inversion(
+            setting, experiment, params, privacy, victims, r, inversion_key
         )
+        gallery.append(row)
         entry["audit"] = None
         if setting.private:
             audit_key = jax.random.fold_in(jax.random.fold_in(root_key, STREAM_AUDIT), index)
-            result = threats.audit(
-                setting,
-                experiment,
-                params,
-                privacy,
-                victims,
-                mechanism="correct",
-                trials=r.audit_trials,
-                confidence=r.audit_confidence,
-                key=audit_key,
-            )
+            args = (setting, experiment, params, privacy, victims)
+            result = threats.audit(*args, mechanism="correct", key=audit_key, **audit_kwargs)
             if result is not None:
                 entry["audit"] = result.as_dict()
                 audits.append({"name": setting.name, **result.as_dict()})
-                dp_sgd_like = {"dp_sgd", "local_dp_sgd"} & set(setting.defences)
                 # Broken code is audited where the claim is smallest (most noise), where a
                 # finite number of trials can show that it is not kept.
+                dp_sgd_like = {"dp_sgd", "local_dp_sgd"} & set(setting.defences)
                 if dp_sgd_like and (broken_on is None or result.noise_multiplier > broken_on[0]):
-                    args = (setting, experiment, params, privacy, victims)
                     broken_on = (result.noise_multiplier, args, audit_key)
         entry["attack_seconds"] = round(time.time() - tic, 2)
         entries[setting.name] = entry
     if broken_on is not None:
         _, args, audit_key = broken_on
-        for mechanism in broken:
-            bad = threats.audit(
-                *args,
-                mechanism=mechanism,
-                trials=r.audit_trials,
-                confidence=r.audit_confidence,
-                key=audit_key,
-            )
+        for mechanism in (m.strip() for m in r.broken_mechanisms.split(",") if m.strip()):
+            bad = threats.audit(*args, mechanism=mechanism, key=audit_key, **audit_kwargs)
             audits.append({"name": f"{args[0].name} [{mechanism}]", **bad.as_dict()})
-    report = _assemble(config, entries, audits, time.time() - start)
-    report["majority_class_accuracy"] = majority
+    report = _assemble(config, entries, audits, majority, time.time() - start)
     _write_plots(workdir, entries, curves, gallery, audits, majority)
     report["seconds"] = round(time.time() - start, 2)
-    from fedjax_med.training import report as report_lib
-
     report = report_lib.json_safe(report)
     checkpoint.write_json_atomic(os.path.join(workdir, "report.json"), report)
     markdown.write(os.path.join(workdir, "report.md"), report)
     return report
 
 
-def _assemble(config, entries, audits, seconds) -> dict[str, Any]:
+def _assemble(config, entries, audits, majority, seconds) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "settings": entries,
         "audits": audits,
+        "majority_class_accuracy": majority,
         "plots": dict(PLOTS),
         "report_md": "report.md",
         "config": loading.to_json_dict(config),
