@@ -68,13 +68,15 @@ class Victims:
 
 
 def pick_victims(setting: settings_lib.Setting, experiment: Any, batch_size: int) -> Victims:
-    """The victim batch (and, under secure aggregation, one batch per other client)."""
+    """The victim batch (and, under secure aggregation, one batch per other client of a round of
+    ``federated.clients_per_round`` clients, all of them when 0)."""
     normalizer = experiment.normalizer
     if setting.federated:
         federation = experiment.federation
-        others = (
-            range(1, federation.num_clients) if "secure_aggregation" in setting.defences else ()
-        )
+        # The secure sum mixes the round's cohort: the victim and (cohort - 1) other clients.
+        cohort = setting.config.federated.clients_per_round or federation.num_clients
+        cohort = min(cohort, federation.num_clients)
+        others = range(1, cohort) if "secure_aggregation" in setting.defences else ()
         parts = []
         for k in (0, *others):
             client = federation.client(k)
