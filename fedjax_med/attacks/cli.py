@@ -65,8 +65,15 @@ def register(subparsers) -> None:
     audit.add_argument(
         "--mechanism",
         default="correct",
-        choices=("correct", "no_noise", "wrong_scale", "no_clipping"),
-        help="audit the code as it is, or a deliberately broken copy of it",
+        choices=("correct", "no_noise", "wrong_scale", "no_clipping", "no_subsampling"),
+        help="audit the code as it is, or a deliberately broken copy of it (no_subsampling: "
+        "--whole-run only)",
+    )
+    audit.add_argument(
+        "--whole-run",
+        action="store_true",
+        help="one-run audit (Steinke et al. 2023) of the whole DP-SGD run, sampler and "
+        "composition included, against the run's epsilon (--trials canaries)",
     )
     audit.add_argument("--confidence", type=float, default=0.95, help="of the lower bound")
     inv = sub.add_parser(
@@ -119,8 +126,10 @@ def membership_attack(
     return result
 
 
-def audit_attack(workdir: str, trials: int, mechanism: str, confidence: float) -> dict[str, Any]:
-    """:func:`fedjax_med.reporting.threats.audit` on the run in ``workdir``."""
+def audit_attack(
+    workdir: str, trials: int, mechanism: str, confidence: float, whole_run: bool = False
+) -> dict[str, Any]:
+    """:func:`fedjax_med.reporting.threats.audit` (or ``run_audit``) on the run in ``workdir``."""
     from fedjax_med.reporting import settings, threats
 
     experiment, params = runs.restore(workdir)
@@ -137,6 +146,27 @@ def audit_attack(workdir: str, trials: int, mechanism: str, confidence: float) -
         raise FileNotFoundError(f"'{report_path}' is missing: let the run finish first")
     with open(report_path) as f:
         privacy = json.load(f)["privacy"]
+    if whole_run:
+        result = threats.run_audit(
+            setting,
+            privacy,
+            mechanism=mechanism,
+            canaries_count=trials,
+            confidence=confidence,
+            key=jax.random.key(experiment.config.seed),
+        )
+        if result is None:
+            raise ValueError(
+                f"--whole-run audits central DP-SGD runs with Poisson sampling; '{workdir}' "
+                "is not one"
+            )
+        return {
+            "attack": "one_run_audit",
+            "run_epsilon": privacy.get("epsilon"),
+            **result.as_dict(),
+        }
+    if mechanism == "no_subsampling":
+        raise ValueError("--mechanism=no_subsampling needs --whole-run (it breaks the sampler)")
     victims = threats.pick_victims(setting, experiment, batch_size=8)
     result = threats.audit(
         setting,
@@ -223,7 +253,9 @@ def run(args: argparse.Namespace) -> int:
         )
         path, last = os.path.join(args.workdir, "attack_membership.json"), "auc"
     elif args.attack_command == "audit":
-        result = audit_attack(args.workdir, args.trials, args.mechanism, args.confidence)
+        result = audit_attack(
+            args.workdir, args.trials, args.mechanism, args.confidence, args.whole_run
+        )
         path, last = os.path.join(args.workdir, "attack_audit.json"), "epsilon_lower_bound"
     else:
         result = inversion_attack(args.workdir, args.index, args.steps, args.restarts)

@@ -102,7 +102,9 @@ def render(report: dict[str, Any]) -> str:
         "canary (an example with a large gradient for DP-SGD, a client sending a one-coordinate",
         "update for DP-FedAvg), half the trials each, and scores the release's projection on the",
         "canary. The accountant's epsilon is for that one release (the canary always present or",
-        "absent, no sampling); the whole run's epsilon is in the settings table.",
+        "absent, no sampling). Rows marked *(whole run)* are one-run audits (Steinke, Nasr,",
+        "Jagielski 2023): half of many canaries join a simulated run of the setting's own steps,",
+        "sampler and noise code, and the bound is compared with the whole run's epsilon.",
         "",
         "| audited | mechanism | noise multiplier | clip norm | trials | confidence "
         "| accountant epsilon | empirical lower bound | consistent |",

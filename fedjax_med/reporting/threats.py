@@ -303,3 +303,34 @@ def audit(
         expected = float(privacy.get("sampling_rate", 1.0)) * experiment.federation.num_clients
         return canaries.audit_dp_fedavg_round(params, num_clients=max(2, round(expected)), **common)
     return None
+
+
+def run_audit(
+    setting: settings_lib.Setting,
+    privacy: dict[str, Any],
+    *,
+    mechanism: str,
+    canaries_count: int,
+    confidence: float,
+    key: jax.Array,
+) -> canaries.CanaryAudit | None:
+    """The one-run audit (Steinke et al. 2023) of a central DP-SGD setting's whole run, with its
+    own noise multiplier, sampling rate and number of steps (``None`` for other settings)."""
+    if "dp_sgd" not in setting.defences or privacy.get("sampling") != "poisson":
+        return None
+    sigma, steps = float(privacy["noise_multiplier"]), int(privacy["steps"])
+    if sigma <= 0 or steps < 1:
+        return None
+    return canaries.audit_dp_sgd_run(
+        num_canaries=canaries_count,
+        steps=steps,
+        sampling_rate=float(privacy["sampling_rate"]),
+        clip_norm=float(privacy["clip_norm"]),
+        noise_multiplier=sigma,
+        key=key,
+        seed=setting.config.seed,
+        mechanism=mechanism,
+        delta=float(privacy["delta"]),
+        confidence=confidence,
+        accountant=privacy.get("accountant", "rdp"),
+    )

@@ -111,3 +111,38 @@ def test_invalid_arguments_name_the_field(setup):
         canaries.audit_dp_sgd_step(loss, params, images, labels, canary[:3], 0, **kwargs)
     with pytest.raises(ValueError, match="num_clients"):
         canaries.audit_dp_fedavg_round(params, num_clients=1, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def run_audits():
+    """One-run audits of 100 DP-SGD steps at q = 0.1, sigma = 2 (claim: epsilon 2.58)."""
+    return {
+        mechanism: canaries.audit_dp_sgd_run(
+            num_canaries=2000,
+            steps=100,
+            sampling_rate=0.1,
+            clip_norm=1.0,
+            noise_multiplier=2.0,
+            key=jax.random.key(6),
+            mechanism=mechanism,
+            delta=DELTA,
+        )
+        for mechanism in canaries.RUN_MECHANISMS
+    }
+
+
+def test_one_run_audit_of_the_real_code_stays_below_the_run_epsilon(run_audits):
+    correct = run_audits["correct"]
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(2.0)), 100
+    )
+    acct = dp_accounting.rdp.RdpAccountant()
+    acct.compose(event)
+    assert correct.accountant_epsilon == pytest.approx(acct.get_epsilon(DELTA), rel=1e-6)
+    assert correct.consistent and correct.epsilon_lower_bound > 0.2
+    assert correct.max_detectable_epsilon > correct.accountant_epsilon  # a violation would show
+
+
+@pytest.mark.parametrize("mechanism", ["no_noise", "wrong_scale", "no_clipping", "no_subsampling"])
+def test_one_run_audit_catches_broken_noise_clipping_and_sampling(run_audits, mechanism):
+    assert not run_audits[mechanism].consistent, run_audits[mechanism]

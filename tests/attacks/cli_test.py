@@ -97,3 +97,20 @@ def test_audit_of_a_dp_sgd_run(dp_run, mechanism, capsys):
         assert result["consistent"]
     else:  # no noise: the canary is seen in every trial, the most these trials can certify
         assert result["epsilon_lower_bound"] == pytest.approx(result["max_detectable_epsilon"])
+
+
+def test_whole_run_audit_of_a_dp_sgd_run(dp_run):
+    """The claim is the whole run's epsilon (detection of broken code: canaries_test.py)."""
+    args = ["attack", "audit", "--workdir", str(dp_run), "--whole-run", "--trials", "1000"]
+    assert cli.main(args) == 0
+    result = json.loads((dp_run / "attack_audit.json").read_text())
+    report = json.loads((dp_run / "report.json").read_text())["privacy"]
+    assert result["attack"] == "one_run_audit" and result["mechanism"] == "correct"
+    assert result["accountant_epsilon"] == pytest.approx(report["epsilon"], rel=1e-6)
+    assert result["consistent"] and result["trials"] == 1000
+
+
+def test_no_subsampling_needs_whole_run(dp_run, capsys):
+    args = ["attack", "audit", "--workdir", str(dp_run), "--mechanism", "no_subsampling"]
+    assert cli.main(args) == 2
+    assert "--whole-run" in capsys.readouterr().err

@@ -28,6 +28,7 @@ SETTING_KEYS = {
     "membership",
     "inversion",
     "audit",
+    "run_audit",
     "attack_seconds",
 }
 MIA_KEYS = {"attack", "auc", "tpr_at_0.1%_fpr", "tpr_at_1%_fpr", "members", "nonmembers"}
@@ -91,7 +92,14 @@ def test_each_setting_is_attacked_as_its_server_sees_it(report):
 
 def test_audits_include_the_broken_variant(report):
     mechanisms = [a["mechanism"] for a in report["audits"]]
-    assert mechanisms.count("correct") == 2 and "no_noise" in mechanisms
+    # Per release: dp_sgd_eps1 and dp_fedavg; whole run: dp_sgd_eps1.
+    assert mechanisms.count("correct") == 3
+    assert "no_noise" in mechanisms and "no_subsampling" in mechanisms
+    whole = report["settings"]["dp_sgd_eps1"]["run_audit"]
+    assert whole["consistent"] and whole["accountant_epsilon"] == pytest.approx(
+        report["settings"]["dp_sgd_eps1"]["epsilon"], rel=1e-6
+    )
+    assert report["settings"]["dp_fedavg"]["run_audit"] is None
 
 
 def test_finished_runs_are_reused(report_dir):
