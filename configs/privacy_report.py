@@ -14,9 +14,10 @@ fields):
 * ``dp_fedavg``: DP-FedAvg over 40 clinics (client-level epsilon 10, delta 1e-3).
 
 Each setting is attacked with membership inference (loss threshold, LiRA with 8 shadow models
-trained together under vmap) and gradient inversion of what its server receives; DP settings get
-a canary audit of their own release code, and the DP-SGD code is audited broken (no noise, noise
-10x too small) for contrast. Under 10 minutes on 2 CPU cores. ``:gpu`` is the larger setting
+trained together under vmap) and gradient inversion of what its server receives in the first
+round. DP settings get a canary audit of their own release code (and central DP-SGD a one-run
+audit of the whole run); the DP-SGD code is also audited broken (no noise, noise 10x too small,
+every canary in every step) for contrast. 198 s on 2 CPU cores. ``:gpu`` is the larger setting
 (32x32 images, more data, steps, shadows and audit trials) for an accelerator; ``:tiny`` is a
 seconds-long smoke run.
 """
