@@ -7,6 +7,8 @@
   trained together under ``vmap``; ROC curves in ``W/attack_membership_roc.png``.
 * ``attack audit --workdir W``: a white-box canary audit of a DP run's own release code
   (:mod:`fedjax_med.attacks.canaries`) at its noise multiplier; writes ``W/attack_audit.json``.
+* ``attack inversion --workdir W --view server``: the attack of ``fedjax-med report`` against
+  what this run's server receives (a client's update, the secure sum, a DP release).
 * ``attack inversion --workdir W [--index I]``: Inverting Gradients (Geiping et al. 2020) on the
   gradient the checkpoint's model would share for training example ``I`` (a FedSGD update of
   batch 1, label read by iDLG); writes ``W/attack_inversion.json`` (PSNR, SSIM, label recovered)
@@ -86,6 +88,22 @@ def register(subparsers) -> None:
     inv.add_argument("--index", type=int, default=0, help="training example to attack")
     inv.add_argument("--steps", type=int, default=300, help="attack optimisation steps")
     inv.add_argument("--restarts", type=int, default=2, help="restarts run together (vmap)")
+    inv.add_argument(
+        "--view",
+        choices=("gradient", "server"),
+        default="gradient",
+        help="gradient: the unprotected FedSGD gradient of training example --index at the "
+        "trained model; server: what this run's server receives (a client's update, only the "
+        "secure sum, or a DP release), the same attack as fedjax-med report",
+    )
+    inv.add_argument(
+        "--round",
+        choices=("first", "last"),
+        default="first",
+        help="with --view server: attack the first round's update (the initial model) or the "
+        "last (the trained model)",
+    )
+    inv.add_argument("--batch-size", type=int, default=1, help="with --view server: images")
     for parser in (mia, inv, audit):
         parser.add_argument("--quiet", action="store_true", help="warnings only")
         parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -126,26 +144,35 @@ def membership_attack(
     return result
 
 
+def _setting_and_privacy(workdir: str, experiment: Any):
+    """The run as a report setting (its defences) and, for a DP run, its ``privacy`` report."""
+    from fedjax_med.reporting import settings
+
+    setting = settings.Setting(
+        name=os.path.basename(os.path.normpath(workdir)), config=experiment.config
+    )
+    if not setting.private:
+        return setting, None
+    report_path = os.path.join(workdir, "report.json")
+    if not os.path.exists(report_path):
+        raise FileNotFoundError(f"'{report_path}' is missing: let the run finish first")
+    with open(report_path) as f:
+        return setting, json.load(f)["privacy"]
+
+
 def audit_attack(
     workdir: str, trials: int, mechanism: str, confidence: float, whole_run: bool = False
 ) -> dict[str, Any]:
     """:func:`fedjax_med.reporting.threats.audit` (or ``run_audit``) on the run in ``workdir``."""
-    from fedjax_med.reporting import settings, threats
+    from fedjax_med.reporting import threats
 
     experiment, params = runs.restore(workdir)
-    setting = settings.Setting(
-        name=os.path.basename(os.path.normpath(workdir)), config=experiment.config
-    )
+    setting, privacy = _setting_and_privacy(workdir, experiment)
     if not setting.private:
         raise ValueError(
             f"attack audit needs a DP run (privacy.enabled, or federated.algorithm="
             f"'dp_fedavg'); the run in '{workdir}' is not private"
         )
-    report_path = os.path.join(workdir, "report.json")
-    if not os.path.exists(report_path):
-        raise FileNotFoundError(f"'{report_path}' is missing: let the run finish first")
-    with open(report_path) as f:
-        privacy = json.load(f)["privacy"]
     if whole_run:
         result = threats.run_audit(
             setting,
@@ -228,7 +255,41 @@ def inversion_attack(workdir: str, index: int, steps: int, restarts: int) -> dic
         "psnr_random_baseline": float(image_metrics.psnr(x, noise, hi - lo)[0]),
         "steps": steps,
         "restarts": restarts,
+        "view": "gradient",
     }
+
+
+def server_view_inversion(
+    workdir: str, steps: int, restarts: int, round_: str, batch_size: int
+) -> dict[str, Any]:
+    """:func:`fedjax_med.reporting.threats.invert` on the run in ``workdir``: the attack of
+    ``fedjax-med report`` against what this run's server receives."""
+    from fedjax_med.reporting import threats
+
+    if not 1 <= batch_size <= 8:
+        raise ValueError(f"--batch-size={batch_size} must lie in [1, 8]")
+    experiment, params = runs.restore(workdir)
+    setting, privacy = _setting_and_privacy(workdir, experiment)
+    victims = threats.pick_victims(setting, experiment, batch_size)
+    attacked = runs.initial_params(experiment) if round_ == "first" else params
+    result, reconstruction = threats.invert(
+        setting,
+        experiment,
+        attacked,
+        privacy,
+        victims,
+        local_steps=1,
+        steps=steps,
+        restarts=restarts,
+        key=jax.random.key(experiment.config.seed),
+    )
+    if reconstruction is not None:
+        lo, hi = victims.bounds
+        originals = victims.images[: victims.num_victim]
+        save_gallery(
+            os.path.join(workdir, "attack_inversion.png"), originals, reconstruction, lo, hi
+        )
+    return {"attack": "inverting_gradients", "view": "server", "round": round_, **result}
 
 
 def save_gallery(path: str, originals: np.ndarray, guesses: np.ndarray, lo: float, hi: float):
@@ -258,11 +319,19 @@ def run(args: argparse.Namespace) -> int:
         )
         path, last = os.path.join(args.workdir, "attack_audit.json"), "epsilon_lower_bound"
     else:
-        result = inversion_attack(args.workdir, args.index, args.steps, args.restarts)
         path, last = os.path.join(args.workdir, "attack_inversion.json"), "psnr"
+        if args.view == "server":
+            result = server_view_inversion(
+                args.workdir, args.steps, args.restarts, args.round, args.batch_size
+            )
+            if not result.get("attacked"):
+                last = "server_sees"
+        else:
+            result = inversion_attack(args.workdir, args.index, args.steps, args.restarts)
     from fedjax_med.training import checkpoint
 
     checkpoint.write_json_atomic(path, result)
     print(json.dumps(result, indent=2))
-    print(f"{last} = {result[last]:.6g}")
+    value = result[last]
+    print(f"{last} = {value:.6g}" if isinstance(value, float) else f"{last} = {value}")
     return 0

@@ -114,3 +114,19 @@ def test_no_subsampling_needs_whole_run(dp_run, capsys):
     args = ["attack", "audit", "--workdir", str(dp_run), "--mechanism", "no_subsampling"]
     assert cli.main(args) == 2
     assert "--whole-run" in capsys.readouterr().err
+
+
+def test_server_view_inversion_of_a_dp_run_attacks_the_dp_release(dp_run):
+    args = ["attack", "inversion", "--workdir", str(dp_run), "--view", "server"]
+    assert cli.main([*args, "--steps", "10", "--restarts", "1"]) == 0
+    result = json.loads((dp_run / "attack_inversion.json").read_text())
+    assert result["view"] == "server" and result["attacked"] and result["round"] == "first"
+    assert "DP-SGD" in result["server_sees"] and result["images_behind_update"] == 1
+
+
+def test_server_view_of_a_centralized_run_is_the_images(trained, capsys):
+    capsys.readouterr()
+    assert cli.main(["attack", "inversion", "--workdir", str(trained), "--view", "server"]) == 0
+    result = json.loads((trained / "attack_inversion.json").read_text())
+    assert result["attacked"] is False
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("server_sees = the training")
