@@ -126,7 +126,12 @@ def server_view(
         loss_fn = losses.example_loss_fn(apply_fn, experiment.splits.info.task)
         grad_sum = clipping.clipped_grad_sum(loss_fn, clip_norm=c.clip_norm, method=c.method)
         total, _ = jax.jit(grad_sum.fn)(params, x, y, jnp.ones(x.shape[0], bool))
-        tx = noise.dp_aggregate(privacy["noise_multiplier"], c.clip_norm, x.shape[0], key)
+        # The trainer's relation: fixed-size batches (replace-one) noise with sensitivity 2C.
+        poisson = privacy.get("sampling", "poisson") == "poisson"
+        relation = "add_or_remove_one" if poisson else "replace_one"
+        tx = noise.dp_aggregate(
+            privacy["noise_multiplier"], c.clip_norm, x.shape[0], key, relation=relation
+        )
         release, _ = tx.update(total, tx.init(total))
         return release, "one DP-SGD step's noisy clipped gradient of the victim's batch", 0
     if not setting.federated:

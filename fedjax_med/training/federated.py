@@ -69,9 +69,10 @@ class FederatedPlan:
 class SiteBudgets:
     """Local DP-SGD accounting, one ledger per client (site): steps taken and epsilon.
 
-    Each local step of client ``k`` is the subsampled Gaussian mechanism on its ``n_k`` examples
-    (``B`` drawn without replacement, replace-one neighbours); a client whose next round would
-    pass its target epsilon is left out of every later cohort, and the round is recorded.
+    Each local step of client ``k`` is the Poisson-subsampled Gaussian mechanism on its ``n_k``
+    examples (rate ``min(B, n_k) / n_k``, add/remove-one neighbours, sensitivity ``C``; see
+    :func:`~fedjax_med.federated.client.local_dp_epsilon`); a client whose next round would pass
+    its target epsilon is left out of every later cohort, and the round is recorded.
     """
 
     names: tuple[str, ...]
@@ -579,7 +580,7 @@ def run_rounds(
             "clip_norm": float(config.privacy.clip_norm),
             "unit": "example",
             "level": "example",
-            "sampling": "shuffle",
+            "sampling": "poisson",
             "noise_seed_mode": plan.noise_seed_mode,
             "per_site_epsilon": per_site_eps,
             "per_site_target_epsilon": {
@@ -589,7 +590,8 @@ def run_rounds(
             "site_budget_exhausted_at_round": dict(b.exhausted_at_round),
             "guarantee": (
                 f"each site's training examples are ({worst:.4g}, {b.delta:.3g})-DP or better "
-                "against everyone outside the site (local DP-SGD, replace-one example); "
+                "against everyone outside the site (local DP-SGD with Poisson sampling, "
+                "add/remove-one example); "
                 "per_site_epsilon gives each site's own value"
             ),
         }

@@ -117,6 +117,9 @@ def test_local_dp_sgd_reports_each_site(tmp_path):
         client_lib.local_dp_epsilon(1.0, 8, n0, 6, 1e-3), rel=1e-6
     )
     assert privacy["epsilon"] == max(eps.values())
+    # The report names what the client code runs and the accountant assumes: Poisson rows,
+    # add/remove-one neighbours (local_dp_epsilon is dpsgd_event with Poisson sampling).
+    assert privacy["sampling"] == "poisson" and "add/remove-one" in privacy["guarantee"]
 
 
 def test_personalization_reports_each_site(tmp_path):
