@@ -1,7 +1,11 @@
 """Which clients take part in a round: host NumPy samplers, seeded and stateless by round.
 
-Round ``t`` of a sampler with seed ``s`` draws from ``np.random.default_rng([s, t])``, so any round
-can be replayed (e.g. after resuming from a checkpoint) without replaying the rounds before it.
+Round ``t`` draws from the sampler's :class:`~fedjax_med.randomness.Randomness` (stream
+:data:`~fedjax_med.randomness.COHORTS`): in ``reproducible`` mode ``np.random.default_rng([s, t])``
+for seed ``s``, so any round can be replayed (e.g. after resuming from a checkpoint) without
+replaying the rounds before it; in ``secure`` mode a fresh ChaCha20 generator keyed by the
+operating system, so the cohort (whose secrecy client-level amplification assumes) cannot be
+recomputed from the seed.
 A draw is a :class:`Cohort`: ``C`` client slots (sampled clients first, then padding slots that
 point at client 0) and a mask, so the number of sampled clients never changes array shapes.
 
@@ -23,6 +27,8 @@ import logging
 
 import numpy as np
 from scipy import stats
+
+from fedjax_med import randomness as randomness_lib
 
 logger = logging.getLogger("fedjax_med")
 
@@ -52,6 +58,14 @@ class Cohort:
     def sampled(self) -> np.ndarray:
         """The sampled client indices, without padding."""
         return self.indices[self.mask]
+
+
+def _generator(
+    seed: int, randomness: randomness_lib.Randomness | None, round_num: int
+) -> np.random.Generator:
+    if randomness is None:
+        randomness = randomness_lib.Randomness("reproducible", int(seed))
+    return randomness.generator(randomness_lib.COHORTS, round_num)
 
 
 def padded_cohort(sampled: np.ndarray, capacity: int) -> Cohort:
@@ -88,6 +102,7 @@ class UniformSampler:
     num_clients: int
     cohort_size: int
     seed: int
+    randomness: randomness_lib.Randomness | None = None
 
     def __post_init__(self):
         if not 1 <= self.cohort_size <= self.num_clients:
@@ -96,7 +111,7 @@ class UniformSampler:
             )
 
     def sample(self, round_num: int) -> Cohort:
-        rng = np.random.default_rng([self.seed, round_num])
+        rng = _generator(self.seed, self.randomness, round_num)
         chosen = np.sort(rng.choice(self.num_clients, self.cohort_size, replace=False))
         return padded_cohort(chosen, self.cohort_size)
 
@@ -145,6 +160,7 @@ class PoissonSampler:
     seed: int
     capacity: int | None = None
     overflow_prob: float = 1e-6
+    randomness: randomness_lib.Randomness | None = None
 
     def __post_init__(self):
         if not 0 < self.rate <= 1:
@@ -161,7 +177,7 @@ class PoissonSampler:
         return self.rate * self.num_clients
 
     def sample(self, round_num: int) -> Cohort:
-        rng = np.random.default_rng([self.seed, round_num])
+        rng = _generator(self.seed, self.randomness, round_num)
         chosen = np.flatnonzero(rng.random(self.num_clients) < self.rate)
         if chosen.size > self.capacity:
             logger.warning(

@@ -27,8 +27,6 @@ correct.
 from __future__ import annotations
 
 import math
-import secrets
-import zlib
 from typing import Any, NamedTuple
 
 import jax
@@ -36,13 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_med import randomness
 from fedjax_med.privacy import clipping
 
 PyTree = Any
 
 # The named stream of the run's root key that the noise key is derived from:
 # fold_in(key(seed), NOISE_STREAM). Other consumers of the seed use other streams.
-NOISE_STREAM = zlib.crc32(b"noise")
+NOISE_STREAM = randomness.NOISE
 SEED_MODES = ("reproducible", "secure", "auto")
 
 
@@ -53,9 +52,9 @@ def make_noise_key(seed: int | None, mode: str = "reproducible") -> tuple[jax.Ar
       seed: the run's integer seed (used only in reproducible mode).
       mode: ``"reproducible"``: ``fold_in(jax.random.key(seed), NOISE_STREAM)``, so a rerun with
         the same seed draws the same noise (anyone who knows the seed can also subtract the noise,
-        so use it for experiments, not for releasing models); ``"secure"``: every word of the key
-        comes from the operating system's CSPRNG (:mod:`secrets`, at least 64 bits), never from
-        ``seed``; ``"auto"``: reproducible if ``seed`` is given, secure otherwise.
+        so use it for experiments, not for releasing models); ``"secure"``: all 128 bits of the key
+        come from the operating system's CSPRNG (:func:`fedjax_med.randomness.secure_key`), never
+        from ``seed``; ``"auto"``: reproducible if ``seed`` is given, secure otherwise.
 
     Returns:
       ``(key, mode_used)`` with ``mode_used`` in ``("reproducible", "secure")``.
@@ -74,11 +73,7 @@ def make_noise_key(seed: int | None, mode: str = "reproducible") -> tuple[jax.Ar
             raise ValueError(f"{seed=} must be an integer in reproducible mode")
         return jax.random.fold_in(jax.random.key(int(seed)), NOISE_STREAM), mode
     if mode == "secure":
-        words = jax.random.key_data(jax.random.key(0)).shape
-        data = np.array(
-            [secrets.randbits(32) for _ in range(math.prod(words))], dtype=np.uint32
-        ).reshape(words)
-        return jax.random.wrap_key_data(data), mode
+        return randomness.secure_key(), mode
     raise ValueError(f"{mode=} must be one of {SEED_MODES}")
 
 

@@ -18,8 +18,12 @@ source of wrong guarantees (Lebeda et al. 2024, https://arxiv.org/abs/2405.20769
 * :class:`ShuffledSampler`: fixed-size batches drawn without replacement, which must be accounted
   with ``SampledWithoutReplacementDpEvent`` under replace-one neighbouring.
 
-All samplers are stateless in the step: ``sample(step)`` draws from
-``np.random.default_rng([seed, step])``, so a resumed run sees exactly the same batches.
+All samplers are stateless in the step: ``sample(step)`` draws from the run's
+:class:`~fedjax_med.randomness.Randomness` (stream :data:`~fedjax_med.randomness.BATCHES`). In
+``reproducible`` mode that is ``np.random.default_rng([seed, step])``, so a resumed run sees
+exactly the same batches; in ``secure`` mode every step draws from a fresh ChaCha20 generator
+keyed by the operating system, so nobody who knows the seed can tell which steps used an example
+(the hidden batch is what amplification by subsampling assumes).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
+
+from fedjax_med import randomness as randomness_lib
 
 
 class BatchChunk(NamedTuple):
@@ -105,6 +111,14 @@ def poisson_batch_capacity(
     return -(-capacity // multiple_of) * multiple_of
 
 
+def _randomness(
+    seed: int, randomness: randomness_lib.Randomness | None
+) -> randomness_lib.Randomness:
+    if randomness is None:
+        return randomness_lib.Randomness("reproducible", int(seed))
+    return randomness
+
+
 def _pad(values: np.ndarray, capacity: int, dtype) -> tuple[np.ndarray, np.ndarray]:
     padded = np.zeros(capacity, dtype)
     padded[: len(values)] = values
@@ -120,7 +134,8 @@ class PoissonSampler:
       num_examples: dataset size ``N``.
       sampling_rate: ``q`` in ``(0, 1]``; the expected batch size is ``q N``.
       capacity: padded chunk size (default :func:`poisson_batch_capacity`).
-      seed: integer seed; ``sample(step)`` uses ``np.random.default_rng([seed, step])``.
+      seed: integer seed of reproducible mode.
+      randomness: where the draws come from (default: reproducible from ``seed``).
 
     Guarantees:
       The set of sampled examples has exactly the distribution of ``PoissonSampledDpEvent(q, .)``
@@ -134,7 +149,12 @@ class PoissonSampler:
     """
 
     def __init__(
-        self, num_examples: int, sampling_rate: float, capacity: int | None = None, seed: int = 0
+        self,
+        num_examples: int,
+        sampling_rate: float,
+        capacity: int | None = None,
+        seed: int = 0,
+        randomness: randomness_lib.Randomness | None = None,
     ):
         _check_positive_int(num_examples, "num_examples")
         _check_sampling_rate(sampling_rate)
@@ -145,6 +165,7 @@ class PoissonSampler:
         self.sampling_rate = float(sampling_rate)
         self.capacity = int(capacity)
         self.seed = int(seed)
+        self.randomness = _randomness(seed, randomness)
 
     @property
     def expected_batch_size(self) -> float:
@@ -152,8 +173,8 @@ class PoissonSampler:
         return self.sampling_rate * self.num_examples
 
     def sample(self, step: int) -> SampledBatch:
-        """Draws the batch of ``step`` (a pure function of ``seed`` and ``step``)."""
-        rng = np.random.default_rng([self.seed, int(step)])
+        """Draws the batch of ``step`` (reproducible: a pure function of ``seed`` and ``step``)."""
+        rng = self.randomness.generator(randomness_lib.BATCHES, step)
         selected = np.flatnonzero(rng.random(self.num_examples) < self.sampling_rate)
         chunks = []
         for start in range(0, max(len(selected), 1), self.capacity):
@@ -174,10 +195,17 @@ class ShuffledSampler:
     Args:
       num_examples: dataset size ``N``.
       batch_size: ``b`` in ``[1, N]``.
-      seed: integer seed; ``sample(step)`` uses ``np.random.default_rng([seed, step])``.
+      seed: integer seed of reproducible mode.
+      randomness: where the draws come from (default: reproducible from ``seed``).
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int = 0):
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        seed: int = 0,
+        randomness: randomness_lib.Randomness | None = None,
+    ):
         _check_positive_int(num_examples, "num_examples")
         _check_positive_int(batch_size, "batch_size")
         if batch_size > num_examples:
@@ -186,6 +214,7 @@ class ShuffledSampler:
         self.batch_size = int(batch_size)
         self.capacity = int(batch_size)
         self.seed = int(seed)
+        self.randomness = _randomness(seed, randomness)
 
     @property
     def sampling_rate(self) -> float:
@@ -198,7 +227,7 @@ class ShuffledSampler:
 
     def sample(self, step: int) -> SampledBatch:
         """Draws the batch of ``step``: one chunk, all slots real."""
-        rng = np.random.default_rng([self.seed, int(step)])
+        rng = self.randomness.generator(randomness_lib.BATCHES, step)
         indices = np.sort(rng.choice(self.num_examples, self.batch_size, replace=False))
         chunk = BatchChunk(indices.astype(np.int64), np.ones(self.batch_size, bool))
         return SampledBatch((chunk,), self.batch_size, self.batch_size)
@@ -219,7 +248,8 @@ class PoissonUnitSampler:
       max_per_unit: ``k >= 1``.
       capacity: example slots per chunk, ``>= k`` (default: enough for
         :func:`poisson_batch_capacity` units of ``min(k, largest unit)`` examples each).
-      seed: integer seed; ``sample(step)`` uses ``np.random.default_rng([seed, step])``.
+      seed: integer seed of reproducible mode.
+      randomness: where the draws come from (default: reproducible from ``seed``).
 
     Guarantees:
       The set of sampled units is ``PoissonSampledDpEvent(q, .)`` over units, and each sampled
@@ -233,6 +263,7 @@ class PoissonUnitSampler:
         max_per_unit: int,
         capacity: int | None = None,
         seed: int = 0,
+        randomness: randomness_lib.Randomness | None = None,
     ):
         unit_ids = np.asarray(unit_ids)
         if unit_ids.ndim != 1 or len(unit_ids) == 0:
@@ -254,6 +285,7 @@ class PoissonUnitSampler:
         self.max_per_unit = int(max_per_unit)
         self.capacity = int(capacity)
         self.seed = int(seed)
+        self.randomness = _randomness(seed, randomness)
 
     @property
     def num_units(self) -> int:
@@ -270,8 +302,8 @@ class PoissonUnitSampler:
         return self.sampling_rate * self.num_units
 
     def sample(self, step: int) -> SampledBatch:
-        """Draws the batch of ``step`` (a pure function of ``seed`` and ``step``)."""
-        rng = np.random.default_rng([self.seed, int(step)])
+        """Draws the batch of ``step`` (reproducible: a pure function of ``seed`` and ``step``)."""
+        rng = self.randomness.generator(randomness_lib.BATCHES, step)
         sampled_units = np.flatnonzero(rng.random(self.num_units) < self.sampling_rate)
         groups = []
         for unit in sampled_units:
