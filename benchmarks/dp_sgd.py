@@ -14,11 +14,11 @@ Two settings, the same model and batch for every variant:
 Variants, each one training step with plain SGD:
 
 * ``jax_nonprivate``: the trainer's jitted non-private step
-  (:func:`fedjax_med.training.central.make_train_step`, mean loss, one update);
+  (:func:`fedjax_med.trainers.central.make_train_step`, mean loss, one update);
 * ``jax_dp_vmap`` / ``jax_dp_ghost``: the trainer's DP-SGD step, a jitted
   :func:`fedjax_med.privacy.clipping.clipped_grad_sum` (``method="vmap"`` or ``"ghost"``) then the
   jitted ``optax.chain(dp_aggregate(...), sgd)`` update of
-  :func:`fedjax_med.training.private.make_apply_fn`; the faster one is "our DP";
+  :func:`fedjax_med.trainers.dp_sgd.make_apply_fn`; the faster one is "our DP";
 * with PyTorch and Opacus installed, JAX on CPU and no ``--no-opacus``: ``torch_nonprivate``,
   and Opacus DP-SGD in its hooks mode (``opacus_hooks``) and ghost clipping mode
   (``opacus_ghost``), on PyTorch modules written to match ours layer for layer (same parameter

@@ -14,7 +14,7 @@ batch ``B = 32`` (:func:`fedjax_med.federated.client.make_local_update`, plain S
 * ``vmap``: the whole cohort as one jitted program (``backend="vmap"``); with several devices
   also ``sharded`` (the cohort split over a ``clients`` mesh);
 * ``centralized``: the trainer's non-private jitted step
-  (:func:`fedjax_med.training.central.make_train_step`, mean loss, SGD) taken ``K * S`` times
+  (:func:`fedjax_med.trainers.central.make_train_step`, mean loss, SGD) taken ``K * S`` times
   on batches of ``B`` drawn in turn from the same ``K * 64`` examples, i.e. the same number of
   SGD steps of the same batch size as all clients together (``K * S * B`` examples).
 
@@ -64,7 +64,7 @@ from fedjax_med.federated import algorithms, sampling
 from fedjax_med.federated import client as client_lib
 from fedjax_med.federated import for_each_client as fec
 from fedjax_med.models import registry
-from fedjax_med.training import central
+from fedjax_med.trainers import central
 from fedjax_med.training import state as state_lib
 
 TARGET_K = "64"
@@ -168,7 +168,7 @@ def random_clients(num_clients: int, examples: int, size: int, seed: int):
 def make_centralized(step: Callable, params: Any, data: client_lib.ClientData, setting: Setting):
     """``run()``: ``K * S`` trainer steps of batch ``B`` over the cohort's pooled examples.
 
-    ``step`` is :func:`fedjax_med.training.central.make_train_step` with plain SGD.
+    ``step`` is :func:`fedjax_med.trainers.central.make_train_step` with plain SGD.
     """
     state = state_lib.TrainState(
         step=jnp.zeros((), jnp.int32),

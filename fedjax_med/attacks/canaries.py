@@ -11,7 +11,7 @@ https://arxiv.org/abs/2101.04535).
 * :func:`audit_dp_sgd_step`: the canary is one *example* added to a batch; the batch goes
   through :func:`fedjax_med.privacy.clipping.clipped_grad_sum` and the noise through
   :func:`fedjax_med.privacy.noise.dp_aggregate`, exactly as in
-  :mod:`fedjax_med.training.private`. The attacker knows the model and the other examples
+  :mod:`fedjax_med.trainers.dp_sgd`. The attacker knows the model and the other examples
   (the worst case DP allows) and scores the release's projection on the canary's gradient
   direction, the white-box gradient canary of Nasr et al., USENIX Security 2023
   (https://arxiv.org/abs/2302.07956).

@@ -75,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(describe)
 
     try:
-        from fedjax_med.privacy import cli as privacy_cli
+        from fedjax_med.cli import privacy as privacy_cli
     except ImportError:  # the privacy package is optional in stripped-down installs
         privacy_cli = None
     if privacy_cli is not None:
         privacy_cli.register(sub)
-    from fedjax_med.attacks import cli as attack_cli
+    from fedjax_med.cli import attack as attack_cli
 
     attack_cli.register(sub)
 
@@ -116,25 +116,18 @@ def run_train(args, overrides: Sequence[str]) -> int:
     from fedjax_med.config import loading
 
     config = loading.load_config(args.config, overrides)
-    if config.trainer == "federated":
-        from fedjax_med.training import federated
+    from fedjax_med.trainers import registry  # after the config checks: jax loads slowly
 
-        result = federated.run_rounds(config, args.workdir, resume=args.resume, quiet=args.quiet)
-    else:
-        from fedjax_med.training import central
-
-        result = central.train_and_evaluate(
-            config, args.workdir, resume=args.resume, quiet=args.quiet
-        )
+    result = registry.train(config, args.workdir, resume=args.resume, quiet=args.quiet)
     print(json.dumps(result.get("metrics", result), indent=2))
     print(f"report: {os.path.join(args.workdir, 'report.json')}")
     return 0
 
 
 def run_eval(args) -> int:
-    from fedjax_med.training import central
+    from fedjax_med.trainers import registry
 
-    print(json.dumps(central.evaluate_workdir(args.workdir, args.split), indent=2))
+    print(json.dumps(registry.evaluate_workdir(args.workdir, args.split), indent=2))
     return 0
 
 
@@ -195,11 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return run_report(args, overrides)
         if args.command == "attack":
-            from fedjax_med.attacks import cli as attack_cli
+            from fedjax_med.cli import attack as attack_cli
 
             return attack_cli.run(args)
         if args.command == "privacy":
-            from fedjax_med.privacy import cli as privacy_cli
+            from fedjax_med.cli import privacy as privacy_cli
 
             return privacy_cli.run(args)
         parser.error(f"unknown command {args.command}")

@@ -33,10 +33,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from fedjax_med.attacks import runs
 from fedjax_med.config import loading
-from fedjax_med.reporting import markdown, plots, threats
+from fedjax_med.reporting import markdown, plots, runs, threats
 from fedjax_med.reporting import settings as settings_lib
+from fedjax_med.trainers import registry as trainers
 from fedjax_med.training import checkpoint
 from fedjax_med.training import report as report_lib
 
@@ -75,14 +75,7 @@ def train_setting(setting: settings_lib.Setting, run_dir: str, quiet: bool) -> t
                 f"'{setting.name}'; choose a new --workdir or delete that folder"
             )
         resume = True
-    if setting.federated:
-        from fedjax_med.training import federated
-
-        federated.run_rounds(setting.config, run_dir, resume=resume, quiet=quiet)
-    else:
-        from fedjax_med.training import central
-
-        central.train_and_evaluate(setting.config, run_dir, resume=resume, quiet=quiet)
+    trainers.train(setting.config, run_dir, resume=resume, quiet=quiet)
     with open(report_path) as f:
         return json.load(f), "resumed" if resume else "trained"
 

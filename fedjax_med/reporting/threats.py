@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_med.attacks import canaries, gradient_inversion, image_metrics, runs
+from fedjax_med.attacks import canaries, gradient_inversion, image_metrics
 from fedjax_med.federated import dp_fedavg
 from fedjax_med.privacy import clipping, noise
+from fedjax_med.reporting import runs
 from fedjax_med.reporting import settings as settings_lib
 from fedjax_med.training import losses
 

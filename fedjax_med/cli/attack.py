@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_med.attacks import gradient_inversion, image_metrics, runs
+from fedjax_med.attacks import gradient_inversion, image_metrics
+from fedjax_med.reporting import runs, settings, threats
+from fedjax_med.training import checkpoint
 
 
 def register(subparsers) -> None:
@@ -146,8 +148,6 @@ def membership_attack(
 
 def _setting_and_privacy(workdir: str, experiment: Any):
     """The run as a report setting (its defences) and, for a DP run, its ``privacy`` report."""
-    from fedjax_med.reporting import settings
-
     setting = settings.Setting(
         name=os.path.basename(os.path.normpath(workdir)), config=experiment.config
     )
@@ -164,8 +164,6 @@ def audit_attack(
     workdir: str, trials: int, mechanism: str, confidence: float, whole_run: bool = False
 ) -> dict[str, Any]:
     """:func:`fedjax_med.reporting.threats.audit` (or ``run_audit``) on the run in ``workdir``."""
-    from fedjax_med.reporting import threats
-
     experiment, params = runs.restore(workdir)
     setting, privacy = _setting_and_privacy(workdir, experiment)
     if not setting.private:
@@ -264,8 +262,6 @@ def server_view_inversion(
 ) -> dict[str, Any]:
     """:func:`fedjax_med.reporting.threats.invert` on the run in ``workdir``: the attack of
     ``fedjax-med report`` against what this run's server receives."""
-    from fedjax_med.reporting import threats
-
     if not 1 <= batch_size <= 8:
         raise ValueError(f"--batch-size={batch_size} must lie in [1, 8]")
     experiment, params = runs.restore(workdir)
@@ -328,8 +324,6 @@ def run(args: argparse.Namespace) -> int:
                 last = "server_sees"
         else:
             result = inversion_attack(args.workdir, args.index, args.steps, args.restarts)
-    from fedjax_med.training import checkpoint
-
     checkpoint.write_json_atomic(path, result)
     print(json.dumps(result, indent=2))
     value = result[last]

@@ -13,7 +13,8 @@ import pytest
 from fedjax_med.config import base, schema
 from fedjax_med.data import sources
 from fedjax_med.privacy import clipping
-from fedjax_med.training import central, losses
+from fedjax_med.trainers import central
+from fedjax_med.training import losses
 
 PRIVACY_KEYS = (
     "epsilon",

@@ -1,9 +1,8 @@
 """Attacks against a trained run: restore its model, score its members, bound its pixels.
 
-Shared by ``fedjax-med attack`` (one workdir) and ``fedjax-med report`` (many settings). A run is
-either a centralized :class:`~fedjax_med.training.central.Experiment` or a federated
-:class:`~fedjax_med.training.federated.FederatedPlan`; both carry ``config``, ``splits``,
-``normalizer`` and ``model``, which is all the attacks need.
+Shared by ``fedjax-med attack`` (one workdir) and ``fedjax-med report`` (many settings). A run is a
+:class:`~fedjax_med.trainers.run.Run` (``config``, ``splits``, ``normalizer``, ``model`` and
+parameters), which is all the attacks need.
 """
 
 from __future__ import annotations
@@ -14,37 +13,25 @@ import jax
 import numpy as np
 
 from fedjax_med.attacks import membership
+from fedjax_med.trainers import registry
+from fedjax_med.trainers import run as run_lib
+from fedjax_med.training import evaluate, losses
 
 
-def restore(workdir: str) -> tuple[Any, Any]:
-    """The experiment (data, normaliser, model) and parameters of the run in ``workdir``."""
-    from fedjax_med.training import central
-
-    if central.load_workdir_config(workdir).trainer == "federated":
-        from fedjax_med.training import federated
-
-        experiment, state = federated.restore_for_eval(workdir)
-    else:
-        experiment, state = central.restore_for_eval(workdir)
-    return experiment, state.params
+def restore(workdir: str) -> tuple[run_lib.Run, Any]:
+    """The run of ``workdir`` (data, normaliser, model) and its latest parameters."""
+    run = registry.restore(workdir)
+    return run, run.params
 
 
-def initial_params(experiment: Any) -> Any:
+def initial_params(run: run_lib.Run) -> Any:
     """The parameters the run started from (the trainers' own initialisation from the seed):
     the model of the first round, whose updates a curious server sees first."""
-    if hasattr(experiment, "federation"):
-        from fedjax_med.training import federated
-
-        return federated.init_server_state(experiment).params
-    from fedjax_med.training import central
-
-    return central.init_state(experiment).params
+    return run.initial_params
 
 
 def split_losses(experiment: Any, params: Any, split: str) -> np.ndarray:
     """Per-example losses of the model on ``split`` (``train``, ``val`` or ``test``)."""
-    from fedjax_med.training import evaluate
-
     predict = evaluate.make_predict_fn(experiment.model.apply, experiment.splits.info.task)
     _, losses = evaluate.predict_dataset(
         predict,
@@ -107,8 +94,6 @@ class LiraShadows:
         seed: int,
         key: Any,
     ):
-        from fedjax_med.training import losses
-
         if num_models < 2:
             raise ValueError(f"{num_models=} must be >= 2 (LiRA fits IN and OUT Gaussians)")
         if pool_size < 4:

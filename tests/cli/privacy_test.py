@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from fedjax_med.privacy import accounting, cli
+from fedjax_med.cli import privacy as cli
+from fedjax_med.privacy import accounting
 
 
 def _parser():

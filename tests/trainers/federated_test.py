@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedjax_med.config import loading
-from fedjax_med.training import central, federated
+from fedjax_med.trainers import federated, registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -88,7 +88,7 @@ def test_eval_command_reads_federated_checkpoint(fedavg_run):
     workdir, report = fedavg_run
     _, state = federated.restore_for_eval(workdir)
     assert int(state.round) == 3
-    result = central.evaluate_workdir(workdir, "test")
+    result = registry.evaluate_workdir(workdir, "test")
     assert result["metrics"]["test_accuracy"] == pytest.approx(report["metrics"]["test_accuracy"])
     leaves = jax.tree.leaves(state.params)
     assert all(np.isfinite(np.asarray(x)).all() for x in leaves)

@@ -17,7 +17,6 @@ checkpoint therefore continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -34,27 +33,18 @@ import tqdm
 
 from fedjax_med.config import loading
 from fedjax_med.data import dataset as dataset_lib
-from fedjax_med.data import pipeline, preprocess, sources
+from fedjax_med.data import pipeline, preprocess
 from fedjax_med.models import registry
-from fedjax_med.training import (
-    checkpoint,
-    evaluate,
-    losses,
-    optimizers,
-    parallel,
-    private,
-    report,
-)
+from fedjax_med.trainers import dp_sgd
+from fedjax_med.trainers import run as run_lib
+from fedjax_med.training import checkpoint, evaluate, losses, optimizers, parallel, report, setup
 from fedjax_med.training import state as state_lib
+from fedjax_med.training import workdir as workdir_lib
 
 logger = logging.getLogger("fedjax_med")
 
 STREAM_PARAMS = 0
 STREAM_STEPS = 1
-
-
-class WorkdirError(ValueError):
-    """The workdir holds a run that this command would overwrite, or none to resume."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,40 +56,18 @@ class Experiment:
     normalizer: preprocess.Normalizer
     model: registry.Model
     optimizer: optax.GradientTransformation
-    plan: private.PrivatePlan | None = None  # DP-SGD plan when config.privacy.enabled
-
-
-def build_data_and_model(
-    config: ml_collections.ConfigDict,
-) -> tuple[dataset_lib.DatasetSplits, preprocess.Normalizer, registry.Model]:
-    """The splits of ``config.data``, their normaliser and the model sized for them."""
-    splits = sources.load_splits(config.data, config.seed)
-    info = splits.info
-    normalizer = preprocess.fit_normalizer(
-        splits.train,
-        len(info.site_names),
-        method=config.data.normalization,
-        mean=config.data.mean,
-        std=config.data.std,
-    )
-    model = registry.get_model(
-        config.model.name,
-        input_shape=info.image_shape,
-        num_outputs=info.num_outputs,
-        **config.model.kwargs.to_dict(),
-    )
-    return splits, normalizer, model
+    plan: dp_sgd.PrivatePlan | None = None  # DP-SGD plan when config.privacy.enabled
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     """Loads the data and builds normaliser, model and optimizer from ``config``."""
-    splits, normalizer, model = build_data_and_model(config)
+    splits, normalizer, model = setup.build_data_and_model(config)
     optimizer = optimizers.make_optimizer(config.optimizer, config.train.steps)
     plan = None
     if config.privacy.enabled:
         num_devices = parallel.make_data_parallel(config.train.num_devices).size
-        plan = private.make_plan(config, splits.train, num_devices)
-        optimizer = private.make_private_optimizer(plan, optimizer)
+        plan = dp_sgd.make_plan(config, splits.train, num_devices)
+        optimizer = dp_sgd.make_private_optimizer(plan, optimizer)
     return Experiment(config, splits, normalizer, model, optimizer, plan)
 
 
@@ -163,8 +131,8 @@ def make_step_runner(experiment: Experiment, devices: parallel.DataParallel) -> 
         return run
 
     plan = experiment.plan
-    grad_sum = private.make_grad_sum_fn(config, experiment.model.apply, info.task, plan)
-    apply_update = private.make_apply_fn(experiment.optimizer)
+    grad_sum = dp_sgd.make_grad_sum_fn(config, experiment.model.apply, info.task, plan)
+    apply_update = dp_sgd.make_apply_fn(experiment.optimizer)
 
     def run(state, step):
         batch = plan.sampler.sample(step)
@@ -179,13 +147,13 @@ def make_step_runner(experiment: Experiment, devices: parallel.DataParallel) -> 
                 devices.shard_batch(chunk.mask),
                 devices.shard_batch(unit_index),
             )
-            total = private.add_trees(total, chunk_sum)
+            total = dp_sgd.add_trees(total, chunk_sum)
             count = int(aux["count"])
             clipped += int(aux["num_clipped"])
             units += count
             norm_sum += float(aux["mean_grad_norm"]) * count
         state = apply_update(state, total)
-        norm = private.finite_or_raise(norm_sum / max(units, 1), "mean gradient norm", step)
+        norm = dp_sgd.finite_or_raise(norm_sum / max(units, 1), "mean gradient norm", step)
         return state, {
             "clipped_fraction": clipped / max(units, 1),
             "grad_norm": norm,
@@ -224,43 +192,6 @@ def eval_batch_for(batch_size: int, num_devices: int) -> int:
     return -(-batch_size // num_devices) * num_devices
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def rewrite_metrics(path: str, records: list[dict[str, Any]]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for record in records:
-            f.write(json.dumps(report.json_safe(record)) + "\n")
-    os.replace(tmp, path)
-
-
-def append_metrics(path: str, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(report.json_safe(record)) + "\n")
-        f.flush()
-
-
-def prepare_workdir(workdir: str, resume: bool) -> checkpoint.Checkpointer:
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    has_checkpoint = os.path.isdir(ckpt_dir) and any(
-        name.isdigit() for name in os.listdir(ckpt_dir)
-    )
-    if has_checkpoint and not resume:
-        raise WorkdirError(
-            f"workdir '{workdir}' already holds a run; pass --resume to continue it or choose "
-            "a new --workdir"
-        )
-    if resume and not has_checkpoint:
-        raise WorkdirError(f"--resume: workdir '{workdir}' has no checkpoint to resume from")
-    os.makedirs(workdir, exist_ok=True)
-    return checkpoint.Checkpointer(ckpt_dir)
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -274,7 +205,7 @@ def train_and_evaluate(
     ``stop_at_step`` ends the run early after checkpointing that step, as a preemption would;
     calling again with ``resume=True`` finishes it exactly.
     """
-    checkpointer = prepare_workdir(workdir, resume)
+    checkpointer = workdir_lib.prepare_workdir(workdir, resume)
     experiment = build_experiment(config)
     info = experiment.splits.info
     train_cfg = config.train
@@ -292,11 +223,11 @@ def train_and_evaluate(
         state, metadata = checkpointer.restore(latest, state)
         elapsed.update(metadata["elapsed"])
         if is_chief:
-            kept = [r for r in read_metrics(metrics_path) if r["step"] <= latest]
-            rewrite_metrics(metrics_path, kept)
+            kept = [r for r in workdir_lib.read_metrics(metrics_path) if r["step"] <= latest]
+            workdir_lib.rewrite_metrics(metrics_path, kept)
         logger.info("resumed from step %d", latest)
     elif is_chief:
-        rewrite_metrics(metrics_path, [])
+        workdir_lib.rewrite_metrics(metrics_path, [])
     if is_chief:
         checkpoint.write_json_atomic(
             os.path.join(workdir, "config.json"), loading.to_json_dict(config)
@@ -331,13 +262,13 @@ def train_and_evaluate(
         record = {"step": step, "split": split, **evaluate.prefixed(result["metrics"], split)}
         record.update(extra)
         if is_chief:
-            append_metrics(metrics_path, record)
+            workdir_lib.append_metrics(metrics_path, record)
         return result
 
     start = int(state.step)
     end = train_cfg.steps if stop_at_step is None else min(stop_at_step, train_cfg.steps)
     if ledger is not None:
-        allowed = private.allowed_steps(ledger, end - start)
+        allowed = dp_sgd.allowed_steps(ledger, end - start)
         if allowed < end - start:
             logger.warning(
                 "privacy budget epsilon=%.4g allows only %d more steps: stopping at step %d",
@@ -401,7 +332,7 @@ def train_and_evaluate(
     test = run_eval(final_step, "test", {})
     extra = {}
     if plan is not None:
-        extra["privacy"] = private.privacy_report(plan, ledger, config)
+        extra["privacy"] = dp_sgd.privacy_report(plan, ledger, config)
         extra["privacy"]["stopped_by_budget"] = stopped_by_budget
     result = report.build_report(
         config=config,
@@ -437,52 +368,36 @@ def train_and_evaluate(
     return result
 
 
-def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    """The validated config a run saved in ``workdir/config.json``."""
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path):
-        raise WorkdirError(f"workdir '{workdir}' has no config.json (was it trained here?)")
-    with open(config_path) as f:
-        return loading.from_json_dict(json.load(f))
-
-
 def restore_for_eval(workdir: str) -> tuple[Experiment, state_lib.TrainState]:
     """Rebuilds the experiment of ``workdir`` from its config.json and its latest checkpoint."""
-    config = load_workdir_config(workdir)
+    config = workdir_lib.load_workdir_config(workdir)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     latest = checkpointer.latest_step()
     if latest is None:
-        raise WorkdirError(f"workdir '{workdir}' has no checkpoint")
+        raise workdir_lib.WorkdirError(f"workdir '{workdir}' has no checkpoint")
     experiment = build_experiment(config)
     state, _ = checkpointer.restore(latest, init_state(experiment))
     checkpointer.close()
     return experiment, state
 
 
-def evaluate_workdir(workdir: str, split: str = "test") -> dict[str, Any]:
-    """Evaluates the latest checkpoint of ``workdir`` on ``split``; writes eval_<split>.json."""
-    if load_workdir_config(workdir).trainer == "federated":
-        from fedjax_med.training import federated
-
-        experiment, state = federated.restore_for_eval(workdir)
-        step = int(state.round)
-    else:
-        experiment, state = restore_for_eval(workdir)
-        step = int(state.step)
-    predict_fn = evaluate.make_predict_fn(experiment.model.apply, experiment.splits.info.task)
-    result = evaluate.evaluate(
-        predict_fn,
-        state.params,
-        experiment.splits.split(split),
-        experiment.splits.info,
-        experiment.normalizer,
-        experiment.config.train.eval_batch_size,
+def restore(workdir: str) -> run_lib.Run:
+    """The centralized run of ``workdir`` as a :class:`~fedjax_med.trainers.run.Run`."""
+    experiment, state = restore_for_eval(workdir)
+    return run_lib.Run(
+        trainer="central",
+        config=experiment.config,
+        splits=experiment.splits,
+        normalizer=experiment.normalizer,
+        model=experiment.model,
+        params=state.params,
+        initial_params=init_state(experiment).params,
+        step=int(state.step),
     )
-    out = {
-        "step": step,
-        "split": split,
-        "metrics": evaluate.prefixed(result["metrics"], split),
-        "per_site": {k: evaluate.prefixed(v, split) for k, v in result["per_site"].items()},
-    }
-    checkpoint.write_json_atomic(os.path.join(workdir, f"eval_{split}.json"), out)
-    return out
+
+
+def _train(config, workdir, *, resume=False, quiet=False, stop_at=None):
+    return train_and_evaluate(config, workdir, resume=resume, quiet=quiet, stop_at_step=stop_at)
+
+
+TRAINER = run_lib.Trainer(name="central", train=_train, restore=restore)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fedjax_med.config import base, schema
-from fedjax_med.training import central
+from fedjax_med.trainers import central, registry
+from fedjax_med.training import workdir as workdir_lib
 
 REPORT_METRICS = ("test_accuracy", "test_auroc", "test_balanced_accuracy", "test_ece", "test_loss")
 
@@ -69,12 +70,12 @@ def test_metrics_jsonl_has_one_line_per_eval(finished_run):
 
 def test_existing_workdir_needs_resume(finished_run):
     workdir, _ = finished_run
-    with pytest.raises(central.WorkdirError, match="--resume"):
+    with pytest.raises(workdir_lib.WorkdirError, match="--resume"):
         central.train_and_evaluate(tiny_config(), workdir, quiet=True)
 
 
 def test_resume_without_checkpoint_fails(tmp_path):
-    with pytest.raises(central.WorkdirError, match="no checkpoint"):
+    with pytest.raises(workdir_lib.WorkdirError, match="no checkpoint"):
         central.train_and_evaluate(tiny_config(), str(tmp_path), resume=True, quiet=True)
 
 
@@ -98,7 +99,7 @@ def test_resume_equals_uninterrupted(finished_run, tmp_path):
 
 def test_eval_workdir_matches_report(finished_run):
     workdir, report = finished_run
-    result = central.evaluate_workdir(workdir, "test")
+    result = registry.evaluate_workdir(workdir, "test")
     assert result["metrics"]["test_accuracy"] == pytest.approx(report["metrics"]["test_accuracy"])
     assert os.path.exists(os.path.join(workdir, "eval_test.json"))
 

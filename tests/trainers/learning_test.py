@@ -6,7 +6,8 @@ import pytest
 
 from fedjax_med.config import base, schema
 from fedjax_med.data import pipeline
-from fedjax_med.training import central, evaluate
+from fedjax_med.trainers import central
+from fedjax_med.training import evaluate
 
 
 def train_accuracy(model_name: str, steps: int) -> float:

@@ -37,7 +37,9 @@ from fedjax_med.federated import algorithms, dp_fedavg, sampling, server_optimiz
 from fedjax_med.federated import client as client_lib
 from fedjax_med.models import registry
 from fedjax_med.privacy import accounting, budget, noise
-from fedjax_med.training import central, checkpoint, evaluate, report
+from fedjax_med.trainers import run as run_lib
+from fedjax_med.training import checkpoint, evaluate, report, setup
+from fedjax_med.training import workdir as workdir_lib
 
 logger = logging.getLogger("fedjax_med")
 
@@ -185,7 +187,7 @@ def server_optimizer(f: ml_collections.ConfigDict):
 
 
 def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
-    splits, normalizer, model = central.build_data_and_model(config)
+    splits, normalizer, model = setup.build_data_and_model(config)
     info = splits.info
     federation = build_federation(config, splits)
     data = client_lib.from_federated_dataset(federation, normalizer)
@@ -365,7 +367,7 @@ def run_rounds(
     stop_at_round: int | None = None,
 ) -> dict[str, Any]:
     """Runs the federated training of ``config`` in ``workdir``; returns the report."""
-    checkpointer = central.prepare_workdir(workdir, resume)
+    checkpointer = workdir_lib.prepare_workdir(workdir, resume)
     plan = build_plan(config)
     info = plan.splits.info
     f = config.federated
@@ -382,11 +384,11 @@ def run_rounds(
             ledger = budget.PrivacyLedger.from_dict(metadata["privacy_ledger"])
         if plan.site_budgets is not None:
             plan.site_budgets.load(metadata["site_budgets"])
-        kept = [r for r in central.read_metrics(metrics_path) if r["step"] <= latest]
-        central.rewrite_metrics(metrics_path, kept)
+        kept = [r for r in workdir_lib.read_metrics(metrics_path) if r["step"] <= latest]
+        workdir_lib.rewrite_metrics(metrics_path, kept)
         logger.info("resumed from round %d", latest)
     else:
-        central.rewrite_metrics(metrics_path, [])
+        workdir_lib.rewrite_metrics(metrics_path, [])
     checkpoint.write_json_atomic(os.path.join(workdir, "config.json"), loading.to_json_dict(config))
 
     predict_fn = evaluate.make_predict_fn(plan.model.apply, info.task)
@@ -403,7 +405,7 @@ def run_rounds(
         record = {"step": round_num, "split": split, **evaluate.prefixed(result["metrics"], split)}
         record.update(extra)
         record.update(result["site_summary"])
-        central.append_metrics(metrics_path, record)
+        workdir_lib.append_metrics(metrics_path, record)
         return result
 
     start = int(state.round)
@@ -452,7 +454,7 @@ def run_rounds(
             ledger = ledger.record(1)
             record["epsilon"] = ledger.epsilon()
             record["delta"] = ledger.delta
-        central.append_metrics(metrics_path, record)
+        workdir_lib.append_metrics(metrics_path, record)
         bar.update(1)
         bar.set_postfix(
             loss=f"{metrics['loss']:.4f}",
@@ -494,7 +496,9 @@ def run_rounds(
         }
     }
     if f.secure_aggregation != "none":
-        rounds_log = [r for r in central.read_metrics(metrics_path) if r.get("split") == "round"]
+        rounds_log = [
+            r for r in workdir_lib.read_metrics(metrics_path) if r.get("split") == "round"
+        ]
         extra["aggregation_cost"] = {
             "method": f.secure_aggregation,
             "bytes_per_client_per_round": float(
@@ -680,12 +684,35 @@ def personalize(plan: FederatedPlan, params: Any) -> dict[str, dict[str, float]]
 
 def restore_for_eval(workdir: str) -> tuple[FederatedPlan, algorithms.ServerState]:
     """Rebuilds the federated run of ``workdir`` and restores its latest server state."""
-    config = central.load_workdir_config(workdir)
+    config = workdir_lib.load_workdir_config(workdir)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     latest = checkpointer.latest_step()
     if latest is None:
-        raise central.WorkdirError(f"workdir '{workdir}' has no checkpoint")
+        raise workdir_lib.WorkdirError(f"workdir '{workdir}' has no checkpoint")
     plan = build_plan(config)
     state, _ = checkpointer.restore(latest, init_server_state(plan))
     checkpointer.close()
     return plan, state
+
+
+def restore(workdir: str) -> run_lib.Run:
+    """The federated run of ``workdir`` as a :class:`~fedjax_med.trainers.run.Run`."""
+    plan, state = restore_for_eval(workdir)
+    return run_lib.Run(
+        trainer="federated",
+        config=plan.config,
+        splits=plan.splits,
+        normalizer=plan.normalizer,
+        model=plan.model,
+        params=state.params,
+        initial_params=init_server_state(plan).params,
+        step=int(state.round),
+        federation=plan.federation,
+    )
+
+
+def _train(config, workdir, *, resume=False, quiet=False, stop_at=None):
+    return run_rounds(config, workdir, resume=resume, quiet=quiet, stop_at_round=stop_at)
+
+
+TRAINER = run_lib.Trainer(name="federated", train=_train, restore=restore)

@@ -1,0 +1,1 @@
+"""Trainers: centralized (with DP-SGD) and federated, behind one registry (``registry``)."""
