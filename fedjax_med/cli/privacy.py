@@ -48,20 +48,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     eps.add_argument("--noise-multiplier", type=float, required=True, help="sigma > 0")
     _add_common(eps)
-    eps.add_argument(
-        "--sampling",
-        choices=accounting.SAMPLINGS,
-        default="poisson",
-        help="poisson (default; add/remove-one DP) or shuffle: fixed-size batches without "
-        "replacement (replace-one DP, needs --num-examples; RDP only)",
-    )
 
     cal = commands.add_parser(
         "calibrate",
         help="smallest noise multiplier reaching a target epsilon",
         description=(
             "Prints the smallest noise multiplier (within 1%) whose epsilon at --delta after "
-            "--steps Poisson-sampled DP-SGD steps is at most --target-epsilon."
+            "--steps DP-SGD steps (Poisson-sampled, or --sampling shuffle) is at most "
+            "--target-epsilon."
         ),
     )
     cal.add_argument("--target-epsilon", type=float, required=True, help="epsilon > 0")
@@ -72,6 +66,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sampling",
+        choices=accounting.SAMPLINGS,
+        default="poisson",
+        help="poisson (default; add/remove-one DP) or shuffle: fixed-size batches without "
+        "replacement (replace-one DP, noise sigma * 2C, needs --num-examples; RDP only)",
+    )
     parser.add_argument(
         "--sampling-rate", type=float, required=True, help="q in (0, 1]: expected batch size / N"
     )
@@ -101,35 +102,41 @@ def _describe(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     """Executes ``privacy epsilon`` or ``privacy calibrate``; returns the exit code (0)."""
     accounting.check_delta(args.delta, args.num_examples)
+    sampling = args.sampling
+    extra = {}
+    if sampling == "shuffle":
+        if not args.num_examples:
+            raise ValueError("--sampling shuffle needs --num-examples")
+        extra = {
+            "num_examples": args.num_examples,
+            "batch_size": round(args.sampling_rate * args.num_examples),
+        }
     if args.privacy_command == "epsilon":
-        num_examples = args.num_examples
-        batch_size = None
-        if args.sampling == "shuffle":
-            if not num_examples:
-                raise ValueError("--sampling shuffle needs --num-examples")
-            batch_size = round(args.sampling_rate * num_examples)
         event = accounting.dpsgd_event(
-            args.noise_multiplier,
-            args.sampling_rate,
-            args.steps,
-            sampling=args.sampling,
-            num_examples=num_examples,
-            batch_size=batch_size,
+            args.noise_multiplier, args.sampling_rate, args.steps, sampling=sampling, **extra
         )
         eps = accounting.epsilon(event, args.delta, args.accountant)
-        relation = "replace-one" if args.sampling == "shuffle" else "add/remove-one"
+        relation = "replace-one" if sampling == "shuffle" else "add/remove-one"
         print(_describe(args))
-        print(f"Noise multiplier {args.noise_multiplier:g}, {args.sampling} sampling, {relation}.")
+        print(f"Noise multiplier {args.noise_multiplier:g}, {sampling} sampling, {relation}.")
         print(f"The run is (epsilon, {args.delta:g})-DP with")
         print(f"epsilon = {eps:.6g}")
         return 0
     if args.privacy_command == "calibrate":
         start = time.perf_counter()
         sigma = accounting.calibrate_noise_multiplier(
-            args.target_epsilon, args.sampling_rate, args.steps, args.delta, args.accountant
+            args.target_epsilon,
+            args.sampling_rate,
+            args.steps,
+            args.delta,
+            args.accountant,
+            sampling=sampling,
+            **extra,
         )
         eps = accounting.epsilon(
-            accounting.dpsgd_event(sigma, args.sampling_rate, args.steps),
+            accounting.dpsgd_event(
+                sigma, args.sampling_rate, args.steps, sampling=sampling, **extra
+            ),
             args.delta,
             args.accountant,
         )

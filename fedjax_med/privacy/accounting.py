@@ -16,10 +16,22 @@ one unit neighbouring. Its ``(epsilon, delta)`` is computed by either
   on typical DP-SGD settings at a tenth of the cost.
 
 Fixed-size batches drawn without replacement are a *different* event,
-``SampledWithoutReplacementDpEvent``, under replace-one neighbouring, where the clipped sum has
-sensitivity ``2 C`` (Lebeda et al. 2024, https://arxiv.org/abs/2405.20769; Chua et al., ICML 2024,
-https://arxiv.org/abs/2403.17673); only the RDP accountant supports it, and its epsilon is for a
-different neighbouring relation, so it is not comparable with the Poisson one.
+``SampledWithoutReplacementDpEvent(N, b, GaussianDpEvent(sigma))``, under replace-one
+neighbouring, where the clipped sum has sensitivity ``2 C`` (Lebeda et al. 2024,
+https://arxiv.org/abs/2405.20769; Chua et al., ICML 2024, https://arxiv.org/abs/2403.17673); only
+the RDP accountant supports it (Wang, Balle, Kasiviswanathan, AISTATS 2019,
+https://arxiv.org/abs/1808.00087, Theorem 27; dp_accounting's PLD accountant has no such event),
+and its epsilon is for a different neighbouring relation, so it is not comparable with the
+Poisson one.
+
+In both modes the noise multiplier means what it means to ``dp_accounting`` and to
+:func:`fedjax_med.privacy.noise.dp_aggregate`: the noise standard deviation divided by the L2
+sensitivity of the clipped sum *under the event's neighbouring relation*,
+
+    stddev = sigma * sensitivity(C, relation),   relation = sensitivity_relation(sampling),
+
+i.e. ``stddev = sigma C`` for ``"poisson"`` and ``stddev = 2 sigma C`` for ``"shuffle"``. The same
+``sigma`` goes into :func:`dpsgd_event` and ``dp_aggregate(sigma, C, ..., relation=relation)``.
 """
 
 from __future__ import annotations
@@ -35,6 +47,10 @@ from dp_accounting import pld, rdp
 
 ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("poisson", "shuffle")
+# The neighbouring relation (as named by fedjax_med.privacy.clipping.sensitivity) of each sampling.
+_RELATIONS = {"poisson": "add_or_remove_one", "shuffle": "replace_one"}
+# Accountants that dp_accounting supports for each sampling's event.
+_SUPPORTED = {"poisson": ("rdp", "pld"), "shuffle": ("rdp",)}
 
 # Renyi orders: every 0.05 up to 3 and every 0.1 up to 11 (where the optimum lies for
 # epsilon between about 1 and 20), every integer up to 64 (small epsilon), then a coarse tail.
@@ -80,6 +96,50 @@ def check_accountant(accountant: str) -> None:
         raise ValueError(f"{accountant=} must be one of {ACCOUNTANTS}")
 
 
+def check_sampling(sampling: str) -> None:
+    """Raises ValueError unless ``sampling`` is one of :data:`SAMPLINGS`."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"{sampling=} must be one of {SAMPLINGS}")
+
+
+def check_supported(accountant: str, sampling: str) -> None:
+    """Raises ValueError unless ``accountant`` can account ``sampling``'s event.
+
+    dp_accounting's PLD accountant has no ``SampledWithoutReplacementDpEvent``, so
+    ``sampling="shuffle"`` needs ``accountant="rdp"``.
+
+    Examples:
+      >>> check_supported("pld", "poisson")
+      >>> check_supported("pld", "shuffle")
+      Traceback (most recent call last):
+      ...
+      ValueError: accountant='pld' cannot account sampling='shuffle' (dp_accounting's PLD \
+accountant does not support SampledWithoutReplacementDpEvent); use one of ('rdp',)
+    """
+    check_accountant(accountant)
+    check_sampling(sampling)
+    if accountant not in _SUPPORTED[sampling]:
+        raise ValueError(
+            f"{accountant=} cannot account {sampling=} (dp_accounting's PLD accountant does not "
+            f"support SampledWithoutReplacementDpEvent); use one of {_SUPPORTED[sampling]}"
+        )
+
+
+def sensitivity_relation(sampling: str) -> str:
+    """The neighbouring relation of ``sampling``, for the sensitivity the noise is scaled to.
+
+    ``dpsgd_event(sigma, ..., sampling)`` accounts exactly the noise of
+    ``noise.dp_aggregate(sigma, C, L, key, relation=sensitivity_relation(sampling))``, whose
+    stddev is ``sigma * clipping.sensitivity(C, relation=...)``.
+
+    Examples:
+      >>> sensitivity_relation("poisson"), sensitivity_relation("shuffle")
+      ('add_or_remove_one', 'replace_one')
+    """
+    check_sampling(sampling)
+    return _RELATIONS[sampling]
+
+
 def check_delta(delta: float, num_units: int | None = None) -> None:
     """Validates ``delta``: error unless ``0 < delta < 1``; warning if ``delta >= 1 / N``.
 
@@ -117,26 +177,42 @@ def dpsgd_event(
 ) -> dp_accounting.DpEvent:
     """The ``DpEvent`` of ``steps`` DP-SGD steps.
 
+    Each step releases the clipped sum plus ``N(0, (sigma S)^2 I)``, ``S`` the L2 sensitivity of
+    the sum under the sampling's neighbouring relation (:func:`sensitivity_relation`): ``S = C``
+    for add/remove one, ``S = 2 C`` for replace one. As in ``dp_accounting``, a
+    ``GaussianDpEvent``'s noise multiplier is stddev over sensitivity under the accountant's
+    relation, so in both modes it is ``sigma`` itself.
+
     Args:
-      noise_multiplier: ``sigma > 0``: the noise standard deviation over ``C``, the clipping norm
-        (the add/remove-one sensitivity of the clipped sum).
+      noise_multiplier: ``sigma > 0``: the noise standard deviation over the sensitivity ``S``
+        of the clipped sum under the sampling's relation (``C`` for ``"poisson"``, ``2 C`` for
+        ``"shuffle"``), the same ``sigma`` that ``noise.dp_aggregate(sigma, C, ...,
+        relation=sensitivity_relation(sampling))`` is given.
       sampling_rate: ``q`` in ``(0, 1]``; for ``"shuffle"`` it must equal ``batch_size /
         num_examples``.
       steps: ``T >= 0``; ``T = 0`` gives ``NoOpDpEvent`` (epsilon 0).
-      sampling: ``"poisson"`` (add/remove one: ``PoissonSampledDpEvent(q, GaussianDpEvent(
-        sigma))``) or ``"shuffle"`` (fixed-size batches, replace one:
-        ``SampledWithoutReplacementDpEvent(N, b, GaussianDpEvent(sigma / 2))``, the ``/ 2``
-        because replacing an example moves the clipped sum by up to ``2 C``).
+      sampling: ``"poisson"`` (add/remove one, Abadi et al. 2016:
+        ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``) or ``"shuffle"`` (fixed-size
+        batches, replace one, Wang et al. 2019: ``SampledWithoutReplacementDpEvent(N, b,
+        GaussianDpEvent(sigma))``; the factor 2 of the replace-one sensitivity is in the noise,
+        stddev ``2 sigma C``, not in the event).
       num_examples: ``N``, required for ``"shuffle"``.
       batch_size: ``b``, required for ``"shuffle"``.
 
     Returns:
       ``SelfComposedDpEvent(<one step>, T)``.
 
+    Guarantees:
+      With the noise and sampling above, the run is ``(epsilon(event, delta), delta)``-DP under
+      add/remove-one (``"poisson"``) or replace-one (``"shuffle"``) neighbouring of units.
+
     Examples:
       >>> dpsgd_event(1.0, 0.01, 100)
       SelfComposedDpEvent(event=PoissonSampledDpEvent(sampling_probability=0.01, \
 event=GaussianDpEvent(noise_multiplier=1.0)), count=100)
+      >>> dpsgd_event(1.0, 0.01, 100, "shuffle", num_examples=1000, batch_size=10)
+      SelfComposedDpEvent(event=SampledWithoutReplacementDpEvent(source_dataset_size=1000, \
+sample_size=10, event=GaussianDpEvent(noise_multiplier=1.0)), count=100)
     """
     check_noise_multiplier(noise_multiplier)
     check_sampling_rate(sampling_rate)
@@ -155,7 +231,7 @@ event=GaussianDpEvent(noise_multiplier=1.0)), count=100)
         one_step = dp_accounting.SampledWithoutReplacementDpEvent(
             int(num_examples),
             int(batch_size),
-            dp_accounting.GaussianDpEvent(noise_multiplier / 2),
+            dp_accounting.GaussianDpEvent(noise_multiplier),
         )
     else:
         raise ValueError(f"{sampling=} must be one of {SAMPLINGS}")
@@ -217,6 +293,9 @@ def epsilon(
     Examples:
       >>> round(epsilon(dpsgd_event(1.1, 0.01, 1000), 1e-5), 4)
       1.7118
+      >>> shuffle = dpsgd_event(1.0, 256 / 60_000, 1000, "shuffle", 60_000, 256)
+      >>> round(epsilon(shuffle, 1e-5), 2)  # noise stddev 2 C: sigma = 1 relative to 2 C
+      1.48
     """
     check_delta(delta)
     check_accountant(accountant)
@@ -251,37 +330,51 @@ def calibrate_noise_multiplier(
     tolerance: float = 0.01,
     *,
     value_discretization_interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL,
+    sampling: str = "poisson",
+    num_examples: int | None = None,
+    batch_size: int | None = None,
 ) -> float:
     """The smallest noise multiplier (within ``tolerance``) with epsilon ``<= target_epsilon``.
 
-    Poisson sampling, add/remove-one neighbouring (:func:`dpsgd_event`). The search keeps a
-    bracket ``lo < hi`` with ``epsilon(lo) > target >= epsilon(hi)``, both evaluated by
-    :func:`epsilon` with the same accountant and discretisation as later accounting, and
-    returns ``hi`` once ``hi <= (1 + tolerance) lo``. New points come from interpolating
-    ``log epsilon`` linearly in ``log sigma`` (nearly exact for DP-SGD), so a handful of epsilon
-    evaluations suffice; PLD searches start from the RDP answer, which brackets it from above.
+    Calibrates the event of :func:`dpsgd_event` with the same ``sampling``, ``num_examples`` and
+    ``batch_size`` (Poisson, add/remove one by default; ``"shuffle"``: fixed-size batches,
+    replace one, RDP only), so ``sigma`` has the meaning given there: noise stddev over the
+    sensitivity of the clipped sum under the sampling's relation. The search keeps a bracket
+    ``lo < hi`` with ``epsilon(lo) > target >= epsilon(hi)``, both evaluated by :func:`epsilon`
+    with the same accountant and discretisation as later accounting, and returns ``hi`` once
+    ``hi <= (1 + tolerance) lo``. New points come from interpolating ``log epsilon`` linearly in
+    ``log sigma`` (nearly exact for DP-SGD), so a handful of epsilon evaluations suffice; PLD
+    searches start from the RDP answer, which brackets it from above.
 
     Args:
       target_epsilon: ``> 0``.
-      sampling_rate: ``q`` in ``(0, 1]``.
+      sampling_rate: ``q`` in ``(0, 1]``; ``batch_size / num_examples`` for ``"shuffle"``.
       steps: ``T >= 1``.
       delta: in ``(0, 1)``.
-      accountant: ``"rdp"`` or ``"pld"``.
+      accountant: ``"rdp"`` or ``"pld"`` (``"pld"`` only with ``sampling="poisson"``).
       tolerance: relative width of the final bracket, in ``(0, 1)``.
       value_discretization_interval: PLD discretisation (as in :func:`epsilon`).
+      sampling: ``"poisson"`` (default) or ``"shuffle"``, as in :func:`dpsgd_event`.
+      num_examples: ``N``, required for ``"shuffle"``.
+      batch_size: ``b``, required for ``"shuffle"``.
 
     Returns:
-      ``sigma`` with ``epsilon(dpsgd_event(sigma, q, T), delta) <= target_epsilon`` and
-      ``sigma <= (1 + tolerance) sigma_min`` (``sigma_min`` the smallest such value, assuming
-      epsilon decreases with sigma; searched in ``[MIN_NOISE_MULTIPLIER,
+      ``sigma`` with ``epsilon(dpsgd_event(sigma, q, T, sampling, N, b), delta) <=
+      target_epsilon`` and ``sigma <= (1 + tolerance) sigma_min`` (``sigma_min`` the smallest
+      such value, assuming epsilon decreases with sigma; searched in ``[MIN_NOISE_MULTIPLIER,
       MAX_NOISE_MULTIPLIER]``, and ``MIN_NOISE_MULTIPLIER`` is returned if it already suffices).
 
     Raises:
-      ValueError: invalid arguments, or a target that needs more than ``MAX_NOISE_MULTIPLIER``.
+      ValueError: invalid arguments, an accountant that cannot account ``sampling``
+        (:func:`check_supported`), or a target that needs more than ``MAX_NOISE_MULTIPLIER``.
 
     Examples:
       >>> sigma = calibrate_noise_multiplier(2.0, 0.01, 1000, 1e-5)
       >>> epsilon(dpsgd_event(sigma, 0.01, 1000), 1e-5) <= 2.0
+      True
+      >>> shuffle = dict(sampling="shuffle", num_examples=10_000, batch_size=100)
+      >>> sigma = calibrate_noise_multiplier(8.0, 0.01, 400, 1e-5, **shuffle)
+      >>> epsilon(dpsgd_event(sigma, 0.01, 400, **shuffle), 1e-5) <= 8.0
       True
     """
     if not (isinstance(target_epsilon, numbers.Real) and 0 < target_epsilon < math.inf):
@@ -291,13 +384,15 @@ def calibrate_noise_multiplier(
     if steps < 1:
         raise ValueError(f"{steps=} must be >= 1 to calibrate (0 steps spend no privacy)")
     check_delta(delta)
-    check_accountant(accountant)
+    check_supported(accountant, sampling)
     if not 0 < tolerance < 1:
         raise ValueError(f"{tolerance=} must be in (0, 1)")
+    # Validates num_examples and batch_size against sampling and sampling_rate before searching.
+    dpsgd_event(1.0, sampling_rate, steps, sampling, num_examples, batch_size)
 
     def eps_fn(acc):
         def fn(sigma):
-            event = dpsgd_event(sigma, sampling_rate, steps)
+            event = dpsgd_event(sigma, sampling_rate, steps, sampling, num_examples, batch_size)
             return epsilon(
                 event, delta, acc, value_discretization_interval=value_discretization_interval
             )

@@ -26,11 +26,13 @@ class PrivacyLedger:
     """Spent and remaining privacy budget of one DP-SGD run.
 
     Attributes:
-      noise_multiplier: ``sigma > 0``.
+      noise_multiplier: ``sigma > 0``: noise stddev over the sensitivity of the clipped sum under
+        the sampling's relation (``C`` for ``"poisson"``, ``2 C`` for ``"shuffle"``; see
+        :func:`accounting.dpsgd_event`).
       sampling_rate: ``q`` in ``(0, 1]`` (of units: examples or patients).
       delta: the target ``delta`` in ``(0, 1)``.
       target_epsilon: the budget, ``> 0``.
-      accountant: ``"rdp"`` or ``"pld"``.
+      accountant: ``"rdp"`` or ``"pld"`` (``"pld"`` only with ``sampling="poisson"``).
       unit: the unit of privacy (``"example"``, ``"patient"``, ``"site"``), for reports.
       steps_taken: steps already accounted.
       sampling: ``"poisson"`` or ``"shuffle"`` (see :func:`accounting.dpsgd_event`).
@@ -64,7 +66,7 @@ class PrivacyLedger:
         accounting.check_noise_multiplier(self.noise_multiplier)
         accounting.check_sampling_rate(self.sampling_rate)
         accounting.check_delta(self.delta, self.num_examples)
-        accounting.check_accountant(self.accountant)
+        accounting.check_supported(self.accountant, self.sampling)
         accounting.check_steps(self.steps_taken)
         self.event(0)  # validates sampling, num_examples and batch_size
 

@@ -79,11 +79,21 @@ def make_plan(
     accounting.check_delta(p.delta, num_units)
     steps = config.train.steps
     sampling_kind = "poisson" if p.sampling == "poisson" else "shuffle"
+    extra = {}
+    if sampling_kind == "shuffle":
+        extra = {"num_examples": num_units, "batch_size": batch}
     if p.noise_multiplier > 0:
         sigma = float(p.noise_multiplier)
     else:
+        # Calibrated in the run's own sampling mode: the event the ledger will account.
         sigma = accounting.calibrate_noise_multiplier(
-            p.target_epsilon, q, steps, p.delta, accountant=p.accountant
+            p.target_epsilon,
+            q,
+            steps,
+            p.delta,
+            accountant=p.accountant,
+            sampling=sampling_kind,
+            **extra,
         )
         logger.info(
             "calibrated noise multiplier %.4f for epsilon %.3g at delta %.3g over %d steps",
@@ -92,9 +102,6 @@ def make_plan(
             p.delta,
             steps,
         )
-    extra = {}
-    if sampling_kind == "shuffle":
-        extra = {"num_examples": num_units, "batch_size": batch}
     target = p.target_epsilon
     if target <= 0:  # no explicit budget: the plan itself (sigma, q, steps) is the budget
         event = accounting.dpsgd_event(sigma, q, steps, sampling=sampling_kind, **extra)
@@ -157,7 +164,7 @@ def make_private_optimizer(
     plan: PrivatePlan, optimizer: optax.GradientTransformation
 ) -> optax.GradientTransformation:
     """``dp_aggregate`` (noise the clipped sum, divide by L) chained before the optimizer."""
-    relation = "add_or_remove_one" if plan.ledger.sampling == "poisson" else "replace_one"
+    relation = accounting.sensitivity_relation(plan.ledger.sampling)
     return optax.chain(
         noise.dp_aggregate(
             plan.noise_multiplier,

@@ -2,7 +2,9 @@
 
 import json
 
+import dp_accounting
 import pytest
+from dp_accounting import rdp
 
 from fedjax_med.privacy import accounting, budget
 
@@ -63,6 +65,17 @@ def test_shuffle_ledger():
     assert ledger.epsilon() == accounting.epsilon(
         accounting.dpsgd_event(1.2, 0.05, 5, "shuffle", 1000, 50), 1e-5
     )
+    # The ledger's sigma is the event's noise multiplier (stddev over the replace-one 2 C).
+    by_hand = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.SampledWithoutReplacementDpEvent(
+            1000, 50, dp_accounting.GaussianDpEvent(1.2)
+        ),
+        5,
+    )
+    direct = rdp.RdpAccountant(
+        list(accounting.RDP_ORDERS), dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
+    assert ledger.epsilon() == direct.compose(by_hand).get_epsilon(1e-5)
 
 
 @pytest.mark.parametrize(
@@ -75,6 +88,11 @@ def test_shuffle_ledger():
         ({"accountant": "moments"}, "accountant"),
         ({"steps_taken": -3}, "steps"),
         ({"sampling": "shuffle"}, "num_examples"),
+        ({"sampling": "replacement"}, "sampling"),
+        (
+            {"sampling": "shuffle", "num_examples": 1000, "batch_size": 50, "accountant": "pld"},
+            "accountant='pld' cannot account sampling='shuffle'",
+        ),
     ],
 )
 def test_validation(change, field):

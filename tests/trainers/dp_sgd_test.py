@@ -188,3 +188,22 @@ def test_noise_scale_decides_learning(tmp_path):
     huge = run(1000.0, "huge")["metrics"]["test_accuracy"]
     assert moderate >= 0.55, moderate
     assert huge <= 0.45, huge  # 4 classes with unequal prevalence: near chance
+
+
+def test_shuffle_run_calibrates_in_its_own_mode_and_trains_every_step(tmp_path):
+    # Before: calibration used the Poisson event, so a shuffle run with a target got a sigma
+    # whose shuffle epsilon exceeded the target and the ledger stopped it at step 0.
+    config = dp_config(sampling="shuffle", noise_multiplier=0.0, target_epsilon=8.0)
+    report = central.train_and_evaluate(config, str(tmp_path), quiet=True)
+    privacy = report["privacy"]
+    assert privacy["steps"] == config.train.steps
+    n, b = privacy["num_units"], config.train.batch_size
+    accountant = dp_accounting.rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
+    event = dp_accounting.SampledWithoutReplacementDpEvent(
+        n, b, dp_accounting.GaussianDpEvent(privacy["noise_multiplier"])
+    )
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, config.train.steps))
+    assert privacy["epsilon"] == pytest.approx(accountant.get_epsilon(config.privacy.delta))
+    assert privacy["epsilon"] <= 8.0
