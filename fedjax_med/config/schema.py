@@ -219,6 +219,16 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
             "config field 'privacy.accountant' must be 'rdp' with privacy.sampling='shuffle' "
             "(dp_accounting's PLD has no sampling-without-replacement event)"
         )
+    private = privacy.enabled or (
+        config.trainer == "federated"
+        and (config.federated.algorithm == "dp_fedavg" or config.federated.distributed_dp != "none")
+    )
+    if private and data.normalization == "per_site":
+        raise ConfigError(
+            "config field 'data.normalization'='per_site' standardises with each site's training "
+            "statistics, which no DP guarantee here covers (they are computed from the private "
+            "images without noise); use 'fixed' with data.mean and data.std under privacy"
+        )
     if privacy.enabled and privacy.unit == "patient" and privacy.sampling != "poisson":
         raise ConfigError(
             "config field 'privacy.sampling' must be 'poisson' for privacy.unit='patient'"

@@ -205,7 +205,7 @@ def train_and_evaluate(
     ``stop_at_step`` ends the run early after checkpointing that step, as a preemption would;
     calling again with ``resume=True`` finishes it exactly.
     """
-    checkpointer = workdir_lib.prepare_workdir(workdir, resume)
+    checkpointer = workdir_lib.prepare_workdir(workdir, resume, config)
     experiment = build_experiment(config)
     info = experiment.splits.info
     train_cfg = config.train
@@ -220,7 +220,8 @@ def train_and_evaluate(
     elapsed = {"wall_time_s": 0.0, "train_time_s": 0.0, "examples_seen": 0}
     if resume:
         latest = checkpointer.latest_step()
-        state, metadata = checkpointer.restore(latest, state)
+        state, metadata = checkpointer.restore(latest, dp_sgd.secret_free(state, experiment.plan))
+        state = dp_sgd.with_fresh_secrets(state, experiment.plan)
         elapsed.update(metadata["elapsed"])
         if is_chief:
             kept = [r for r in workdir_lib.read_metrics(metrics_path) if r["step"] <= latest]
@@ -241,12 +242,13 @@ def train_and_evaluate(
     ledger = plan.ledger if plan else None
     if plan and resume:
         ledger = type(ledger).from_dict(metadata["privacy_ledger"])
+        dp_sgd.check_resumed_ledger(ledger, plan.ledger)
 
     def save(step: int) -> None:
         meta = {"step": step, "elapsed": dict(elapsed)}
         if ledger is not None:
             meta["privacy_ledger"] = ledger.to_dict()
-        checkpointer.save(step, state, meta)
+        checkpointer.save(step, dp_sgd.secret_free(state, plan), meta)
 
     def run_eval(step: int, split: str, extra: dict[str, Any]) -> dict[str, Any]:
         data = experiment.splits.split(split)
@@ -332,8 +334,8 @@ def train_and_evaluate(
     test = run_eval(final_step, "test", {})
     extra = {}
     if plan is not None:
-        extra["privacy"] = dp_sgd.privacy_report(plan, ledger, config)
-        extra["privacy"]["stopped_by_budget"] = stopped_by_budget
+        claim = dp_sgd.privacy_claim(plan, ledger, config, stopped_by_budget)
+        extra["privacy"] = claim.to_report()
     result = report.build_report(
         config=config,
         info=info,
@@ -363,7 +365,7 @@ def train_and_evaluate(
             ledger.delta,
             ledger.accountant,
             plan.unit,
-            plan.noise_seed_mode,
+            plan.randomness.mode,
         )
     return result
 

@@ -24,12 +24,15 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
+from fedjax_med import randomness
 from fedjax_med.data import dataset as dataset_lib
 from fedjax_med.privacy import accounting, budget, clipping, noise, sampling
+from fedjax_med.privacy import claim as claim_lib
 from fedjax_med.training import losses
 from fedjax_med.training import state as state_lib
 
@@ -48,7 +51,7 @@ class PrivatePlan:
     unit: str
     sampler: Any
     noise_key: jax.Array
-    noise_seed_mode: str
+    randomness: randomness.Randomness
     ledger: budget.PrivacyLedger
     planned_steps: int  # train.steps; the budget may allow fewer (see allowed_steps)
 
@@ -117,6 +120,8 @@ def make_plan(
         sampling=sampling_kind,
         **extra,
     )
+    # Sampling and noise draw from the same mode: secure runs take both from the OS's entropy.
+    rng = randomness.Randomness(p.noise_seed, config.seed)
     capacity = sampling.poisson_batch_capacity(
         num_units, q, overflow_prob=p.overflow_prob, multiple_of=num_devices
     )
@@ -130,12 +135,15 @@ def make_plan(
             p.max_images_per_patient,
             capacity=-(-capacity * per_unit // num_devices) * num_devices,
             seed=config.seed,
+            randomness=rng,
         )
     elif sampling_kind == "poisson":
-        sampler = sampling.PoissonSampler(num_units, q, capacity=capacity, seed=config.seed)
+        sampler = sampling.PoissonSampler(
+            num_units, q, capacity=capacity, seed=config.seed, randomness=rng
+        )
     else:
-        sampler = sampling.ShuffledSampler(num_units, batch, seed=config.seed)
-    key, mode = noise.make_noise_key(config.seed, p.noise_seed)
+        sampler = sampling.ShuffledSampler(num_units, batch, seed=config.seed, randomness=rng)
+    key = rng.key(randomness.NOISE)
     return PrivatePlan(
         noise_multiplier=sigma,
         clip_norm=float(p.clip_norm),
@@ -145,7 +153,7 @@ def make_plan(
         unit=p.unit,
         sampler=sampler,
         noise_key=key,
-        noise_seed_mode=mode,
+        randomness=rng,
         ledger=ledger,
         planned_steps=steps,
     )
@@ -218,35 +226,94 @@ def add_trees(a, b):
     return b if a is None else jax.tree.map(lambda x, y: x + y, a, b)
 
 
-def privacy_report(plan: PrivatePlan, ledger: budget.PrivacyLedger, config) -> dict[str, Any]:
-    """The ``privacy`` object of report.json."""
-    eps = ledger.epsilon()
-    return {
-        "epsilon": eps,
-        "delta": ledger.delta,
-        "accountant": ledger.accountant,
-        "noise_multiplier": plan.noise_multiplier,
-        "sampling_rate": plan.sampling_rate,
-        "steps": ledger.steps_taken,
-        "clip_norm": plan.clip_norm,
-        "unit": plan.unit,
-        "noise_seed_mode": plan.noise_seed_mode,
-        "level": "example" if plan.unit == "example" else plan.unit,
-        "sampling": ledger.sampling,
-        "expected_batch_size": plan.expected_batch_size,
-        "num_units": plan.num_units,
-        "target_epsilon": ledger.target_epsilon,
-        "max_images_per_patient": (
-            config.privacy.max_images_per_patient if plan.unit == "patient" else None
+def privacy_claim(
+    plan: PrivatePlan, ledger: budget.PrivacyLedger, config, stopped_by_budget: bool
+) -> claim_lib.PrivacyClaim:
+    """The run's :class:`~fedjax_med.privacy.claim.PrivacyClaim` (``privacy`` of report.json)."""
+    relation = accounting.sensitivity_relation(ledger.sampling)
+    return claim_lib.PrivacyClaim(
+        mechanism="dp_sgd",
+        epsilon=ledger.epsilon(),
+        delta=ledger.delta,
+        unit=plan.unit,
+        relation=relation,
+        accountant=ledger.accountant,
+        noise_multiplier=plan.noise_multiplier,
+        clip_norm=plan.clip_norm,
+        sampling=ledger.sampling,
+        sampling_rate=plan.sampling_rate,
+        steps=ledger.steps_taken,
+        randomness_mode=plan.randomness.mode,
+        trusted="the trainer, which holds the training images and computes the clipped sums",
+        adversary=(
+            "anyone who sees the released models or any checkpoint's parameters (the public, "
+            "other hospitals, an eavesdropper)"
         ),
-        "budget_exhausted": not ledger.can_take(1),
-        "guarantee": (
-            f"({eps:.4g}, {ledger.delta:.3g})-DP for each {plan.unit} of the training split "
-            f"(add/remove-one {plan.unit})"
-            if ledger.sampling == "poisson"
-            else f"({eps:.4g}, {ledger.delta:.3g})-DP under replace-one {plan.unit}"
+        released_outside=(
+            "per-step diagnostics from the private batch: clipped fraction and mean gradient "
+            "norm (metrics.jsonl train_clipped_fraction, train_grad_norm)",
+            f"the number of {plan.unit}s in the training split ({plan.num_units})",
+            "validation and test metrics (held-out splits, not the training units)",
         ),
-    }
+        details={
+            "expected_batch_size": plan.expected_batch_size,
+            "num_units": plan.num_units,
+            "target_epsilon": ledger.target_epsilon,
+            "max_images_per_patient": (
+                config.privacy.max_images_per_patient if plan.unit == "patient" else None
+            ),
+            "budget_exhausted": not ledger.can_take(1),
+            "stopped_by_budget": stopped_by_budget,
+        },
+    )
+
+
+def secret_free(state: state_lib.TrainState, plan: PrivatePlan | None) -> state_lib.TrainState:
+    """``state`` as it may be written to disk: in secure mode, without the noise key.
+
+    The noise key of :func:`~fedjax_med.privacy.noise.dp_aggregate` fixes every later noise draw,
+    so a checkpoint holding it would let its reader regenerate (and subtract) the noise of the
+    steps after it. Secure runs store zeros in its place; :func:`with_fresh_secrets` draws a new
+    secret key on resume.
+    """
+    if plan is None or plan.randomness.persistable:
+        return state
+    key = optax.tree_utils.tree_get(state.opt_state, "rng_key")
+    zeros = jax.random.wrap_key_data(
+        jnp.zeros_like(jax.random.key_data(key)), impl=jax.random.key_impl(key)
+    )
+    return state.replace(opt_state=optax.tree_utils.tree_set(state.opt_state, rng_key=zeros))
+
+
+def with_fresh_secrets(
+    state: state_lib.TrainState, plan: PrivatePlan | None
+) -> state_lib.TrainState:
+    """A resumed secure run's state with a new secret noise key (reproducible: unchanged)."""
+    if plan is None or plan.randomness.persistable:
+        return state
+    fresh = plan.randomness.key(randomness.NOISE)
+    return state.replace(opt_state=optax.tree_utils.tree_set(state.opt_state, rng_key=fresh))
+
+
+def check_resumed_ledger(saved: budget.PrivacyLedger, planned: budget.PrivacyLedger) -> None:
+    """Refuses a resume whose plan would account a different mechanism than the checkpoint's.
+
+    Raises:
+      ValueError: naming every field of the ledger that differs (old -> new).
+    """
+    fields = ("noise_multiplier", "sampling_rate", "delta", "accountant", "unit", "sampling")
+    fields += ("num_examples", "batch_size", "target_epsilon")
+    changed = [
+        f"{name} ({getattr(saved, name)!r} -> {getattr(planned, name)!r})"
+        for name in fields
+        if getattr(saved, name) != getattr(planned, name)
+    ]
+    if changed:
+        raise ValueError(
+            "--resume would change what the checkpoint's privacy ledger accounted: "
+            + ", ".join(changed)
+            + "; resume with the run's own privacy settings or start a new --workdir"
+        )
 
 
 def finite_or_raise(value: float, what: str, step: int) -> float:

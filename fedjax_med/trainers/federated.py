@@ -367,7 +367,7 @@ def run_rounds(
     stop_at_round: int | None = None,
 ) -> dict[str, Any]:
     """Runs the federated training of ``config`` in ``workdir``; returns the report."""
-    checkpointer = workdir_lib.prepare_workdir(workdir, resume)
+    checkpointer = workdir_lib.prepare_workdir(workdir, resume, config)
     plan = build_plan(config)
     info = plan.splits.info
     f = config.federated

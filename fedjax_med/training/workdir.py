@@ -42,7 +42,75 @@ def append_metrics(path: str, record: dict[str, Any]) -> None:
         f.flush()
 
 
-def prepare_workdir(workdir: str, resume: bool) -> checkpoint.Checkpointer:
+# Fields whose change would alter what a resumed run's privacy ledger accounted, or the data it
+# trains on; a resume may change anything else (more steps or rounds, intervals, logging).
+RESUME_FIXED_FIELDS = (
+    "seed",
+    "trainer",
+    "data",
+    "model",
+    "privacy.enabled",
+    "privacy.unit",
+    "privacy.max_images_per_patient",
+    "privacy.clip_norm",
+    "privacy.noise_multiplier",
+    "privacy.target_epsilon",
+    "privacy.delta",
+    "privacy.accountant",
+    "privacy.sampling",
+    "privacy.per_layer_clipping",
+    "privacy.noise_seed",
+    "train.batch_size",
+    "federated.algorithm",
+    "federated.partition",
+    "federated.clients_per_round",
+    "federated.local_steps",
+    "federated.client_batch_size",
+    "federated.site_target_epsilons",
+    "federated.personalization_steps",
+    "federated.secure_aggregation",
+    "federated.secagg_clip",
+    "federated.secagg_threshold",
+    "federated.distributed_dp",
+    "federated.adaptive_clipping",
+    "federated.target_quantile",
+)
+
+
+def _field(config: Any, path: str) -> Any:
+    node = config
+    for name in path.split("."):
+        if name not in node:
+            return None
+        node = node[name]
+    return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume the run of ``workdir`` with a config that changes a fixed field.
+
+    Raises:
+      WorkdirError: naming each changed field of :data:`RESUME_FIXED_FIELDS` (old -> new).
+    """
+    saved = load_workdir_config(workdir)
+    changed = [
+        f"{path} ({_field(saved, path)!r} -> {_field(config, path)!r})"
+        for path in RESUME_FIXED_FIELDS
+        if _field(saved, path) != _field(config, path)
+    ]
+    if changed:
+        raise WorkdirError(
+            f"--resume: the config differs from the run in '{workdir}' in "
+            + ", ".join(changed)
+            + " (a resume may change only steps, rounds and intervals); resume with the run's "
+            "own config or choose a new --workdir"
+        )
+
+
+def prepare_workdir(
+    workdir: str, resume: bool, config: ml_collections.ConfigDict | None = None
+) -> checkpoint.Checkpointer:
+    """Checks ``workdir`` for a new run or a resume (with ``config`` compared to the run's)."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     has_checkpoint = os.path.isdir(ckpt_dir) and any(
         name.isdigit() for name in os.listdir(ckpt_dir)
@@ -54,6 +122,8 @@ def prepare_workdir(workdir: str, resume: bool) -> checkpoint.Checkpointer:
         )
     if resume and not has_checkpoint:
         raise WorkdirError(f"--resume: workdir '{workdir}' has no checkpoint to resume from")
+    if resume and config is not None:
+        check_resume_config(workdir, config)
     os.makedirs(workdir, exist_ok=True)
     return checkpoint.Checkpointer(ckpt_dir)
 

@@ -106,3 +106,30 @@ def test_json_round_trip():
     config = loading.load_config(os.path.join(ROOT, "configs", "quickstart.py"))
     again = loading.from_json_dict(loading.to_json_dict(config))
     assert loading.to_json_dict(again) == loading.to_json_dict(config)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"privacy.enabled": True, "privacy.noise_multiplier": 1.0},
+        {
+            "trainer": "federated",
+            "federated.algorithm": "dp_fedavg",
+            "privacy.noise_multiplier": 1.0,
+        },
+    ],
+)
+def test_per_site_normalisation_is_refused_under_dp(overrides):
+    # Per-site statistics are computed from the private images without noise: not covered.
+    config = base.get_base_config()
+    config.data.normalization = "per_site"
+    for path, value in overrides.items():
+        node = config
+        *parents, leaf = path.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    with pytest.raises(schema.ConfigError, match="data.normalization"):
+        schema.validate(config)
+    config.data.normalization = "fixed"
+    schema.validate(config)

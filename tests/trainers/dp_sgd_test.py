@@ -10,11 +10,14 @@ import numpy as np
 import optax
 import pytest
 
+from fedjax_med import randomness
 from fedjax_med.config import base, schema
 from fedjax_med.data import sources
-from fedjax_med.privacy import clipping
-from fedjax_med.trainers import central
-from fedjax_med.training import losses
+from fedjax_med.privacy import claim as claim_lib
+from fedjax_med.privacy import clipping, sampling
+from fedjax_med.trainers import central, dp_sgd
+from fedjax_med.training import checkpoint, losses
+from fedjax_med.training import workdir as workdir_lib
 
 PRIVACY_KEYS = (
     "epsilon",
@@ -207,3 +210,100 @@ def test_shuffle_run_calibrates_in_its_own_mode_and_trains_every_step(tmp_path):
     accountant.compose(dp_accounting.SelfComposedDpEvent(event, config.train.steps))
     assert privacy["epsilon"] == pytest.approx(accountant.get_epsilon(config.privacy.delta))
     assert privacy["epsilon"] <= 8.0
+
+
+# ---- attacks on the claim, as an adversary holding the run's files would try ------------
+
+
+@pytest.fixture(scope="module")
+def secure_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("secure"))
+    config = dp_config(noise_seed="secure")
+    return workdir, config, central.train_and_evaluate(config, workdir, quiet=True)
+
+
+def _checkpointed_noise_key(workdir, config):
+    experiment = central.build_experiment(config)
+    template = dp_sgd.secret_free(central.init_state(experiment), experiment.plan)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    state, _ = ckpt.restore(ckpt.latest_step(), template)
+    ckpt.close()
+    return np.asarray(jax.random.key_data(optax.tree_utils.tree_get(state.opt_state, "rng_key")))
+
+
+def test_secure_checkpoint_holds_no_noise_key(secure_run):
+    workdir, config, _ = secure_run
+    assert not _checkpointed_noise_key(workdir, config).any()
+
+
+def test_reproducible_checkpoint_holds_its_key_and_says_so(tmp_path):
+    config = dp_config()
+    report = central.train_and_evaluate(config, str(tmp_path), quiet=True)
+    assert _checkpointed_noise_key(str(tmp_path), config).any()
+    assert report["privacy"]["noise_seed_mode"] == "reproducible"
+    assert "no guarantee" in report["privacy"]["randomness"]
+    assert "no guarantee against anyone who holds the seed" in report["privacy"]["guarantee"]
+
+
+def test_secure_batches_are_not_the_seeds_batches():
+    # The attack: recompute step t's batch as default_rng([seed, t]) from the published seed.
+    public = sampling.PoissonSampler(1000, 0.1, seed=0)
+    secret = sampling.PoissonSampler(
+        1000, 0.1, seed=0, randomness=randomness.Randomness("secure", 0)
+    )
+    for step in range(3):
+        guess = public.sample(step).chunks[0]
+        actual = secret.sample(step).chunks[0]
+        assert not np.array_equal(guess.indices[guess.mask], actual.indices[actual.mask])
+
+
+def test_secure_run_is_not_regenerated_from_the_seed(secure_run, tmp_path):
+    # The attack: rerun the published config in reproducible mode and compare the models.
+    workdir, config, _ = secure_run
+    replay = dp_config()
+    central.train_and_evaluate(replay, str(tmp_path), quiet=True)
+    _, secure_state = central.restore_for_eval(workdir)
+    _, replay_state = central.restore_for_eval(str(tmp_path))
+    diffs = jax.tree.leaves(
+        jax.tree.map(
+            lambda a, b: float(np.abs(a - b).max()), secure_state.params, replay_state.params
+        )
+    )
+    assert max(diffs) > 1e-3
+
+
+def test_report_privacy_is_a_typed_claim_with_its_threat_model(secure_run):
+    _, config, report = secure_run
+    privacy = report["privacy"]
+    claim = claim_lib.PrivacyClaim.from_report(json.loads(json.dumps(privacy)))
+    assert claim.mechanism == "dp_sgd"
+    assert claim.unit == "example" and claim.relation == "add_or_remove_one"
+    assert claim.randomness_mode == "secure" and privacy["noise_seed_mode"] == "secure"
+    assert claim.epsilon == privacy["epsilon"] and claim.trusted and claim.adversary
+    assert any("clipped fraction" in item for item in claim.released_outside)
+    assert claim.to_report()["guarantee"] == privacy["guarantee"]
+
+
+def test_resume_with_changed_noise_is_refused(tmp_path):
+    # The attack: 3 steps at sigma 5, then resume at sigma 0.5 and batch 32 under the old ledger.
+    workdir = str(tmp_path)
+    central.train_and_evaluate(dp_config(noise_multiplier=5.0), workdir, quiet=True, stop_at_step=3)
+    changed = dp_config(noise_multiplier=0.5)
+    with pytest.raises(workdir_lib.WorkdirError, match="privacy.noise_multiplier"):
+        central.train_and_evaluate(changed, workdir, resume=True, quiet=True)
+    report = central.train_and_evaluate(
+        dp_config(noise_multiplier=5.0), workdir, resume=True, quiet=True
+    )
+    assert report["privacy"]["noise_multiplier"] == 5.0
+
+
+def test_resumed_ledger_must_match_the_plan():
+    plan = dp_sgd.budget.PrivacyLedger(
+        noise_multiplier=5.0, sampling_rate=0.1, delta=1e-5, target_epsilon=1.0
+    )
+    other = dp_sgd.budget.PrivacyLedger(
+        noise_multiplier=0.5, sampling_rate=0.2, delta=1e-5, target_epsilon=1.0
+    )
+    dp_sgd.check_resumed_ledger(plan, plan)
+    with pytest.raises(ValueError, match="noise_multiplier.*sampling_rate"):
+        dp_sgd.check_resumed_ledger(plan, other)
