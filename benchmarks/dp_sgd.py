@@ -59,7 +59,8 @@ import optax
 from fedjax_med.models import registry
 from fedjax_med.models import resnet as resnet_lib
 from fedjax_med.privacy import clipping, noise
-from fedjax_med.training import central, losses, private
+from fedjax_med.trainers import central, dp_sgd
+from fedjax_med.training import losses
 from fedjax_med.training import state as state_lib
 
 CLIP_NORM = 1.0
@@ -160,7 +161,7 @@ def jax_steps(
     dp_optimizer = optax.chain(
         noise.dp_aggregate(NOISE_MULTIPLIER, CLIP_NORM, float(setting.batch_size), 0), sgd
     )
-    apply_update = private.make_apply_fn(dp_optimizer)
+    apply_update = dp_sgd.make_apply_fn(dp_optimizer)
     for method in ("vmap", "ghost"):
         grad_sum = jax.jit(clipping.clipped_grad_sum(loss_fn, clip_norm=CLIP_NORM, method=method))
         holder = {"state": new_state(dp_optimizer)}

@@ -196,6 +196,26 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+MECHANISMS = ("none", "dp_sgd", "local_dp_sgd", "dp_fedavg", "distributed_dp")
+
+
+def mechanism(config: ml_collections.ConfigDict) -> str:
+    """The privacy mechanism a config runs, one of :data:`MECHANISMS` (the one derivation).
+
+    ``privacy.enabled`` is DP-SGD under the central trainer and local DP-SGD in every site under
+    the federated one; ``federated.algorithm = "dp_fedavg"`` is client-level DP-FedAvg and
+    ``federated.distributed_dp`` distributed DP over secure aggregation.
+    """
+    if config.trainer != "federated":
+        return "dp_sgd" if config.privacy.enabled else "none"
+    f = config.federated
+    if f.distributed_dp != "none":
+        return "distributed_dp"
+    if f.algorithm == "dp_fedavg":
+        return "dp_fedavg"
+    return "local_dp_sgd" if config.privacy.enabled else "none"
+
+
 def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
     """Rules that involve several fields."""
     data = config.data
@@ -219,11 +239,7 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
             "config field 'privacy.accountant' must be 'rdp' with privacy.sampling='shuffle' "
             "(dp_accounting's PLD has no sampling-without-replacement event)"
         )
-    private = privacy.enabled or (
-        config.trainer == "federated"
-        and (config.federated.algorithm == "dp_fedavg" or config.federated.distributed_dp != "none")
-    )
-    if private and data.normalization == "per_site":
+    if mechanism(config) != "none" and data.normalization == "per_site":
         raise ConfigError(
             "config field 'data.normalization'='per_site' standardises with each site's training "
             "statistics, which no DP guarantee here covers (they are computed from the private "

@@ -2,127 +2,91 @@
 
 ``run_rounds(config, workdir)`` is the loop behind ``fedjax-med train`` for
 ``config.trainer = "federated"``. The training split is partitioned into clients by
-``config.federated.partition`` (by default one client per hospital); each round samples a cohort
-(uniformly without replacement, or Poisson with rate ``q`` for client-level DP), trains every
-sampled client locally for ``federated.local_steps`` steps (vectorised or looped, see
-:mod:`fedjax_med.federated.for_each_client`) and applies the algorithm's server update.
+``config.federated.partition`` (by default one client per hospital); each round the loop
 
-Outputs in ``workdir`` are those of the centralized trainer (``config.json``, ``metrics.jsonl``,
-``checkpoints/``, ``report.json``); ``metrics.jsonl`` gets one ``split = "round"`` record per round
-(client loss, cohort size, dropped / excluded clients and, with DP-FedAvg, ``epsilon``) and the
-report gets ``federated`` (algorithm, clients, rounds) and, with DP-FedAvg, ``privacy`` with
-``level = "client"``. Resume is exact: cohorts are a pure function of ``(seed, round)`` and the
-server state (parameters, server optimizer, control variates, clipping norm, PRNG key) and the
-privacy ledger are checkpointed together.
+1. samples a cohort (uniformly, or Poisson with rate ``q`` for client-level DP),
+2. asks the run's privacy ledger (:mod:`fedjax_med.trainers.ledgers`) which sampled clients
+   their budgets admit,
+3. runs the algorithm's round (local training of every admitted client, vectorised or looped,
+   see :mod:`fedjax_med.federated.for_each_client`; secure aggregation wraps the algorithm),
+4. records the round in the ledger and ``metrics.jsonl``, evaluates and checkpoints.
+
+The loop knows no mechanism: DP-FedAvg, local DP-SGD, distributed DP and no privacy differ only
+in the algorithm and the ledger :func:`build_plan` chooses (:func:`fedjax_med.config.schema.
+mechanism`). Outputs in ``workdir`` are those of the centralized trainer; ``metrics.jsonl`` gets
+one ``split = "round"`` record per round and ``report.json`` gets ``federated`` (algorithm,
+clients, rounds) and, for a private run, ``privacy``: the ledger's
+:class:`~fedjax_med.privacy.claim.PrivacyClaim`.
+
+Randomness (:mod:`fedjax_med.randomness`): cohorts, client training, dropouts and noise all
+derive from the server key and the cohort sampler. In ``reproducible`` mode both follow from
+``config.seed`` and resume is exact; in ``secure`` mode they come from the operating system, the
+server key is never written to a checkpoint, and a resumed run draws new ones (exact in
+everything but those draws).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import sys
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
-from fedjax_med.config import loading
+from fedjax_med import randomness
+from fedjax_med.config import loading, schema
 from fedjax_med.data import dataset as dataset_lib
 from fedjax_med.data import partition, preprocess
 from fedjax_med.federated import algorithms, dp_fedavg, sampling, server_optimizers
 from fedjax_med.federated import client as client_lib
 from fedjax_med.models import registry
-from fedjax_med.privacy import accounting, budget, noise
+from fedjax_med.privacy import accounting, budget
+from fedjax_med.trainers import ledgers
 from fedjax_med.trainers import run as run_lib
-from fedjax_med.training import checkpoint, evaluate, report, setup
+from fedjax_med.training import checkpoint, evaluate, report, secure_rounds, setup
 from fedjax_med.training import workdir as workdir_lib
 
 logger = logging.getLogger("fedjax_med")
 
-STREAM_PARAMS = 0
-STREAM_SERVER = 2
+CohortSampler = sampling.UniformSampler | sampling.PoissonSampler
 
 
 @dataclasses.dataclass(frozen=True)
 class FederatedPlan:
-    """Everything built from a config before the first round."""
+    """Everything built from a config before the first round.
+
+    Attributes:
+      config: the validated config.
+      splits, normalizer, model: the data, its per-site normaliser and the model.
+      federation: the clients' examples (host), and ``client_data`` the same on device.
+      algorithm: the round (secure aggregation included when configured).
+      sampler: the cohort sampler.
+      ledger: the privacy ledger of the mechanism (:class:`~ledgers.NoPrivacy` if none).
+      randomness: where the server key and the cohorts come from.
+      server_key: root of every round key (``fold_in(server_key, round)``).
+      mechanism: :func:`fedjax_med.config.schema.mechanism` of the config.
+    """
 
     config: ml_collections.ConfigDict
     splits: dataset_lib.DatasetSplits
     normalizer: preprocess.Normalizer
     model: registry.Model
     federation: partition.FederatedDataset
+    client_data: client_lib.ClientData
     algorithm: algorithms.FederatedAlgorithm
-    sampler: Any
-    ledger: budget.PrivacyLedger | None
-    noise_multiplier: float
-    noise_seed_mode: str
+    sampler: CohortSampler
+    ledger: ledgers.PrivacyAccountant
+    randomness: randomness.Randomness
     server_key: jax.Array
-    site_budgets: SiteBudgets | None = None  # local DP-SGD: per-site accounting
-    client_data: client_lib.ClientData | None = None
-    secure_round: Any = None  # federated.secure_aggregation != "none"
-
-
-@dataclasses.dataclass
-class SiteBudgets:
-    """Local DP-SGD accounting, one ledger per client (site): steps taken and epsilon.
-
-    Each local step of client ``k`` is the Poisson-subsampled Gaussian mechanism on its ``n_k``
-    examples (rate ``min(B, n_k) / n_k``, add/remove-one neighbours, sensitivity ``C``; see
-    :func:`~fedjax_med.federated.client.local_dp_epsilon`); a client whose next round would pass
-    its target epsilon is left out of every later cohort, and the round is recorded.
-    """
-
-    names: tuple[str, ...]
-    num_examples: np.ndarray
-    targets: np.ndarray
-    steps: np.ndarray
-    exhausted_at_round: dict[str, int]
-    noise_multiplier: float
-    batch_size: int
-    local_steps: int
-    delta: float
-    accountant: str
-
-    def epsilon(self, k: int, steps: int | None = None) -> float:
-        return client_lib.local_dp_epsilon(
-            self.noise_multiplier,
-            self.batch_size,
-            int(self.num_examples[k]),
-            int(self.steps[k] if steps is None else steps),
-            self.delta,
-            accountant=self.accountant,
-        )
-
-    def admit(self, sampled: np.ndarray, round_num: int) -> np.ndarray:
-        """The sampled clients whose budget allows one more round; records the others."""
-        allowed = []
-        for k in sampled:
-            if self.epsilon(k, self.steps[k] + self.local_steps) <= self.targets[k]:
-                allowed.append(k)
-            else:
-                self.exhausted_at_round.setdefault(self.names[k], round_num)
-        return np.asarray(allowed, dtype=np.int64)
-
-    def record(self, clients: np.ndarray) -> None:
-        self.steps[clients] += self.local_steps
-
-    def per_site_epsilon(self) -> dict[str, float]:
-        return {name: self.epsilon(k) for k, name in enumerate(self.names)}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "steps": self.steps.tolist(),
-            "exhausted_at_round": dict(self.exhausted_at_round),
-        }
-
-    def load(self, data: dict[str, Any]) -> None:
-        self.steps = np.asarray(data["steps"], np.int64)
-        self.exhausted_at_round = dict(data["exhausted_at_round"])
+    mechanism: str
 
 
 def parse_site_targets(text: str, names: tuple[str, ...], default: float) -> np.ndarray:
@@ -149,7 +113,8 @@ def build_federation(
     p = config.federated.partition
     info = splits.info
     num_clients = p.num_clients or len(info.site_names)
-    rng = np.random.default_rng([config.seed, 7])
+    # The partition is the study's data layout, not a privacy draw: always from the seed.
+    rng = randomness.Randomness("reproducible", config.seed).generator(randomness.PARTITION)
     if p.method == "by_site":
         present = np.unique(splits.train.sites)
         if len(present) != len(info.site_names):
@@ -171,166 +136,286 @@ def build_federation(
     return partition.make_federated(splits.train, indices, names)
 
 
-def server_optimizer(f: ml_collections.ConfigDict):
-    name = f.algorithm
-    if name in ("fedavg", "fedprox", "dp_fedavg", "scaffold"):
-        return server_optimizers.fedavg(f.server_lr)
-    if name == "fedavgm":
-        return server_optimizers.fedavgm(f.server_lr, f.server_momentum)
-    if name == "fedadam":
-        return server_optimizers.fedadam(f.server_lr, tau=f.server_tau)
-    if name == "fedyogi":
-        return server_optimizers.fedyogi(f.server_lr, tau=f.server_tau)
-    if name == "fedadagrad":
-        return server_optimizers.fedadagrad(f.server_lr, tau=f.server_tau)
-    raise ValueError(f"federated.algorithm={name!r} is not known")
+# ---- algorithms, by name ---------------------------------------------------------------------
+def _server_optimizer(f: ml_collections.ConfigDict):
+    """The server optimizer of ``federated.algorithm`` (Reddi et al. 2021 for the adaptive)."""
+    builders = {
+        "fedavgm": lambda: server_optimizers.fedavgm(f.server_lr, f.server_momentum),
+        "fedadam": lambda: server_optimizers.fedadam(f.server_lr, tau=f.server_tau),
+        "fedyogi": lambda: server_optimizers.fedyogi(f.server_lr, tau=f.server_tau),
+        "fedadagrad": lambda: server_optimizers.fedadagrad(f.server_lr, tau=f.server_tau),
+    }
+    return builders.get(f.algorithm, lambda: server_optimizers.fedavg(f.server_lr))()
 
 
-def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
-    splits, normalizer, model = setup.build_data_and_model(config)
-    info = splits.info
-    federation = build_federation(config, splits)
-    data = client_lib.from_federated_dataset(federation, normalizer)
-    f = config.federated
-    num_clients = federation.num_clients
-    per_round = f.clients_per_round or num_clients
-    if per_round > num_clients:
-        raise ValueError(
-            f"federated.clients_per_round={per_round} must be <= the {num_clients} clients"
-        )
-    local_update = client_lib.make_local_update(
+@dataclasses.dataclass(frozen=True)
+class AlgorithmInputs:
+    """What every algorithm builder takes."""
+
+    config: ml_collections.ConfigDict
+    local_update: client_lib.LocalUpdate
+    data: client_lib.ClientData
+    options: algorithms.RoundOptions
+    sampler: CohortSampler
+    noise_multiplier: float
+
+
+def _fedopt(inputs: AlgorithmInputs) -> algorithms.FederatedAlgorithm:
+    f = inputs.config.federated
+    return algorithms.fedopt(
+        inputs.local_update,
+        inputs.data,
+        _server_optimizer(f),
+        options=inputs.options,
+        name=f.algorithm,
+    )
+
+
+def _dp_fedavg(inputs: AlgorithmInputs) -> algorithms.FederatedAlgorithm:
+    f, p = inputs.config.federated, inputs.config.privacy
+    return dp_fedavg.dp_fedavg(
+        inputs.local_update,
+        inputs.data,
+        inputs.sampler,
+        noise_multiplier=inputs.noise_multiplier,
+        clip_norm=p.clip_norm,
+        server_optimizer=_server_optimizer(f),
+        adaptive=f.adaptive_clipping,
+        target_quantile=f.target_quantile,
+        options=inputs.options,
+    )
+
+
+# federated.algorithm -> builder: the one table of algorithms the trainer runs.
+ALGORITHMS = {
+    "fedavg": lambda i: algorithms.fedavg(
+        i.local_update, i.data, server_lr=i.config.federated.server_lr, options=i.options
+    ),
+    "fedprox": lambda i: algorithms.fedprox(
+        i.local_update,
+        i.data,
+        mu=i.config.federated.prox_mu,
+        server_lr=i.config.federated.server_lr,
+        options=i.options,
+    ),
+    "scaffold": lambda i: algorithms.scaffold(
+        i.local_update, i.data, server_lr=i.config.federated.server_lr, options=i.options
+    ),
+    "fedavgm": _fedopt,
+    "fedadam": _fedopt,
+    "fedyogi": _fedopt,
+    "fedadagrad": _fedopt,
+    "dp_fedavg": _dp_fedavg,
+}
+
+
+def make_local_update(
+    config: ml_collections.ConfigDict, model: registry.Model, task: str, local_steps: int
+) -> client_lib.LocalUpdate:
+    """The clients' local training; local DP-SGD in every site when ``privacy.enabled``."""
+    f, p = config.federated, config.privacy
+    return client_lib.make_local_update(
         model.apply,
-        info.task,
-        local_steps=f.local_steps,
+        task,
+        local_steps=local_steps,
         batch_size=f.client_batch_size,
         client_lr=f.client_lr,
         prox_mu=f.prox_mu if f.algorithm == "fedprox" else 0.0,
         scaffold=f.algorithm == "scaffold",
-        dp_clip_norm=config.privacy.clip_norm if config.privacy.enabled else None,
-        dp_noise_multiplier=config.privacy.noise_multiplier if config.privacy.enabled else 0.0,
+        dp_clip_norm=p.clip_norm if p.enabled else None,
+        dp_noise_multiplier=p.noise_multiplier if p.enabled else 0.0,
     )
+
+
+# ---- ledgers, by mechanism -------------------------------------------------------------------
+def _client_level_ledger(config, federation, sampler, noise_multiplier):
+    p, f = config.privacy, config.federated
+    q = sampler.rate
+    target = p.target_epsilon
+    if target <= 0:  # no explicit budget: the planned rounds are the budget
+        event = accounting.dpsgd_event(noise_multiplier, q, f.rounds)
+        target = max(accounting.epsilon(event, p.delta, p.accountant), 1e-12)
+    return ledgers.ClientLevelLedger(
+        budget.PrivacyLedger(
+            noise_multiplier=noise_multiplier,
+            sampling_rate=q,
+            delta=p.delta,
+            target_epsilon=target,
+            accountant=p.accountant,
+            unit="client",
+            num_examples=federation.num_clients,
+        )
+    )
+
+
+def _site_ledgers(config, federation, sampler, noise_multiplier):
+    p, f = config.privacy, config.federated
+    names = tuple(federation.client_names)
+    counts = np.asarray(federation.counts, np.int64)
+    accounting.check_delta(p.delta, int(counts.min()))
+    return ledgers.SiteLedgers(
+        names=names,
+        num_units=counts,
+        targets=parse_site_targets(f.site_target_epsilons, names, p.target_epsilon),
+        noise_multiplier=float(p.noise_multiplier),
+        batch_size=f.client_batch_size,
+        local_steps=f.local_steps,
+        delta=p.delta,
+        accountant=p.accountant,
+    )
+
+
+def _distributed_ledger(config, federation, sampler, noise_multiplier, ddp):
+    f, p = config.federated, config.privacy
+    return ledgers.DistributedLedger(
+        epsilon_fn=ddp.epsilon,
+        delta=float(p.delta),
+        noise_multiplier=float(p.noise_multiplier),
+        clip_norm=float(p.clip_norm),
+        accountant=f"rdp ({f.distributed_dp} sum bound)",
+        settings={
+            "kind": f.distributed_dp,
+            "noise_multiplier": float(p.noise_multiplier),
+            "clip_norm": float(p.clip_norm),
+            "delta": float(p.delta),
+            "method": f.secure_aggregation,
+        },
+        claim_details=lambda: {
+            "mechanism_detail": f"distributed {f.distributed_dp} via {f.secure_aggregation}",
+            "min_clients_per_round": ddp.threshold,
+        },
+    )
+
+
+LEDGERS = {
+    "none": lambda config, federation, sampler, sigma: ledgers.NoPrivacy(),
+    "dp_fedavg": _client_level_ledger,
+    "local_dp_sgd": _site_ledgers,
+}
+
+
+def _noise_multiplier(config, mechanism: str, rate: float) -> float:
+    p = config.privacy
+    if mechanism == "none":
+        return 0.0
+    if p.noise_multiplier > 0 or mechanism != "dp_fedavg":
+        return float(p.noise_multiplier)
+    return accounting.calibrate_noise_multiplier(
+        p.target_epsilon, rate, config.federated.rounds, p.delta, accountant=p.accountant
+    )
+
+
+def _cohort_sampler(config, mechanism, num_clients, rng) -> CohortSampler:
+    per_round = config.federated.clients_per_round or num_clients
+    if per_round > num_clients:
+        raise ValueError(
+            f"federated.clients_per_round={per_round} must be <= the {num_clients} clients"
+        )
+    if mechanism == "dp_fedavg":  # the Poisson sampling its accounting assumes
+        return sampling.PoissonSampler(
+            num_clients, per_round / num_clients, seed=config.seed, randomness=rng
+        )
+    return sampling.UniformSampler(num_clients, per_round, config.seed, randomness=rng)
+
+
+def _server_key(config, mechanism, rng) -> jax.Array:
+    if mechanism == "none" and not rng.secure:
+        return jax.random.fold_in(jax.random.PRNGKey(config.seed), randomness.SERVER)
+    return jax.random.fold_in(rng.key(randomness.NOISE), randomness.SERVER)
+
+
+def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
+    """Data, federation, algorithm, sampler, ledger and keys of a federated run."""
+    splits, normalizer, model = setup.build_data_and_model(config)
+    federation = build_federation(config, splits)
+    data = client_lib.from_federated_dataset(federation, normalizer)
+    f = config.federated
+    mechanism = schema.mechanism(config)
+    rng = randomness.Randomness(config.privacy.noise_seed, config.seed)
+    sampler = _cohort_sampler(config, mechanism, federation.num_clients, rng)
+    rate = (f.clients_per_round or federation.num_clients) / federation.num_clients
+    sigma = _noise_multiplier(config, mechanism, rate)
     options = algorithms.RoundOptions(
         max_update_norm=f.max_update_norm or None,
         dropout_rate=f.dropout_prob,
         backend=f.backend,
         chunk_size=f.chunk_size or None,
     )
-    ledger, sigma, mode = None, 0.0, "reproducible"
-    if f.algorithm == "dp_fedavg":
-        p = config.privacy
-        q = per_round / num_clients
-        sampler = sampling.PoissonSampler(num_clients, q, seed=config.seed)
-        if p.noise_multiplier > 0:
-            sigma = float(p.noise_multiplier)
-        else:
-            sigma = accounting.calibrate_noise_multiplier(
-                p.target_epsilon, q, f.rounds, p.delta, accountant=p.accountant
-            )
-        target = p.target_epsilon
-        if target <= 0:
-            event = accounting.dpsgd_event(sigma, q, f.rounds)
-            target = max(accounting.epsilon(event, p.delta, p.accountant), 1e-12)
-        ledger = budget.PrivacyLedger(
-            noise_multiplier=sigma,
-            sampling_rate=q,
-            delta=p.delta,
-            target_epsilon=target,
-            accountant=p.accountant,
-            unit="client",
-            num_examples=num_clients,
-        )
-        algorithm = dp_fedavg.dp_fedavg(
-            local_update,
-            data,
-            sampler,
-            noise_multiplier=sigma,
-            clip_norm=p.clip_norm,
-            server_optimizer=server_optimizer(f),
-            adaptive=f.adaptive_clipping,
-            target_quantile=f.target_quantile,
-            options=options,
-        )
-        key, mode = noise.make_noise_key(config.seed, p.noise_seed)
-        server_key = jax.random.fold_in(key, STREAM_SERVER)
-    else:
-        sampler = sampling.UniformSampler(num_clients, per_round, config.seed)
-        builders = {
-            "fedavg": lambda: algorithms.fedavg(
-                local_update, data, server_lr=f.server_lr, options=options
-            ),
-            "fedprox": lambda: algorithms.fedprox(
-                local_update, data, mu=f.prox_mu, server_lr=f.server_lr, options=options
-            ),
-            "scaffold": lambda: algorithms.scaffold(
-                local_update, data, server_lr=f.server_lr, options=options
-            ),
-        }
-        build = builders.get(f.algorithm)
-        if build is None:
-            algorithm = algorithms.fedopt(
-                local_update, data, server_optimizer(f), options=options, name=f.algorithm
-            )
-        else:
-            algorithm = build()
-        server_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), STREAM_SERVER)
-    site_budgets = None
-    if config.privacy.enabled:
-        p = config.privacy
-        names = tuple(federation.client_names)
-        counts = np.asarray(federation.counts, np.int64)
-        accounting.check_delta(p.delta, int(counts.min()))
-        site_budgets = SiteBudgets(
-            names=names,
-            num_examples=counts,
-            targets=parse_site_targets(f.site_target_epsilons, names, p.target_epsilon),
-            steps=np.zeros(len(names), np.int64),
-            exhausted_at_round={},
-            noise_multiplier=float(p.noise_multiplier),
-            batch_size=f.client_batch_size,
-            local_steps=f.local_steps,
-            delta=p.delta,
-            accountant=p.accountant,
-        )
-        sigma = float(p.noise_multiplier)
-        key, mode = noise.make_noise_key(config.seed, p.noise_seed)
-        server_key = jax.random.fold_in(key, STREAM_SERVER)
-    secure_round = None
+    local_update = make_local_update(config, model, splits.info.task, f.local_steps)
+    inputs = AlgorithmInputs(config, local_update, data, options, sampler, sigma)
+    algorithm = ALGORITHMS[f.algorithm](inputs)
+    secure_round, ddp = None, None
     if f.secure_aggregation != "none":
         if f.algorithm == "dp_fedavg" and f.distributed_dp != "none":
             raise ValueError(
                 "federated.distributed_dp replaces DP-FedAvg's server noise: use "
                 "federated.algorithm='fedavg' with it"
             )
-        from fedjax_med.training import secure_rounds
-
-        secure_round = "pending"
-    plan = FederatedPlan(
-        client_data=data,
-        site_budgets=site_budgets,
+        shim = _SecureRoundInputs(config, data, algorithm, sigma, sampler)
+        secure_round = secure_rounds.make_secure_round(shim, _server_optimizer(f))
+        ddp = secure_round.ddp
+        algorithm = dataclasses.replace(algorithm, apply_round=secure_round)
+    if mechanism == "distributed_dp":
+        ledger = _distributed_ledger(config, federation, sampler, sigma, ddp)
+    else:
+        ledger = LEDGERS[mechanism](config, federation, sampler, sigma)
+    return FederatedPlan(
         config=config,
         splits=splits,
         normalizer=normalizer,
         model=model,
         federation=federation,
+        client_data=data,
         algorithm=algorithm,
         sampler=sampler,
         ledger=ledger,
-        noise_multiplier=sigma,
-        noise_seed_mode=mode,
-        server_key=server_key,
+        randomness=rng,
+        server_key=_server_key(config, mechanism, rng),
+        mechanism=mechanism,
     )
-    if secure_round is not None:
-        plan = dataclasses.replace(
-            plan, secure_round=secure_rounds.make_secure_round(plan, server_optimizer(f))
-        )
-    return plan
 
 
-def init_server_state(plan: FederatedPlan):
+@dataclasses.dataclass(frozen=True)
+class _SecureRoundInputs:
+    """The fields ``training.secure_rounds.make_secure_round`` reads."""
+
+    config: ml_collections.ConfigDict
+    client_data: client_lib.ClientData
+    algorithm: algorithms.FederatedAlgorithm
+    noise_multiplier: float
+    sampler: CohortSampler
+
+
+def init_server_state(plan: FederatedPlan) -> algorithms.ServerState:
     params = plan.model.init(
-        jax.random.fold_in(jax.random.PRNGKey(plan.config.seed), STREAM_PARAMS)
+        jax.random.fold_in(jax.random.PRNGKey(plan.config.seed), randomness.PARAMS)
     )
     return plan.algorithm.init(params, plan.server_key)
+
+
+def secret_free(state: algorithms.ServerState, plan: FederatedPlan) -> algorithms.ServerState:
+    """``state`` as it may be written to disk: a secure run's server key replaced by zeros.
+
+    The server key is the root of every round's client, dropout and noise keys, so from a
+    checkpoint holding it and the public initial model every round's DP noise could be
+    regenerated and the clipped client sums recovered.
+    """
+    if plan.randomness.persistable:
+        return state
+    key = state.rng
+    data = jnp.zeros_like(jax.random.key_data(key))
+    return state.replace(rng=jax.random.wrap_key_data(data, impl=jax.random.key_impl(key)))
+
+
+def with_fresh_secrets(
+    state: algorithms.ServerState, plan: FederatedPlan
+) -> algorithms.ServerState:
+    """A resumed secure run's state with a new secret server key (reproducible: unchanged)."""
+    if plan.randomness.persistable:
+        return state
+    return state.replace(
+        rng=jax.random.fold_in(plan.randomness.key(randomness.NOISE), randomness.SERVER)
+    )
 
 
 def describe(plan: FederatedPlan, params: Any) -> None:
@@ -338,15 +423,17 @@ def describe(plan: FederatedPlan, params: Any) -> None:
     counts = plan.federation.counts
     logger.info(
         "federation: %d clients (%s), %d-%d training images each; %s, %s clients per round, "
-        "%d local steps, %d rounds",
+        "%d local steps, %d rounds; privacy: %s (%s randomness)",
         plan.federation.num_clients,
-        plan.config.federated.partition.method,
+        f.partition.method,
         int(counts.min()),
         int(counts.max()),
         f.algorithm,
         f.clients_per_round or plan.federation.num_clients,
         f.local_steps,
         f.rounds,
+        plan.mechanism,
+        plan.randomness.mode,
     )
     logger.info(
         "model %s, %s parameters; devices %d x %s; backend %s",
@@ -356,6 +443,60 @@ def describe(plan: FederatedPlan, params: Any) -> None:
         jax.devices()[0].platform,
         plan.algorithm.for_each.backend,
     )
+
+
+# ---- the round loop --------------------------------------------------------------------------
+@dataclasses.dataclass
+class RoundLog:
+    """The run's ``metrics.jsonl``, timings and throughput, for the loop to append to."""
+
+    path: str
+    elapsed: dict[str, float]
+
+    def append(self, record: dict[str, Any]) -> None:
+        workdir_lib.append_metrics(self.path, record)
+
+
+def _evaluate(plan, params, split: str, round_num: int, log: RoundLog) -> dict[str, Any]:
+    predict_fn = evaluate.make_predict_fn(plan.model.apply, plan.splits.info.task)
+    result = evaluate.evaluate(
+        predict_fn,
+        params,
+        plan.splits.split(split),
+        plan.splits.info,
+        plan.normalizer,
+        plan.config.train.eval_batch_size,
+    )
+    record = {"step": round_num, "split": split, **evaluate.prefixed(result["metrics"], split)}
+    record.update(result["site_summary"])
+    log.append(record)
+    return result
+
+
+def _start(plan, workdir, resume, checkpointer, log):
+    """The initial (or resumed) server state and round; restores the ledger on resume."""
+    state = init_server_state(plan)
+    describe(plan, state.params)
+    if not resume:
+        workdir_lib.rewrite_metrics(log.path, [])
+        return state
+    latest = checkpointer.latest_step()
+    state, metadata = checkpointer.restore(latest, secret_free(state, plan))
+    state = with_fresh_secrets(state, plan)
+    log.elapsed.update(metadata["elapsed"])
+    plan.ledger.load_state_dict(metadata.get("privacy", {}))
+    kept = [r for r in workdir_lib.read_metrics(log.path) if r["step"] <= latest]
+    workdir_lib.rewrite_metrics(log.path, kept)
+    logger.info("resumed from round %d", latest)
+    return state
+
+
+def _round_record(done, metrics, ledger_entries) -> dict[str, Any]:
+    record = {"step": done, "split": "round"}
+    # A NaN loss is one no client released (local DP-SGD, secure aggregation): not logged.
+    record.update({k: v for k, v in metrics.items() if not (k == "loss" and math.isnan(v))})
+    record.update(ledger_entries)
+    return record
 
 
 def run_rounds(
@@ -369,302 +510,161 @@ def run_rounds(
     """Runs the federated training of ``config`` in ``workdir``; returns the report."""
     checkpointer = workdir_lib.prepare_workdir(workdir, resume, config)
     plan = build_plan(config)
-    info = plan.splits.info
     f = config.federated
-    state = init_server_state(plan)
-    describe(plan, state.params)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    elapsed = {"wall_time_s": 0.0, "train_time_s": 0.0, "examples_seen": 0}
-    ledger = plan.ledger
-    if resume:
-        latest = checkpointer.latest_step()
-        state, metadata = checkpointer.restore(latest, state)
-        elapsed.update(metadata["elapsed"])
-        if ledger is not None:
-            ledger = budget.PrivacyLedger.from_dict(metadata["privacy_ledger"])
-        if plan.site_budgets is not None:
-            plan.site_budgets.load(metadata["site_budgets"])
-        kept = [r for r in workdir_lib.read_metrics(metrics_path) if r["step"] <= latest]
-        workdir_lib.rewrite_metrics(metrics_path, kept)
-        logger.info("resumed from round %d", latest)
-    else:
-        workdir_lib.rewrite_metrics(metrics_path, [])
+    log = RoundLog(
+        os.path.join(workdir, "metrics.jsonl"),
+        {"wall_time_s": 0.0, "train_time_s": 0.0, "examples_seen": 0},
+    )
+    state = _start(plan, workdir, resume, checkpointer, log)
     checkpoint.write_json_atomic(os.path.join(workdir, "config.json"), loading.to_json_dict(config))
-
-    predict_fn = evaluate.make_predict_fn(plan.model.apply, info.task)
-
-    def run_eval(round_num: int, split: str, extra: dict[str, Any]) -> dict[str, Any]:
-        result = evaluate.evaluate(
-            predict_fn,
-            state.params,
-            plan.splits.split(split),
-            info,
-            plan.normalizer,
-            config.train.eval_batch_size,
-        )
-        record = {"step": round_num, "split": split, **evaluate.prefixed(result["metrics"], split)}
-        record.update(extra)
-        record.update(result["site_summary"])
-        workdir_lib.append_metrics(metrics_path, record)
-        return result
-
     start = int(state.round)
-    end = f.rounds if stop_at_round is None else min(stop_at_round, f.rounds)
-    stopped_by_budget = False
-    if ledger is not None:
-        allowed = private_allowed(ledger, end - start)
-        stopped_by_budget = allowed < end - start
-        if stopped_by_budget:
-            logger.warning(
-                "client-level budget epsilon=%.4g allows %d more rounds: stopping at round %d",
-                ledger.target_epsilon,
-                allowed,
-                start + allowed,
-            )
-        end = start + allowed
+    planned = (f.rounds if stop_at_round is None else min(stop_at_round, f.rounds)) - start
+    end = start + plan.ledger.allowed(start, planned)
     bar = tqdm.tqdm(total=f.rounds, initial=start, disable=quiet, file=sys.stderr, unit="round")
     run_start = time.perf_counter()
     for round_num in range(start, end):
-        cohort = plan.sampler.sample(round_num)
-        if plan.site_budgets is not None:
-            admitted = plan.site_budgets.admit(cohort.sampled(), round_num)
-            cohort = sampling.padded_cohort(admitted, cohort.capacity)
+        cohort = plan.ledger.admit(plan.sampler.sample(round_num), round_num)
         t0 = time.perf_counter()
-        if plan.secure_round is not None:
-            state, metrics = plan.secure_round(state, cohort)
-        else:
-            state, metrics = plan.algorithm.apply_round(state, cohort)
+        state, metrics = plan.algorithm.apply_round(state, cohort)
         metrics = {k: float(v) for k, v in metrics.items()}  # blocks: honest timing
-        elapsed["train_time_s"] += time.perf_counter() - t0
-        sampled = cohort.sampled()
-        per_step = np.minimum(np.asarray(plan.federation.counts)[sampled], f.client_batch_size)
-        elapsed["examples_seen"] += int(per_step.sum()) * f.local_steps
-        done = round_num + 1
-        record = {"step": done, "split": "round", **metrics}
-        ddp = getattr(plan.secure_round, "ddp", None)
-        if ddp is not None:
-            record["epsilon"] = ddp.epsilon(done)
-            record["delta"] = ddp.delta
-        if plan.site_budgets is not None:
-            plan.site_budgets.record(sampled)
-            eps = plan.site_budgets.per_site_epsilon()
-            record["max_site_epsilon"] = max(eps.values())
-            record["site_epsilon"] = eps
-        if ledger is not None:
-            ledger = ledger.record(1)
-            record["epsilon"] = ledger.epsilon()
-            record["delta"] = ledger.delta
-        workdir_lib.append_metrics(metrics_path, record)
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{metrics['loss']:.4f}",
-            clients=int(metrics["num_clients"]),
-            **({"eps": f"{record['epsilon']:.3g}"} if ledger is not None else {}),
+        log.elapsed["train_time_s"] += time.perf_counter() - t0
+        per_step = np.minimum(
+            np.asarray(plan.federation.counts)[cohort.sampled()], f.client_batch_size
         )
+        log.elapsed["examples_seen"] += int(per_step.sum()) * f.local_steps
+        released = not metrics.get("secure_round_aborted", 0)
+        done = round_num + 1
+        log.append(_round_record(done, metrics, plan.ledger.record(cohort, released)))
+        bar.update(1)
         if done % f.eval_every == 0 and done != end:
-            run_eval(done, "val", {})
+            _evaluate(plan, state.params, "val", done, log)
         if done % f.checkpoint_every == 0 or done == end:
-            elapsed["wall_time_s"] += time.perf_counter() - run_start
+            log.elapsed["wall_time_s"] += time.perf_counter() - run_start
             run_start = time.perf_counter()
-            meta = {"step": done, "elapsed": dict(elapsed)}
-            if ledger is not None:
-                meta["privacy_ledger"] = ledger.to_dict()
-            if plan.site_budgets is not None:
-                meta["site_budgets"] = plan.site_budgets.to_dict()
-            checkpointer.save(done, state, meta)
+            meta = {"step": done, "elapsed": dict(log.elapsed), "privacy": plan.ledger.state_dict()}
+            checkpointer.save(done, secret_free(state, plan), meta)
     bar.close()
-    elapsed["wall_time_s"] += time.perf_counter() - run_start
+    log.elapsed["wall_time_s"] += time.perf_counter() - run_start
     checkpointer.close()
-    if end < f.rounds and not stopped_by_budget:
+    if end < f.rounds and not plan.ledger.stopped_by_budget:
         logger.info("stopped at round %d of %d; resume with --resume", end, f.rounds)
         return {"stopped_at_step": end}
+    if plan.ledger.stopped_by_budget:
+        logger.warning("the privacy budget allows %d rounds: stopped at round %d", end, end)
+    return finish(plan, state, workdir, end, log)
 
-    val = run_eval(end, "val", {})
-    test = run_eval(end, "test", {})
-    extra: dict[str, Any] = {
-        "federated": {
-            "algorithm": f.algorithm,
-            "rounds": end,
-            "num_clients": plan.federation.num_clients,
-            "clients_per_round": f.clients_per_round or plan.federation.num_clients,
-            "client_names": list(plan.federation.client_names),
-            "client_sizes": np.asarray(plan.federation.counts).tolist(),
-            "partition": config.federated.partition.method,
-            "local_steps": f.local_steps,
-            "backend": plan.algorithm.for_each.backend,
-            "secure_aggregation": f.secure_aggregation,
-        }
+
+# ---- the report ------------------------------------------------------------------------------
+def _federation_summary(plan: FederatedPlan, end: int) -> dict[str, Any]:
+    f = plan.config.federated
+    return {
+        "algorithm": f.algorithm,
+        "rounds": end,
+        "num_clients": plan.federation.num_clients,
+        "clients_per_round": f.clients_per_round or plan.federation.num_clients,
+        "client_names": list(plan.federation.client_names),
+        "client_sizes": np.asarray(plan.federation.counts).tolist(),
+        "partition": f.partition.method,
+        "local_steps": f.local_steps,
+        "backend": plan.algorithm.for_each.backend,
+        "secure_aggregation": f.secure_aggregation,
+        "mechanism": plan.mechanism,
     }
+
+
+def _aggregation_cost(method: str, metrics_path: str) -> dict[str, float]:
+    rounds = [r for r in workdir_lib.read_metrics(metrics_path) if r.get("split") == "round"]
+
+    def mean(key):
+        return float(np.mean([r.get(key, 0.0) for r in rounds]))
+
+    return {
+        "method": method,
+        "bytes_per_client_per_round": mean("secure_bytes_per_client"),
+        "plaintext_bytes_per_client_per_round": float(rounds[-1]["plaintext_bytes_per_client"]),
+        "seconds_per_round": mean("secure_aggregation_seconds"),
+        "bytes_received_per_client_per_round": mean("secure_bytes_received_per_client"),
+        "plaintext_seconds_per_round": mean("plaintext_aggregation_seconds"),
+    }
+
+
+def _claim_context(plan: FederatedPlan, state, released) -> ledgers.ClaimContext:
+    f = plan.config.federated
+    return ledgers.ClaimContext(
+        randomness_mode=plan.randomness.mode,
+        clip_norm=float(plan.config.privacy.clip_norm),
+        client_names=tuple(plan.federation.client_names),
+        final_clip_norm=float(state.clip_norm) if state.clip_norm is not None else None,
+        adaptive_clipping=bool(f.adaptive_clipping),
+        secure_aggregation=f.secure_aggregation,
+        released_outside=released,
+    )
+
+
+def finish(plan, state, workdir: str, end: int, log: RoundLog) -> dict[str, Any]:
+    """Evaluates, personalises, builds and writes report.json."""
+    config, f = plan.config, plan.config.federated
+    val = _evaluate(plan, state.params, "val", end, log)
+    test = _evaluate(plan, state.params, "test", end, log)
+    extra: dict[str, Any] = {"federated": _federation_summary(plan, end)}
     if f.secure_aggregation != "none":
-        rounds_log = [
-            r for r in workdir_lib.read_metrics(metrics_path) if r.get("split") == "round"
-        ]
-        extra["aggregation_cost"] = {
-            "method": f.secure_aggregation,
-            "bytes_per_client_per_round": float(
-                np.mean([r["secure_bytes_per_client"] for r in rounds_log])
-            ),
-            "plaintext_bytes_per_client_per_round": float(
-                rounds_log[-1]["plaintext_bytes_per_client"]
-            ),
-            "seconds_per_round": float(
-                np.mean([r["secure_aggregation_seconds"] for r in rounds_log])
-            ),
-            "bytes_received_per_client_per_round": float(
-                np.mean([r.get("secure_bytes_received_per_client", 0.0) for r in rounds_log])
-            ),
-            "plaintext_seconds_per_round": float(
-                np.mean([r.get("plaintext_aggregation_seconds", 0.0) for r in rounds_log])
-            ),
-        }
-    if ledger is not None:
-        eps = ledger.epsilon()
-        extra["privacy"] = {
-            "epsilon": eps,
-            "delta": ledger.delta,
-            "accountant": ledger.accountant,
-            "noise_multiplier": plan.noise_multiplier,
-            "sampling_rate": ledger.sampling_rate,
-            "steps": ledger.steps_taken,
-            "clip_norm": float(config.privacy.clip_norm),
-            "final_clip_norm": float(state.clip_norm) if state.clip_norm is not None else None,
-            "adaptive_clipping": bool(f.adaptive_clipping),
-            "unit": "client",
-            "level": "client",
-            "noise_seed_mode": plan.noise_seed_mode,
-            "target_epsilon": ledger.target_epsilon,
-            "stopped_by_budget": stopped_by_budget,
-            "guarantee": (
-                f"({eps:.4g}, {ledger.delta:.3g})-DP for each client (hospital) of the federation "
-                "(add/remove-one client)"
-            ),
-        }
+        extra["aggregation_cost"] = _aggregation_cost(f.secure_aggregation, log.path)
+    released = ()
     if f.personalization_steps > 0:
-        if config.federated.partition.method != "by_site":
-            logger.warning("personalisation needs federated.partition.method='by_site'; skipped")
-        else:
-            extra["per_site_personalized"] = personalize(plan, state.params)
-    ddp = getattr(plan.secure_round, "ddp", None)
-    if ddp is not None:
-        eps = ddp.epsilon(end)
-        extra["privacy"] = {
-            "epsilon": eps,
-            "delta": ddp.delta,
-            "accountant": f"rdp ({ddp.kind} sum bound)",
-            "noise_multiplier": ddp.z,
-            "sampling_rate": (f.clients_per_round or plan.federation.num_clients)
-            / plan.federation.num_clients,
-            "steps": end,
-            "clip_norm": ddp.clip,
-            "unit": "client",
-            "level": "client",
-            "mechanism": f"distributed {ddp.kind} via {f.secure_aggregation}",
-            "min_clients_per_round": ddp.threshold,
-            "noise_seed_mode": "secure" if ddp.secure_noise else "reproducible",
-            "guarantee": (
-                f"({eps:.4g}, {ddp.delta:.3g})-DP for each client's update (replace-one client), "
-                f"noise added by clients and summed by secure aggregation; no amplification by "
-                "client sampling is claimed"
-            ),
-        }
-    if plan.site_budgets is not None:
-        b = plan.site_budgets
-        per_site_eps = b.per_site_epsilon()
-        worst = max(per_site_eps.values())
-        extra["privacy"] = {
-            "epsilon": worst,
-            "delta": b.delta,
-            "accountant": b.accountant,
-            "noise_multiplier": b.noise_multiplier,
-            "sampling_rate": {
-                n: min(b.batch_size, int(c)) / int(c)
-                for n, c in zip(b.names, b.num_examples, strict=True)
-            },
-            "steps": {n: int(s) for n, s in zip(b.names, b.steps, strict=True)},
-            "clip_norm": float(config.privacy.clip_norm),
-            "unit": "example",
-            "level": "example",
-            "sampling": "poisson",
-            "noise_seed_mode": plan.noise_seed_mode,
-            "per_site_epsilon": per_site_eps,
-            "per_site_target_epsilon": {
-                n: (float(t) if np.isfinite(t) else None)
-                for n, t in zip(b.names, b.targets, strict=True)
-            },
-            "site_budget_exhausted_at_round": dict(b.exhausted_at_round),
-            "guarantee": (
-                f"each site's training examples are ({worst:.4g}, {b.delta:.3g})-DP or better "
-                "against everyone outside the site (local DP-SGD with Poisson sampling, "
-                "add/remove-one example); "
-                "per_site_epsilon gives each site's own value"
-            ),
-        }
+        extra["per_site_personalized"], released = personalize(plan, state.params)
+    claim = plan.ledger.claim(_claim_context(plan, state, released))
+    if claim is not None:
+        extra["privacy"] = claim.to_report()
     result = report.build_report(
         config=config,
-        info=info,
+        info=plan.splits.info,
         test=test,
         val=val,
         steps=end,
         num_params=plan.model.num_params(state.params),
-        elapsed=elapsed,
+        elapsed=log.elapsed,
         extra=extra,
     )
     checkpoint.write_json_atomic(os.path.join(workdir, "report.json"), result)
     m = result["metrics"]
     logger.info(
-        "test accuracy %.4f (worst site %.4f), AUROC %.4f after %d rounds (%.1f s)",
+        "test accuracy %.4f (worst site %.4f), AUROC %.4f after %d rounds (%.1f s)%s",
         m["test_accuracy"],
         result["site_summary"].get("worst_accuracy", float("nan")),
         m["test_auroc"],
         end,
         result["wall_time_s"],
+        f"; {claim.guarantee}" if claim is not None else "",
     )
-    if ledger is not None:
-        logger.info(
-            "client-level privacy: epsilon %.4g at delta %.3g",
-            result["privacy"]["epsilon"],
-            ledger.delta,
-        )
     return result
 
 
-def private_allowed(ledger: budget.PrivacyLedger, planned: int) -> int:
-    if planned <= 0:
-        return 0
-    if ledger.can_take(planned):
-        return planned
-    return min(planned, ledger.steps_remaining())
-
-
-def personalize(plan: FederatedPlan, params: Any) -> dict[str, dict[str, float]]:
+def personalize(plan: FederatedPlan, params: Any) -> tuple[dict[str, dict[str, float]], tuple]:
     """Per-site test metrics after each site fine-tunes ``params`` on its own training images.
 
     Fine-tuning is ``federated.personalization_steps`` steps of the same local training the
-    clients ran (local DP-SGD included when enabled: the personalised model stays private to the
-    site either way, it is never sent). Clients are sites (``by_site`` partition).
+    clients ran. Under local DP-SGD those steps are releases of the site's data like any other
+    (their metrics are published): they are added to the site's ledger, and a site whose budget
+    cannot afford them is not fine-tuned. Clients are sites (``by_site`` partition).
+
+    Returns:
+      ``(site -> test metrics, what the claim must name as released outside it)``.
     """
     f = plan.config.federated
     info = plan.splits.info
-    local = client_lib.make_local_update(
-        plan.model.apply,
-        info.task,
-        local_steps=f.personalization_steps,
-        batch_size=f.client_batch_size,
-        client_lr=f.client_lr,
-        dp_clip_norm=plan.config.privacy.clip_norm if plan.config.privacy.enabled else None,
-        dp_noise_multiplier=(
-            plan.config.privacy.noise_multiplier if plan.config.privacy.enabled else 0.0
-        ),
-    )
-    data = client_lib.from_federated_dataset(plan.federation, plan.normalizer)
+    if f.partition.method != "by_site":
+        logger.warning("personalisation needs federated.partition.method='by_site'; skipped")
+        return {}, ()
+    local = make_local_update(plan.config, plan.model, info.task, f.personalization_steps)
+    data = plan.client_data
     fine_tune = jax.jit(local)
     predict_fn = evaluate.make_predict_fn(plan.model.apply, info.task)
-    key = jax.random.fold_in(plan.server_key, 10_000_019)
+    key = jax.random.fold_in(plan.server_key, randomness.PERSONALIZATION)
     results = {}
     for k, name in enumerate(plan.federation.client_names):
         site = info.site_names.index(name)
         test = plan.splits.test.take(np.flatnonzero(plan.splits.test.sites == site))
-        if len(test) == 0:
+        if len(test) == 0 or not plan.ledger.record_personalization(k, f.personalization_steps):
             continue
         out = fine_tune(
             params,
@@ -679,7 +679,12 @@ def personalize(plan: FederatedPlan, params: Any) -> dict[str, dict[str, float]]
             predict_fn, tuned, test, info, plan.normalizer, plan.config.train.eval_batch_size
         )
         results[name] = evaluate.prefixed(result["metrics"], "test")
-    return results
+    released = ()
+    if plan.mechanism != "local_dp_sgd":
+        released = (
+            "per-site test metrics of models fine-tuned on each site's images, outside any ledger",
+        )
+    return results, released
 
 
 def restore_for_eval(workdir: str) -> tuple[FederatedPlan, algorithms.ServerState]:
@@ -690,7 +695,7 @@ def restore_for_eval(workdir: str) -> tuple[FederatedPlan, algorithms.ServerStat
     if latest is None:
         raise workdir_lib.WorkdirError(f"workdir '{workdir}' has no checkpoint")
     plan = build_plan(config)
-    state, _ = checkpointer.restore(latest, init_server_state(plan))
+    state, _ = checkpointer.restore(latest, secret_free(init_server_state(plan), plan))
     checkpointer.close()
     return plan, state
 

@@ -52,3 +52,21 @@ def test_overflow_adds_whole_blocks_and_keeps_every_sampled_client():
 def test_empty_poisson_round_is_all_padding():
     cohort = sampling.padded_cohort(np.array([], np.int64), 3)
     assert cohort.capacity == 3 and cohort.num_sampled == 0
+
+
+def test_secure_cohorts_are_not_the_seeds_cohorts():
+    # The attack: recompute round t's cohort as default_rng([seed, t]) from the published seed
+    # and read off which rounds a client was in (known cohorts: epsilon 15-20 instead of 8.5).
+    from fedjax_med import randomness
+
+    public = sampling.PoissonSampler(num_clients=200, rate=0.2, seed=0)
+    secret = sampling.PoissonSampler(
+        num_clients=200, rate=0.2, seed=0, randomness=randomness.Randomness("secure", 0)
+    )
+    for round_num in range(3):
+        assert not np.array_equal(
+            public.sample(round_num).sampled(), secret.sample(round_num).sampled()
+        )
+    # Still Poisson at rate q: the mean cohort over rounds is q K.
+    sizes = [secret.sample(t).num_sampled for t in range(200)]
+    assert abs(np.mean(sizes) - 40) < 4 * np.sqrt(200 * 0.2 * 0.8 / 200)

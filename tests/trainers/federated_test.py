@@ -10,6 +10,7 @@ import pytest
 
 from fedjax_med.config import loading
 from fedjax_med.trainers import federated, registry
+from fedjax_med.training import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -101,6 +102,7 @@ def test_local_dp_sgd_reports_each_site(tmp_path):
         "--config.privacy.noise_multiplier=1.0",
         "--config.privacy.delta=1e-3",
         "--config.federated.site_target_epsilons=hospital_1=1e-3",
+        "--config.data.normalization=fixed",
     )
     report = federated.run_rounds(config, str(tmp_path), quiet=True)
     privacy = report["privacy"]
@@ -119,7 +121,12 @@ def test_local_dp_sgd_reports_each_site(tmp_path):
     assert privacy["epsilon"] == max(eps.values())
     # The report names what the client code runs and the accountant assumes: Poisson rows,
     # add/remove-one neighbours (local_dp_epsilon is dpsgd_event with Poisson sampling).
-    assert privacy["sampling"] == "poisson" and "add/remove-one" in privacy["guarantee"]
+    assert privacy["sampling"] == "poisson"
+    assert privacy["neighbouring_relation"] == "add_or_remove_one"
+    assert "adding or removing one example" in privacy["guarantee"]
+    # What leaves a site outside its guarantee is named: its size (the FedAvg weight).
+    assert any("number of training examples" in r for r in privacy["released_outside_guarantee"])
+    assert privacy["mechanism"] == "local_dp_sgd" and "outside the site" in privacy["adversary"]
 
 
 def test_personalization_reports_each_site(tmp_path):
@@ -186,9 +193,13 @@ def test_distributed_dp_epsilon_matches_the_published_bound(tmp_path):
         "--config.privacy.noise_multiplier=2.0",
         "--config.privacy.clip_norm=0.5",
         "--config.privacy.delta=1e-3",
+        "--config.data.normalization=fixed",
     )
     report = federated.run_rounds(config, str(tmp_path), quiet=True)
     privacy = report["privacy"]
+    # Accounted as zero-out (one client's update replaced by 0), and labelled so.
+    assert privacy["neighbouring_relation"] == "zero_out"
+    assert "replacing one client's update by zero" in privacy["guarantee"]
     from fedjax_med.secure import distributed_dp, field
 
     n = report["federated"]["clients_per_round"]
@@ -218,3 +229,92 @@ def test_dp_fedavg_with_secagg_equals_plaintext_dp_fedavg(tmp_path):
     # Same cohorts and the same server noise: only the 32-bit fixed-point error differs.
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), a.params, b.params)
     assert secure["privacy"]["epsilon"] == pytest.approx(plain["privacy"]["epsilon"])
+
+
+# ---- attacks on the federated claims, as an adversary holding the run's files would try -----
+
+
+def _checkpointed_server_key(workdir):
+    plan, state = federated.restore_for_eval(workdir)
+    return plan, np.asarray(jax.random.key_data(state.rng))
+
+
+def test_secure_federated_checkpoint_holds_no_server_key(tmp_path):
+    # The attack: the server key in the final checkpoint regenerates every round's DP-FedAvg
+    # noise from the public initial model, and the clipped client sums follow (error 1.6e-7).
+    config = config_of("dp_fedavg.py", "--config.privacy.noise_seed=secure")
+    report = federated.run_rounds(config, str(tmp_path), quiet=True)
+    _, key = _checkpointed_server_key(str(tmp_path))
+    assert not key.any()
+    assert report["privacy"]["noise_seed_mode"] == "secure"
+    assert "never written to disk" in report["privacy"]["randomness"]
+
+
+def test_reproducible_federated_run_says_the_seed_breaks_it(tmp_path):
+    report = federated.run_rounds(config_of("dp_fedavg.py"), str(tmp_path), quiet=True)
+    _, key = _checkpointed_server_key(str(tmp_path))
+    assert key.any()  # reproducible runs keep their key, and their claim says what that means
+    assert "no guarantee against anyone who holds the seed" in report["privacy"]["guarantee"]
+    assert report["privacy"]["mechanism"] == "dp_fedavg"
+    assert report["privacy"]["neighbouring_relation"] == "add_or_remove_one"
+
+
+def test_secure_federated_resume_draws_fresh_keys_and_finishes(tmp_path):
+    config = config_of("dp_fedavg.py", "--config.privacy.noise_seed=secure")
+    assert federated.run_rounds(config, str(tmp_path), quiet=True, stop_at_round=2) == {
+        "stopped_at_step": 2
+    }
+    report = federated.run_rounds(config, str(tmp_path), resume=True, quiet=True)
+    assert report["privacy"]["steps"] == 4
+
+
+def test_federated_resume_with_changed_privacy_is_refused(tmp_path):
+    config = config_of("dp_fedavg.py")
+    federated.run_rounds(config, str(tmp_path), quiet=True, stop_at_round=2)
+    changed = config_of("dp_fedavg.py", "--config.privacy.noise_multiplier=0.3")
+    with pytest.raises(workdir_lib.WorkdirError, match="privacy.noise_multiplier"):
+        federated.run_rounds(changed, str(tmp_path), resume=True, quiet=True)
+
+
+def test_resumed_site_ledgers_must_match_the_plan():
+    from fedjax_med.trainers import ledgers
+
+    def make(sigma):
+        return ledgers.SiteLedgers(
+            names=("a", "b"),
+            num_units=np.array([10, 20]),
+            targets=np.array([np.inf, 2.0]),
+            noise_multiplier=sigma,
+            batch_size=4,
+            local_steps=2,
+            delta=1e-3,
+            accountant="rdp",
+        )
+
+    saved = make(1.0).state_dict()
+    make(1.0).load_state_dict(saved)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        make(0.5).load_state_dict(saved)
+
+
+def test_personalisation_is_accounted_in_each_sites_ledger(tmp_path):
+    # Before: personalisation steps read the site's images, their metrics were published, and
+    # the site's epsilon did not count them.
+    config = config_of(
+        "fedavg.py",
+        "--config.privacy.enabled=True",
+        "--config.privacy.noise_multiplier=1.0",
+        "--config.privacy.delta=1e-3",
+        "--config.data.normalization=fixed",
+        "--config.federated.personalization_steps=3",
+    )
+    report = federated.run_rounds(config, str(tmp_path), quiet=True)
+    privacy = report["privacy"]
+    assert set(report["per_site_personalized"]) == set(privacy["steps"])
+    assert all(steps == 3 * 2 + 3 for steps in privacy["steps"].values())
+    from fedjax_med.federated import client as client_lib
+
+    n0 = report["federated"]["client_sizes"][0]
+    assert privacy["per_site_epsilon"]["hospital_0"] == pytest.approx(
+        client_lib.local_dp_epsilon(1.0, 8, n0, 9, 1e-3), rel=1e-6
+    )
