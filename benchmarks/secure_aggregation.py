@@ -12,8 +12,10 @@ For n clients (default 10, 100, 500) each holding a float vector of d parameters
 * ``secagg``: :func:`fedjax_med.secure.secagg.secure_sum` with every peer a neighbour (Bonawitz et
   al. 2017), threshold t = ceil(n / 2) + 1.
 * ``secagg_plus``: the same with k = ceil(2 log2 n) neighbours (Bell et al. 2020,
-  https://eprint.iacr.org/2020/704); the graph gives each client 2 ceil(k / 2) neighbours, and the
-  threshold counts shares among a client's deg + 1 holders: t = ceil((deg + 1) / 2) + 1.
+  https://eprint.iacr.org/2020/704) on a secret random k-regular graph (k + 1 if n k is odd), and
+  the threshold counts shares among a client's deg + 1 holders: t = ceil((deg + 1) / 2) + 1. (A
+  cost benchmark; the parameters a deployment needs for a dropout rate and a corrupted fraction
+  are :func:`fedjax_med.secure.secagg.secagg_plus_parameters`.)
 * ``additive``: :func:`fedjax_med.secure.additive.secure_sum` with 2 servers.
 
 The ring has 32 bits, no client drops out. All parties run in this one process, one after the
@@ -134,7 +136,7 @@ def run_case(method: str, x: np.ndarray) -> tuple[float, np.ndarray, float]:
     if method == "additive":
         total, stats = additive.secure_sum(x, clip=CLIP, num_servers=NUM_SERVERS, bits=BITS)
         seconds = time.perf_counter() - tic
-        return seconds, total, float(np.mean(list(stats["bytes_sent"].values())))
+        return seconds, total, stats.mean_bytes_sent
     _, t = degree_and_threshold(method, n)
     total, stats = secagg.secure_sum(
         x, clip=CLIP, threshold=t, neighbours=neighbours_of(method, n), bits=BITS
@@ -142,7 +144,7 @@ def run_case(method: str, x: np.ndarray) -> tuple[float, np.ndarray, float]:
     seconds = time.perf_counter() - tic
     if len(stats.survivors) != n:
         raise AssertionError(f"{method}: {len(stats.survivors)} survivors, expected {n}")
-    return seconds, total, float(np.mean(list(stats.bytes_sent.values())))
+    return seconds, total, stats.mean_bytes_sent
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:

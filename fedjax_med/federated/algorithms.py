@@ -29,6 +29,13 @@ the gather and the server step are jitted and the clients run one by one in betw
 
 A round in which no client contributes leaves parameters and server optimizer state unchanged
 (only the round counter advances). DP-FedAvg is in :mod:`~fedjax_med.federated.dp_fedavg`.
+
+Secure aggregation: an algorithm whose server step needs only a *sum* of per-client vectors
+carries a :class:`MessageSpec` (what each client submits, and the server step from the summed
+vector); :attr:`FederatedAlgorithm.secure` then exposes the round's pieces (:class:`SecureParts`)
+for :func:`fedjax_med.federated.secure_rounds.secure_algorithm`, which runs the same round with
+the sum computed by a secure-aggregation protocol. SCAFFOLD (per-client control variates on the
+server) and adaptive clipping (a second, count query) have none.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 
 from fedjax_med.federated import aggregation, sampling, server_optimizers
@@ -116,6 +124,62 @@ class RoundOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class MessageSpec:
+    """An algorithm's round as "clients submit vectors, the server steps from their sum".
+
+    Attributes:
+      message: ``message(state, outputs, clip) -> (C, D)``: row k is what client k submits
+        (FedAvg: ``[w_k clip_c(delta_k), w_k]`` with ``w_k = n_k / M``; DP-FedAvg: the L2-clipped
+        delta); ``clip`` is the wrapper's per-coordinate clip ``c``.
+      bound: ``bound(state, clip) -> float``: no coordinate of a message exceeds it (the
+        fixed-point encoder's range).
+      server_update: ``server_update(state, total) -> (state, metrics)`` from the (D,) sum of
+        the submitted rows; the round counter is not advanced.
+    """
+
+    message: Callable[[ServerState, client_lib.ClientOutput, Any], jax.Array]
+    bound: Callable[[ServerState, float], float]
+    server_update: Callable[[ServerState, jax.Array], tuple[ServerState, Metrics]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureParts:
+    """The steps of a round, separately callable, for a secure-aggregation wrapper.
+
+    Attributes:
+      check: validates a cohort, returns ``(indices, mask)`` as NumPy arrays.
+      prepare: ``prepare(state, indices, mask) -> CohortInputs`` (jitted gather and dropout).
+      run_clients: ``run_clients(state, inputs) -> ClientOutput`` (local training).
+      screen: ``screen(outputs, reporting) -> (kept, num_excluded)``: each client's check of its
+        own update (finite, norm <= ``max_update_norm``); a failing client does not submit.
+      message: :attr:`MessageSpec.message`, jitted.
+      bound: :attr:`MessageSpec.bound`.
+      server_update: :attr:`MessageSpec.server_update`, jitted.
+      clipped_deltas: ``clipped_deltas(outputs, clip) -> (C, d)`` flat deltas clipped to L2
+        norm ``clip`` (distributed DP's client message).
+      server_step: ``server_step(state, mean_delta_flat) -> state``: the server optimizer's step
+        on a flat mean delta (``-mean`` is the pseudo-gradient); round not advanced.
+      jitted: the jitted functions (``_cache_size()`` shows recompilations).
+    """
+
+    check: Callable[[sampling.Cohort], tuple[np.ndarray, np.ndarray]]
+    prepare: Callable[..., CohortInputs]
+    run_clients: Callable[..., client_lib.ClientOutput]
+    screen: Callable[..., tuple[jax.Array, jax.Array]]
+    message: Callable[..., jax.Array]
+    bound: Callable[[ServerState, float], float]
+    server_update: Callable[..., tuple[ServerState, Metrics]]
+    clipped_deltas: Callable[..., jax.Array]
+    server_step: Callable[..., ServerState]
+    jitted: tuple[Any, ...]
+
+
+def flatten_clients(updates: Params) -> jax.Array:
+    """Stacked per-client pytrees -> ``(C, d)`` rows (``ravel_pytree`` order)."""
+    return jax.vmap(lambda u: ravel_pytree(u)[0])(updates)
+
+
+@dataclasses.dataclass(frozen=True)
 class FederatedAlgorithm:
     """A federated algorithm: ``init(params, rng) -> ServerState`` and ``apply_round``.
 
@@ -133,6 +197,8 @@ class FederatedAlgorithm:
       jitted: the jitted functions a round calls (``_cache_size()`` shows recompilations).
       sampler: the cohort sampler the algorithm was built for (DP-FedAvg's Poisson sampler,
         whose rate its accounting assumes); ``None`` when any cohort will do.
+      secure: the round's pieces for secure aggregation (:class:`SecureParts`); ``None`` when
+        the server step needs more than a sum of client vectors.
     """
 
     name: str
@@ -141,6 +207,7 @@ class FederatedAlgorithm:
     for_each: fec.ForEachClient
     jitted: tuple[Any, ...]
     sampler: Any = None
+    secure: SecureParts | None = None
 
 
 @flax.struct.dataclass
@@ -212,6 +279,7 @@ def build_algorithm(
     options: RoundOptions,
     init_extra: Callable[[Params], dict[str, Any]] | None = None,
     sampler: Any = None,
+    message_spec: MessageSpec | None = None,
 ) -> FederatedAlgorithm:
     """Assembles a :class:`FederatedAlgorithm` from its server step (the round of the module doc).
 
@@ -225,6 +293,7 @@ def build_algorithm(
       options: :class:`RoundOptions`.
       init_extra: extra :class:`ServerState` fields from the initial parameters.
       sampler: recorded as :attr:`FederatedAlgorithm.sampler`.
+      message_spec: the round as a sum of client messages, for secure aggregation.
     """
     for_each = fec.for_each_client(
         local_update, backend=options.backend, chunk_size=options.chunk_size, mesh=options.mesh
@@ -304,7 +373,51 @@ def build_algorithm(
 
         jitted = (jitted_prepare, for_each._jitted, jitted_finish)
 
-    return FederatedAlgorithm(name, init, apply_round, for_each, jitted, sampler)
+    secure = None
+    if message_spec is not None:
+        secure = _secure_parts(
+            data, options, server_optimizer, message_spec, check, prepare, run_clients, for_each
+        )
+    return FederatedAlgorithm(name, init, apply_round, for_each, jitted, sampler, secure)
+
+
+def _secure_parts(
+    data, options, server_optimizer, spec, check, prepare, run_clients, for_each
+) -> SecureParts:
+    def screen(outputs, reporting):
+        return aggregation.screen(outputs.delta, reporting, options.max_update_norm)
+
+    def clipped_deltas(outputs, clip):
+        return flatten_clients(aggregation.clip_updates(outputs.delta, clip))
+
+    def server_step(state, mean_flat):
+        _, unravel = ravel_pytree(state.params)
+        mean = unravel(mean_flat.astype(jnp.float32))
+        updates, opt_state = server_optimizer.update(
+            jax.tree.map(jnp.negative, mean), state.server_opt_state, state.params
+        )
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(params=params, server_opt_state=opt_state)
+
+    jitted_prepare = jax.jit(prepare)
+    jitted_run = jax.jit(run_clients) if for_each.traceable else run_clients
+    fns = [jax.jit(f) for f in (screen, spec.message, spec.server_update, clipped_deltas)]
+    jitted_step = jax.jit(server_step)
+    jitted = (jitted_prepare, *fns, jitted_step)
+    if for_each.traceable:
+        jitted = (jitted_run, *jitted)
+    return SecureParts(
+        check=check,
+        prepare=lambda state, indices, mask: jitted_prepare(state, data, indices, mask),
+        run_clients=jitted_run,
+        screen=fns[0],
+        message=fns[1],
+        bound=spec.bound,
+        server_update=fns[2],
+        clipped_deltas=fns[3],
+        server_step=jitted_step,
+        jitted=jitted,
+    )
 
 
 def fedopt_combine(
@@ -355,6 +468,49 @@ def fedopt_combine(
     return combine
 
 
+def fedopt_message_spec(
+    server_optimizer: optax.GradientTransformation, weighting: str, padded_size: int
+) -> MessageSpec:
+    """FedAvg / FedOpt as a sum: client k submits ``[w_k clip_c(delta_k), w_k]``.
+
+    ``w_k = n_k / M`` (``M`` the public padded client size) for example weighting, 1 for
+    uniform; ``clip_c`` clips each coordinate to ``[-c, c]``. The server divides the first ``d``
+    coordinates of the sum by the last, ``sum_k w_k``, to get the weighted mean delta ``Delta``
+    (McMahan et al. 2017), and its optimizer steps on ``-Delta``; a zero total weight leaves the
+    state unchanged.
+    """
+
+    def message(state, outputs, clip):
+        del state
+        flat = flatten_clients(outputs.delta)
+        if weighting == "examples":
+            w = outputs.num_examples.astype(jnp.float32) / padded_size
+        else:
+            w = jnp.ones(flat.shape[0], jnp.float32)
+        return jnp.concatenate([jnp.clip(flat, -clip, clip) * w[:, None], w[:, None]], axis=1)
+
+    def bound(state, clip):
+        del state
+        return max(float(clip), 1.0)
+
+    def server_update(state, total):
+        _, unravel = ravel_pytree(state.params)
+        weight = total[-1]
+        contributed = weight > 0
+        mean = unravel((total[:-1] / jnp.where(contributed, weight, 1.0)).astype(jnp.float32))
+        updates, opt_state = server_optimizer.update(
+            jax.tree.map(jnp.negative, mean), state.server_opt_state, state.params
+        )
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            params=tree_select(contributed, params, state.params),
+            server_opt_state=tree_select(contributed, opt_state, state.server_opt_state),
+        )
+        return new_state, {"update_norm": optax.global_norm(mean)}
+
+    return MessageSpec(message, bound, server_update)
+
+
 def _check_local_update(local_update: client_lib.LocalUpdate, scaffold: bool, name: str) -> None:
     if local_update.scaffold != scaffold:
         raise ValueError(
@@ -392,6 +548,7 @@ def fedopt(
         server_optimizer=server_optimizer,
         combine=fedopt_combine(server_optimizer, weighting, data.num_clients),
         options=options,
+        message_spec=fedopt_message_spec(server_optimizer, weighting, data.mask.shape[1]),
     )
 
 

@@ -25,6 +25,10 @@ query) to multiplier ``(z_1^-2 + z_2^-2)^(-1/2)``; setting it to ``z`` gives the
 factor 2 needs the *centered* indicators ``b_k - 1/2`` used here; summing uncentered ``b_k``
 (sensitivity 1) with the same ``sigma_b`` would spend more than the accounted budget.
 
+Over secure aggregation (:func:`fedjax_med.federated.secure_rounds.secure_algorithm`) each client
+submits its clipped delta and the server adds the same noise to the decoded sum (fixed clipping
+only: adaptive clipping would need a second, secure count).
+
 Guarantees: with Poisson client sampling at rate ``q``, ``T`` rounds are
 ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(z)), T)`` under the
 add/remove-one-client relation (:func:`client_level_event`): a client's whole dataset is the
@@ -40,11 +44,13 @@ import dp_accounting
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 from fedjax_med.federated import aggregation, algorithms, sampling, server_optimizers
 from fedjax_med.federated import client as client_lib
+from fedjax_med.privacy import accounting, noise
 
-ACCOUNTANTS = ("rdp", "pld")
+ACCOUNTANTS = accounting.ACCOUNTANTS
 
 
 def delta_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float) -> float:
@@ -75,16 +81,14 @@ def client_level_event(
 ) -> dp_accounting.DpEvent:
     """The ``DpEvent`` of ``rounds`` DP-FedAvg rounds (with or without adaptive clipping).
 
+    The DP-SGD event of :func:`fedjax_med.privacy.accounting.dpsgd_event` with clients as
+    the units: ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(z)), T)``.
+
     Examples:
       >>> client_level_event(1.0, 0.1, 3).count
       3
     """
-    return dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(
-            sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
-        ),
-        rounds,
-    )
+    return accounting.dpsgd_event(noise_multiplier, sampling_rate, rounds)
 
 
 def client_level_epsilon(
@@ -94,38 +98,26 @@ def client_level_epsilon(
     delta: float,
     accountant: str = "rdp",
 ) -> float:
-    """Client-level epsilon after ``rounds`` rounds, from ``dp_accounting``.
+    """Client-level epsilon after ``rounds`` rounds: :func:`fedjax_med.privacy.accounting.epsilon`.
 
     Args:
-      noise_multiplier: total noise multiplier ``z``.
+      noise_multiplier: total noise multiplier ``z`` (0: no privacy, epsilon ``inf``).
       sampling_rate: Poisson client-sampling rate ``q``.
       rounds: number of rounds ``T``.
       delta: target delta.
       accountant: ``"rdp"`` (Renyi DP, Mironov et al. 2019) or ``"pld"`` (privacy loss
-        distributions, Doroshenko et al. 2022).
+        distributions, Doroshenko et al. 2022), with the library's orders and discretisation.
 
     Examples:
       >>> 0 < client_level_epsilon(1.0, 0.1, 10, 1e-5) < 10
       True
     """
-    if accountant == "rdp":
-        acct = dp_accounting.rdp.RdpAccountant()
-    elif accountant == "pld":
-        acct = dp_accounting.pld.PLDAccountant()
-    else:
-        raise ValueError(f"{accountant=} must be one of {ACCOUNTANTS}")
-    acct.compose(client_level_event(noise_multiplier, sampling_rate, rounds))
-    return float(acct.get_epsilon(delta))
-
-
-def gaussian_like(key: jax.Array, tree, stddev: jax.Array):
-    """Independent ``N(0, stddev^2)`` noise shaped like ``tree`` (one key per leaf)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    noise = [
-        stddev * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, noise)
+    accounting.check_accountant(accountant)
+    if noise_multiplier == 0:
+        return math.inf
+    return accounting.epsilon(
+        client_level_event(noise_multiplier, sampling_rate, rounds), delta, accountant
+    )
 
 
 def noised_mean(
@@ -139,11 +131,11 @@ def noised_mean(
 
     ``total`` is the sum of client deltas each clipped to ``S = clip_norm``; ``z`` is the noise
     multiplier (0 adds nothing) and ``qN = expected_clients`` the public denominator (McMahan et
-    al. 2018). Shared by the plaintext round and the round over secure aggregation.
+    al. 2018). The noise is :func:`fedjax_med.privacy.noise.add_gaussian_noise`. Shared by the
+    plaintext round and the round over secure aggregation.
     """
     if noise_multiplier > 0:
-        noise = gaussian_like(key, total, noise_multiplier * clip_norm)
-        total = jax.tree.map(jnp.add, total, noise)
+        total = noise.add_gaussian_noise(total, key, noise_multiplier * clip_norm)
     return jax.tree.map(lambda t: t / expected_clients, total)
 
 
@@ -267,6 +259,10 @@ def dp_fedavg(
         del params
         return {"clip_norm": jnp.asarray(clip_norm, jnp.float32)}
 
+    message_spec = None
+    if not adaptive and math.isfinite(clip_norm):
+        message_spec = _message_spec(tx, z_delta, expected)
+
     return algorithms.build_algorithm(
         "dp_fedavg_adaptive" if adaptive else "dp_fedavg",
         local_update,
@@ -276,4 +272,42 @@ def dp_fedavg(
         options=options,
         init_extra=init_extra,
         sampler=sampler,
+        message_spec=message_spec,
     )
+
+
+def _message_spec(tx, noise_multiplier: float, expected: float) -> algorithms.MessageSpec:
+    """DP-FedAvg as a sum: each client submits its delta clipped to ``S``; noise on the server.
+
+    The server adds ``N(0, z^2 S^2 I)`` to the sum it decoded with :func:`noised_mean` and the
+    same key as the plaintext round, so the two agree up to the fixed-point error.
+    """
+
+    def message(state, outputs, clip):
+        del clip  # |coordinate| <= ||clip_S(delta)|| <= S already
+        return algorithms.flatten_clients(aggregation.clip_updates(outputs.delta, state.clip_norm))
+
+    def bound(state, clip):
+        del clip
+        return float(state.clip_norm)
+
+    def server_update(state, total):
+        _, unravel = ravel_pytree(state.params)
+        key = jax.random.fold_in(algorithms.round_key(state), algorithms.STREAM_NOISE)
+        delta_key, _ = jax.random.split(key)
+        mean = noised_mean(
+            unravel(total.astype(jnp.float32)),
+            state.clip_norm,
+            noise_multiplier,
+            expected,
+            delta_key,
+        )
+        updates, opt_state = tx.update(
+            jax.tree.map(jnp.negative, mean), state.server_opt_state, state.params
+        )
+        new_state = state.replace(
+            params=optax.apply_updates(state.params, updates), server_opt_state=opt_state
+        )
+        return new_state, {"update_norm": optax.global_norm(mean), "clip_norm": state.clip_norm}
+
+    return algorithms.MessageSpec(message, bound, server_update)

@@ -20,8 +20,13 @@ mechanism with noise multiplier ``z``, and both accountants tend to that mechani
 grows. ``Delta_2`` is the L2 sensitivity of the *quantised* (integer) update: see
 :func:`quantised_l2_sensitivity`.
 
-Neighbouring relation: one client's quantised update is replaced by the zero vector (its noise
-is still added), i.e. the integer sum changes by a vector ``v`` with ``||v||_2 <= Delta_2`` and
+:class:`DistributedDP` fixes all of this for a run when it is built (clients per round,
+dimension, clip, ``z``, ``delta``, kind, threshold, randomness) and draws each client's noise on
+the client from a CSPRNG in secure mode.
+
+Neighbouring relation (zero-out, ``dp_accounting.NeighboringRelation.REPLACE_SPECIAL``): one
+client's quantised update is replaced by the zero vector (its noise is still added), i.e. the
+integer sum changes by a vector ``v`` with ``||v||_2 <= Delta_2`` and
 ``||v||_1 <= Delta_1``. Modular wrap-around of the secure sum is not modelled here: choose the
 modulus large enough that the noisy sum does not wrap (or treat wrap-around as post-processing
 of a noisy sum that did not).
@@ -29,13 +34,17 @@ of a noisy sum that did not).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
+import dp_accounting
 import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from fedjax_med import randomness as randomness_lib
 from fedjax_med.privacy import accounting
+from fedjax_med.secure import field
 
 KINDS = ("discrete_gaussian", "skellam")
 ROUNDINGS = ("stochastic", "nearest")
@@ -391,3 +400,167 @@ def distributed_epsilon(
         return 0.0
     eps, _ = rdp_privacy_accountant.compute_epsilon(orders, rounds * rdp, delta)
     return float(eps)
+
+
+ZERO_OUT = "zero_out"
+# dp_accounting's name for "one record replaced by a special (here: zero) value".
+RELATION = dp_accounting.NeighboringRelation.REPLACE_SPECIAL
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedDP:
+    """Distributed DP over secure aggregation, fixed when built: who adds what noise, and epsilon.
+
+    Each client clips its update to L2 norm ``clip``, quantises it with the field scale
+    (:meth:`encode`), adds integer noise drawn on the client (discrete Gaussian, Kairouz, Liu,
+    Steinke, ICML 2021, https://arxiv.org/abs/2102.06387; or Skellam, Agarwal, Kairouz, Liu,
+    NeurIPS 2021, https://arxiv.org/abs/2110.04995) and submits the ring vector to secure
+    aggregation, so the server only ever decodes the noisy total (:meth:`decode`). The noise is
+    calibrated so that the honest clients among any ``threshold`` survivors, at least
+    :attr:`min_noisy_clients` ``= threshold - ceil(corrupted_fraction * num_clients)``, together
+    carry noise multiplier ``noise_multiplier`` on the quantised sensitivity ``Delta_2``; the
+    protocol never releases a sum of fewer than ``threshold`` clients, and more survivors only
+    add noise.
+
+    Guarantees: :meth:`epsilon` ``(releases)`` is the ``(epsilon, delta)`` of that many released
+    sums under the *zero-out* relation (:attr:`relation`: one client's update replaced by 0, its
+    noise still added; sensitivity ``Delta_2``), from :func:`distributed_epsilon`. A round that
+    aborts releases nothing and is not counted. No amplification by sampling is claimed. The
+    claim holds only in secure mode: in reproducible mode each client's noise is
+    ``default_rng([seed, *CLIENT_NOISE, round, k])``, which anyone who knows the seed
+    regenerates and subtracts (:attr:`claim`).
+
+    Attributes:
+      kind: ``"discrete_gaussian"`` or ``"skellam"``.
+      num_clients: clients per round (the ring is sized so that this many never wrap).
+      dim: coordinates of an update.
+      clip: L2 clip norm ``S`` of an update.
+      noise_multiplier: ``z``.
+      delta: the ``delta`` of the claim.
+      threshold: the secure-aggregation threshold t (fewest clients in a released sum), e.g.
+        from :func:`fedjax_med.secure.secagg.secagg_plus_parameters`.
+      randomness: where client noise comes from (a fresh CSPRNG per client in secure mode).
+      corrupted_fraction: clients assumed to collude with the server (their noise is not
+        counted).
+      bits: ring size 2^bits.
+
+    Examples:
+      >>> from fedjax_med import randomness
+      >>> ddp = DistributedDP("skellam", num_clients=8, dim=3, clip=1.0, noise_multiplier=1.0,
+      ...                     delta=1e-5, threshold=5, randomness=randomness.Randomness("secure"))
+      >>> ddp.relation_name, ddp.min_noisy_clients, ddp.epsilon(0)
+      ('zero_out', 5, 0.0)
+    """
+
+    kind: str
+    num_clients: int
+    dim: int
+    clip: float
+    noise_multiplier: float
+    delta: float
+    threshold: int
+    randomness: randomness_lib.Randomness
+    corrupted_fraction: float = 0.0
+    bits: int = 32
+    encoder: field.FieldEncoder = dataclasses.field(init=False, repr=False)
+    sensitivity_l2: float = dataclasses.field(init=False)
+    sensitivity_l1: float = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        _check_kind(self.kind)
+        _check_count("num_clients", self.num_clients, 1)
+        _check_count("dim", self.dim, 1)
+        _check_positive("clip", self.clip)
+        _check_positive("noise_multiplier", self.noise_multiplier)
+        accounting.check_delta(self.delta)
+        _check_count("threshold", self.threshold, 1)
+        if self.threshold > self.num_clients:
+            raise ValueError(f"threshold={self.threshold} must be <= {self.num_clients=}")
+        if not 0 <= self.corrupted_fraction < 1:
+            raise ValueError(f"corrupted_fraction={self.corrupted_fraction} must lie in [0, 1)")
+        if self.min_noisy_clients < 1:
+            raise ValueError(
+                f"threshold={self.threshold} leaves no honest client when corrupted_fraction="
+                f"{self.corrupted_fraction} of num_clients={self.num_clients} collude"
+            )
+        # Room in the ring for n clipped updates plus the summed noise (far beyond 8 sigma).
+        enc = field.FieldEncoder(
+            self.clip * (1 + 8 * self.noise_multiplier), self.num_clients, self.bits
+        )
+        l2 = quantised_l2_sensitivity(self.clip, enc.scale, self.dim, rounding="nearest")
+        object.__setattr__(self, "encoder", enc)
+        object.__setattr__(self, "sensitivity_l2", l2)
+        object.__setattr__(self, "sensitivity_l1", l1_sensitivity_bound(l2, self.dim))
+
+    @property
+    def min_noisy_clients(self) -> int:
+        """Fewest honest clients whose noise is in a released sum (the noise calibration's n)."""
+        return self.threshold - math.ceil(self.corrupted_fraction * self.num_clients - 1e-9)
+
+    @property
+    def relation(self) -> dp_accounting.NeighboringRelation:
+        """Zero-out: ``REPLACE_SPECIAL`` with the zero update as the special value."""
+        return RELATION
+
+    @property
+    def relation_name(self) -> str:
+        return ZERO_OUT
+
+    @property
+    def guarantee_holds(self) -> bool:
+        """Whether client noise is secret (secure mode); False for a seeded simulation."""
+        return self.randomness.secure
+
+    @property
+    def claim(self) -> str:
+        """What :meth:`epsilon` means, in one sentence (for reports)."""
+        what = (
+            f"distributed {self.kind} noise (z={self.noise_multiplier:g}) over secure "
+            f"aggregation; (epsilon, delta={self.delta:g})-DP of the released sums under zero-out "
+            "neighbouring (one client's update replaced by 0), counting only rounds that "
+            "released a sum"
+        )
+        if self.guarantee_holds:
+            return what + "; client noise from an OS-keyed CSPRNG on each client"
+        return (
+            what + "; reproducible mode: client noise follows from the seed, so no guarantee "
+            "holds against anyone who knows the seed"
+        )
+
+    def epsilon(self, releases: int) -> float:
+        """Epsilon after ``releases`` released sums (an aborted round is not a release)."""
+        return distributed_epsilon(
+            self.kind,
+            self.noise_multiplier,
+            self.sensitivity_l2,
+            self.sensitivity_l1,
+            self.min_noisy_clients,
+            releases,
+            self.delta,
+            dim=self.dim,
+        )
+
+    def noise_generator(self, round_index: int, client: int) -> np.random.Generator:
+        """Client ``client``'s generator in round ``round_index`` (a fresh CSPRNG if secure)."""
+        return self.randomness.generator(randomness_lib.CLIENT_NOISE, round_index, client)
+
+    def encode(self, update: np.ndarray, round_index: int, client: int) -> np.ndarray:
+        """Client side: clip to L2 norm ``clip``, quantise, add its integer noise; a ring vector."""
+        update = np.asarray(update, np.float64)
+        if update.shape != (self.dim,):
+            raise ValueError(f"update of shape {update.shape} must be ({self.dim},)")
+        norm = float(np.linalg.norm(update))
+        clipped = update * min(1.0, self.clip / max(norm, 1e-12))
+        noise = client_noise(
+            self.kind,
+            self.noise_multiplier,
+            self.sensitivity_l2,
+            self.min_noisy_clients,
+            self.dim,
+            self.noise_generator(round_index, client),
+        )
+        return field.add(self.encoder.encode(clipped), field.to_ring(noise, self.bits), self.bits)
+
+    def decode(self, ring_sum: np.ndarray) -> np.ndarray:
+        """Server side: the float value of a securely summed ring vector (noise included)."""
+        return field.from_ring(ring_sum, self.bits).astype(np.float64) / self.encoder.scale

@@ -13,14 +13,24 @@ https://eprint.iacr.org/2017/281. Four rounds between a ``Server`` and ``Client`
    for one client. The server rebuilds b_u of survivors and removes their self masks, rebuilds
    s_u^SK of the dropped and removes the pairwise masks they left in survivors' inputs.
 
-Neighbours: all n - 1 peers (SecAgg) or a random k-regular graph from a public seed (SecAgg+,
-Bell et al., CCS 2020, https://eprint.iacr.org/2020/704); the threshold t then counts shares among
-a client's k + 1 holders, so t <= k + 1.
+Neighbours: all n - 1 peers (SecAgg) or a random k-regular graph drawn from secret randomness
+(SecAgg+, Bell, Bonawitz, Gascon, Lepoint, Raykova, CCS 2020, https://eprint.iacr.org/2020/704);
+the threshold t then counts shares among a client's k + 1 holders, so t <= k + 1, and k, t come
+from :func:`secagg_plus_parameters` (the paper's parameter choice for n clients, a dropout rate
+and a corrupted fraction).
+
+Randomness: every key, self-mask seed, Shamir coefficient, stochastic rounding and the SecAgg+
+graph come from a :class:`fedjax_med.randomness.Randomness`; in secure mode (the default) each is
+a fresh ChaCha20 CSPRNG keyed from the operating system, so nothing follows from a public seed. A
+reproducible run is a simulation: whoever holds the seed can regenerate every key and unmask any
+single client.
 
 Guarantees (honest-but-curious server, the simulation's clients follow the protocol): the server's
 view (``Server.log``) holds only public keys, ciphertexts, masked vectors and shares it is entitled
-to; fewer than t survivors (overall or among any holder set) raises ``ProtocolError``, never
-returns a wrong sum. Malformed, unknown, replayed, out-of-round and late messages are rejected.
+to; fewer than t survivors (overall or among any holder set) raises ``TooFewSurvivorsError`` and a
+survivors' graph that is not connected raises ``DisconnectedSurvivorsError`` before any share is
+requested (a disconnected graph would reveal each component's partial sum), never a wrong or
+partial sum. Malformed, unknown, replayed, out-of-round and late messages are rejected.
 """
 
 from __future__ import annotations
@@ -31,7 +41,10 @@ import time
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+from scipy import special
+from scipy import stats as sps
 
+from fedjax_med import randomness as randomness_lib
 from fedjax_med.secure import crypto, field, shamir
 
 MASK_INFO = b"fedjax_med/secagg/pairwise-mask"
@@ -60,8 +73,20 @@ class MalformedMessageError(ProtocolError):
     """Wrong vector length/dtype/range or wrong set of recipients."""
 
 
-class TooFewSurvivorsError(ProtocolError):
+class RoundAbortedError(ProtocolError):
+    """The round cannot finish without revealing more than the sum: it aborts, releasing nothing."""
+
+
+class TooFewSurvivorsError(RoundAbortedError):
     """Fewer than t clients (or shares) left to continue."""
+
+
+class DisconnectedSurvivorsError(TooFewSurvivorsError):
+    """The survivors' masking graph is not connected: unmasking would reveal each component's sum.
+
+    A subclass of :class:`TooFewSurvivorsError` so that callers which abort a round on too few
+    survivors abort on this too.
+    """
 
 
 class ReconstructionError(ProtocolError):
@@ -161,14 +186,182 @@ class UnmaskResponse:
 # ---------------------------------------------------------------------------------------------
 
 
-def neighbour_graph(
-    client_ids: Iterable[int], neighbours: str | int = "all", seed: int = 0
-) -> dict[int, frozenset[int]]:
-    """Public masking graph: every other client ("all"), or a random k-regular graph (SecAgg+).
+SECURITY_BITS = 40  # sigma of Bell et al.: failure of privacy with probability <= 2^-sigma
+CORRECTNESS_BITS = 30  # eta of Bell et al.: an abort with probability <= 2^-eta
 
-    For integer k the clients are placed on a ring in a random order drawn from ``seed`` (public)
-    and each is joined to the ceil(k/2) nearest on either side (a Harary graph), so every client has
-    2 ceil(k/2) neighbours; k >= n - 1 gives the complete graph.
+
+def _log_disconnected_bound(m: int, p: float) -> float:
+    """ln of ``sum_{s=1}^{m/2} C(m, s) (1 - p)^(s (m - s))``: a G(m, p) graph is disconnected."""
+    if m <= 1 or p >= 1:
+        return -math.inf
+    s = np.arange(1, m // 2 + 1, dtype=np.float64)
+    log_choose = special.gammaln(m + 1) - special.gammaln(s + 1) - special.gammaln(m - s + 1)
+    return float(special.logsumexp(log_choose + s * (m - s) * math.log1p(-p)))
+
+
+def _threshold_for(n: int, k: int, corrupted: int, log_target: float) -> int:
+    """Smallest t > (k + 1) / 2 with ``n P[Hyp(n - 1, corrupted, k) >= t] <= exp(log_target)``."""
+    majority = (k + 1) // 2 + 1
+    if k >= n - 1:  # complete graph: every corrupted client is a neighbour
+        return max(majority, min(corrupted, n - 1) + 1)
+    ts = np.arange(1, k + 2)
+    log_tail = sps.hypergeom.logsf(ts - 1, n - 1, min(corrupted, n - 1), k)
+    ok = ts[math.log(n) + log_tail <= log_target]
+    return max(majority, int(ok[0]) if ok.size else k + 2)
+
+
+def secagg_plus_parameters(
+    num_clients: int,
+    dropout_rate: float,
+    corrupted_fraction: float,
+    *,
+    security_bits: float = SECURITY_BITS,
+    correctness_bits: float = CORRECTNESS_BITS,
+    complete: bool = False,
+) -> tuple[int, int]:
+    """Degree k of the SecAgg+ neighbour graph and Shamir threshold t over a client's k + 1 holders.
+
+    Bell, Bonawitz, Gascon, Lepoint, Raykova (CCS 2020, https://eprint.iacr.org/2020/704): the
+    masking graph is a random k-regular graph drawn from secret randomness, and each client
+    shares its secrets t-of-(k + 1) among its neighbours and itself. With ``n`` clients, a
+    fraction ``delta`` dropping (independently) and a set of ``c = ceil(gamma n)`` clients
+    corrupted and colluding with the server, returns the smallest k (with ``n k`` even, so the
+    graph exists) and for it the smallest t such that:
+
+    * security: no honest client has t corrupted holders, ``n P[Hyp(n - 1, c, k) >= t] <=
+      2^-sigma`` (a client's neighbours are a uniform k-subset, so the number of corrupted ones
+      is hypergeometric), and ``2 t > k + 1`` so honest holders alone cannot be made to reveal
+      both secrets of one client;
+    * reconstruction: every client keeps t surviving holders, ``n P[Bin(k, 1 - delta) < t] <=
+      2^-eta``;
+    * connectivity: the honest survivors' graph (about ``m = (1 - delta - gamma) n`` clients)
+      is connected, bounded as in Bell et al.'s union bound over cuts of ``G(m, p)`` with
+      ``p = k / (n - 1)``: ``sum_{s <= m/2} C(m, s) (1 - p)^(s (m - s)) <= 2^-eta``. A random
+      k-regular graph is treated with the same bound (an approximation); the server also
+      checks connectivity and refuses to unmask otherwise (:class:`DisconnectedSurvivorsError`),
+      so a violation costs an abort, not privacy.
+
+    If no k < n - 1 qualifies (small n), the graph is complete (k = n - 1, plain SecAgg) and
+    t = max(floor((k + 1) / 2) + 1, c + 1). Always ``2 <= t <= k + 1``.
+
+    Args:
+      num_clients: ``n >= 2`` clients in the round.
+      dropout_rate: ``delta`` in ``[0, 1)``.
+      corrupted_fraction: ``gamma`` in ``[0, 1)``.
+      security_bits: ``sigma`` (default 40, as in Bell et al.).
+      correctness_bits: ``eta`` (default 30, as in Bell et al.).
+      complete: use the complete graph (plain SecAgg, Bonawitz et al. 2017) and return its t.
+
+    Returns:
+      ``(k, t)``.
+
+    Examples:
+      >>> k, t = secagg_plus_parameters(1000, 0.05, 0.05)
+      >>> k < 100 and t <= k + 1
+      True
+      >>> secagg_plus_parameters(24, 0.05, 0.05)  # too few clients for a sparse graph
+      (23, 13)
+    """
+    n = int(num_clients)
+    if n < 2:
+        raise ValueError(f"{num_clients=} must be >= 2")
+    if not 0 <= dropout_rate < 1:
+        raise ValueError(f"{dropout_rate=} must lie in [0, 1)")
+    if not 0 <= corrupted_fraction < 1:
+        raise ValueError(f"{corrupted_fraction=} must lie in [0, 1)")
+    corrupted = math.ceil(corrupted_fraction * n - 1e-9)
+    log_sec, log_cor = -security_bits * math.log(2), -correctness_bits * math.log(2)
+    m = math.floor((1 - dropout_rate - corrupted_fraction) * n)
+
+    def reconstructs(k, t):
+        log_fail = sps.binom.logcdf(t - 1, k, 1 - dropout_rate) if dropout_rate else -math.inf
+        return t <= k + 1 and math.log(n) + log_fail <= log_cor
+
+    if not complete:
+        for k in range(2, n - 1):
+            if (n * k) % 2:
+                continue
+            t = _threshold_for(n, k, corrupted, log_sec)
+            if (
+                t <= k + 1
+                and reconstructs(k, t)
+                and _log_disconnected_bound(m, k / (n - 1)) <= log_sec
+            ):
+                return k, t
+    k = n - 1
+    t = _threshold_for(n, k, corrupted, log_sec)
+    if t > n - math.floor(dropout_rate * n) or t > k + 1:
+        raise ValueError(
+            f"no SecAgg parameters for num_clients={n}, {dropout_rate=}, {corrupted_fraction=}: "
+            f"threshold {t} exceeds the expected survivors"
+        )
+    return k, t
+
+
+def random_regular_graph(
+    client_ids: Iterable[int], k: int, rng: np.random.Generator
+) -> dict[int, frozenset[int]]:
+    """A random k-regular graph on ``client_ids``: the pairing model with rejection.
+
+    Every client gets k half-edges; a uniform shuffle pairs them, pairs that would make a loop or
+    a repeated edge are reshuffled among themselves, and a dead end restarts (Steger and Wormald,
+    1999, whose output is asymptotically uniform); a disconnected result is redrawn (for k >= 3
+    random regular graphs are connected with high probability, so this matters for k = 2). The
+    law is invariant under relabelling, so a
+    client's neighbours are a uniform k-subset of the others. ``rng`` must be secret for SecAgg+
+    (a CSPRNG in secure mode): a graph predictable from a public seed lets colluding clients pick
+    dropouts that cut an honest client off (Bell et al. 2020).
+
+    Examples:
+      >>> g = random_regular_graph(range(10), 4, np.random.default_rng(0))
+      >>> sorted({len(v) for v in g.values()}), all(u in g[v] for u in g for v in g[u])
+      ([4], True)
+    """
+    ids = sorted(set(int(i) for i in client_ids))
+    n = len(ids)
+    if not 1 <= k < n or (n * k) % 2:
+        raise ValueError(f"{k=} must be in [1, {n - 1}] with n * k even (n={n})")
+    for _ in range(1000):
+        edges: set[tuple[int, int]] = set()
+        stubs = np.repeat(np.arange(n), k)
+        for _ in range(10 * k + 100):
+            rng.shuffle(stubs)
+            left = []
+            for a, b in stubs.reshape(-1, 2).tolist():
+                a, b = min(a, b), max(a, b)
+                if a != b and (a, b) not in edges:
+                    edges.add((a, b))
+                else:
+                    left += [a, b]
+            if not left:
+                graph = {u: set() for u in ids}
+                for a, b in edges:
+                    graph[ids[a]].add(ids[b])
+                    graph[ids[b]].add(ids[a])
+                if len(components(graph, ids)) == 1:
+                    return {u: frozenset(vs) for u, vs in graph.items()}
+                break  # disconnected even before dropouts (likely only for k = 2): redraw
+            free = sorted(set(left))
+            if not any((a, b) not in edges for a in free for b in free if a < b):
+                break  # dead end: restart
+            stubs = np.array(left)
+    raise RuntimeError(f"no {k}-regular graph on {n} clients after 1000 attempts")
+
+
+def neighbour_graph(
+    client_ids: Iterable[int],
+    neighbours: str | int = "all",
+    seed: int | None = None,
+    *,
+    rng: np.random.Generator | None = None,
+) -> dict[int, frozenset[int]]:
+    """Masking graph: every other client ("all", SecAgg) or a random k-regular graph (SecAgg+).
+
+    The SecAgg+ graph (Bell et al., CCS 2020) comes from ``rng``; without one, from the
+    CSPRNG (:func:`fedjax_med.randomness.csprng`), or, only if ``seed`` is given, from the
+    reproducible stream ``randomness.SECAGG_GRAPH`` of that seed (a simulation: anyone with the
+    seed knows the graph). k >= n - 1 gives the complete graph; an odd k with an odd number of
+    clients is raised to k + 1 (a k-regular graph needs n k even).
 
     Examples:
         >>> g = neighbour_graph(range(8), 2, seed=1)
@@ -181,17 +374,40 @@ def neighbour_graph(
         return {u: frozenset(v for v in ids if v != u) for u in ids}
     if isinstance(neighbours, str) or neighbours < 1:
         raise ValueError(f"{neighbours=} must be 'all' or an int >= 1")
-    half = math.ceil(neighbours / 2)
-    if 2 * half >= n:
+    k = neighbours + (n * neighbours) % 2
+    if k >= n - 1:
         return {u: frozenset(v for v in ids if v != u) for u in ids}
-    order = [ids[i] for i in np.random.default_rng(seed).permutation(n)]
-    graph = {u: set() for u in ids}
-    for i, u in enumerate(order):
-        for j in range(1, half + 1):
-            v = order[(i + j) % n]
-            graph[u].add(v)
-            graph[v].add(u)
-    return {u: frozenset(vs) for u, vs in graph.items()}
+    if rng is None:
+        if seed is None:
+            rng = randomness_lib.csprng()
+        else:
+            rng = randomness_lib.Randomness("reproducible", int(seed)).generator(
+                randomness_lib.SECAGG_GRAPH
+            )
+    return random_regular_graph(ids, k, rng)
+
+
+def components(graph: Mapping[int, Iterable[int]], nodes: Iterable[int]) -> list[frozenset[int]]:
+    """Connected components of the subgraph of ``graph`` induced by ``nodes`` (largest first).
+
+    Examples:
+        >>> components({0: {1}, 1: {0, 2}, 2: {1}, 3: set()}, [0, 2, 3])
+        [frozenset({0}), frozenset({2}), frozenset({3})]
+    """
+    left = set(int(u) for u in nodes)
+    out = []
+    while left:
+        start = min(left)
+        seen, frontier = {start}, [start]
+        while frontier:
+            u = frontier.pop()
+            for v in graph[u]:
+                if v in left and v not in seen:
+                    seen.add(v)
+                    frontier.append(v)
+        left -= seen
+        out.append(frozenset(seen))
+    return sorted(out, key=lambda c: (-len(c), min(c)))
 
 
 def _aad(sender: int, recipient: int) -> bytes:
@@ -392,8 +608,23 @@ class Server:
             for v in self.u2
         }
 
+    def _check_connected(self, survivors: frozenset[int]) -> None:
+        parts = components(self.graph, survivors)
+        if len(parts) > 1:
+            raise DisconnectedSurvivorsError(
+                f"the {len(survivors)} survivors' masking graph has {len(parts)} components "
+                f"(sizes {[len(c) for c in parts]}): unmasking would reveal each one's sum"
+            )
+
     def close_masked_input(self) -> UnmaskRequest:
+        """Close input collection; refuses to go on if the survivors' graph is disconnected.
+
+        With SecAgg+ (Bell et al. 2020) each survivor's pairwise masks involve only its
+        neighbours, so if the survivors split into components A and B, removing the dropped
+        clients' masks would give the server sum_A x and sum_B x separately.
+        """
         self.u3 = self._close("unmasking")
+        self._check_connected(self.u3)
         self._request = UnmaskRequest(self.u3, self.u2 - self.u3)
         return self._request
 
@@ -409,6 +640,7 @@ class Server:
 
     def finalize(self) -> np.ndarray:
         """Close the unmasking round and return sum_{u in survivors} x_u mod 2^bits."""
+        self._check_connected(self.u3)
         u4 = self._close("done")
         responses = [self._inbox["unmasking"][u] for u in sorted(u4)]
         adv = self._inbox["advertise_keys"]
@@ -433,15 +665,64 @@ class Server:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Stats:
-    """Communication and time of one run: bytes per client, seconds per round, survivors."""
+@dataclasses.dataclass(frozen=True)
+class SecureSumStats:
+    """What one secure sum cost and who is in it; the same record for every backend.
 
-    bytes_sent: dict[int, int]
-    bytes_received: dict[int, int]
-    seconds: dict[str, float]
+    Attributes:
+      method: ``"secagg"`` (this module, any graph) or ``"additive"``.
+      bytes_sent: upload bytes of each client over the whole protocol.
+      bytes_received: download bytes of each client (0 for additive sharing).
+      seconds: wall time per protocol round.
+      survivors: clients whose input is in the sum (empty when aborted).
+      dropped: clients that took part in setup but whose input is not in the sum.
+      aborted: the protocol stopped without releasing a sum (too few or disconnected survivors).
+      views: the server objects with their logs (what a curious server saw), for tests/audits.
+    """
+
+    method: str
+    bytes_sent: Mapping[int, int]
+    bytes_received: Mapping[int, int]
+    seconds: Mapping[str, float]
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
+    aborted: bool = False
+    views: tuple = ()
+
+    @property
+    def released(self) -> bool:
+        """Whether a sum was released (the round counts for privacy accounting)."""
+        return not self.aborted
+
+    @property
+    def mean_bytes_sent(self) -> float:
+        return float(np.mean(list(self.bytes_sent.values()))) if self.bytes_sent else 0.0
+
+    @property
+    def mean_bytes_received(self) -> float:
+        return float(np.mean(list(self.bytes_received.values()))) if self.bytes_received else 0.0
+
+    def __getitem__(self, name: str):
+        """Mapping access (``stats["bytes_sent"]``) kept for callers of the former dict stats."""
+        if name == "servers":
+            return self.views
+        return getattr(self, name)
+
+
+Stats = SecureSumStats  # the former name
+
+
+def _resolve(
+    randomness_: randomness_lib.Randomness | None, seed: int | None, deterministic: bool
+) -> randomness_lib.Randomness:
+    """The run's randomness; the legacy ``deterministic_keys=True, seed=s`` means reproducible."""
+    if randomness_ is not None:
+        if deterministic:
+            raise ValueError("pass either randomness or deterministic_keys, not both")
+        return randomness_
+    if deterministic:
+        return randomness_lib.Randomness("reproducible", int(seed or 0))
+    return randomness_lib.Randomness("secure")
 
 
 def secure_sum_ring(
@@ -452,32 +733,54 @@ def secure_sum_ring(
     neighbours: str | int = "all",
     dropout_after_masking: Iterable[int] = (),
     dropout_before_unmasking: Iterable[int] = (),
-    seed: int = 0,
+    randomness: randomness_lib.Randomness | None = None,
+    round_index: int = 0,
+    graph: Mapping[int, frozenset[int]] | None = None,
+    seed: int | None = None,
     deterministic_keys: bool = False,
-) -> tuple[np.ndarray, Stats, Server]:
+) -> tuple[np.ndarray, SecureSumStats, Server]:
     """Run all four rounds on ring vectors ``inputs`` (n, d) uint64; return the ring sum.
 
     Args:
         inputs: client i's vector in Z_(2^bits) is row i; client ids are 0..n-1.
-        threshold: t of the Shamir sharing, also the minimum number of clients per round.
+        threshold: t of the Shamir sharing, also the minimum number of clients per round; with
+          SecAgg+ at most k + 1 (see :func:`secagg_plus_parameters`).
         bits: ring size 2^bits.
-        neighbours: "all" (SecAgg) or k (SecAgg+ graph from ``seed``).
+        neighbours: "all" (SecAgg) or k (SecAgg+: a random k-regular graph).
         dropout_after_masking: clients that share keys (so masks are set up) but send no input.
         dropout_before_unmasking: clients that send their input but do not answer unmasking.
-        seed: public seed of the neighbour graph.
-        deterministic_keys: draw private keys and seeds from ``seed`` (tests only, insecure).
+        randomness: where keys, self-mask seeds, Shamir coefficients and the graph come from:
+          per client ``randomness.generator(SECAGG_KEYS, round_index, u)`` and
+          ``randomness.generator(SECAGG_GRAPH, round_index)``. In secure mode (the default when
+          None) each is a fresh ChaCha20 CSPRNG keyed from the OS, never from a seed.
+        round_index: distinguishes rounds of a reproducible run.
+        graph: an explicit masking graph (tests and attacks); overrides ``neighbours``.
+        seed: legacy, ignored unless ``deterministic_keys``.
+        deterministic_keys: legacy for ``randomness=Randomness("reproducible", seed)``.
 
     Returns:
-        (sum of surviving rows mod 2^bits, Stats, the Server with its ``log``).
+        (sum of surviving rows mod 2^bits, SecureSumStats, the Server with its ``log``).
+
+    Raises:
+        TooFewSurvivorsError: fewer than t clients or shares at some round, and its subclass
+          DisconnectedSurvivorsError when the survivors' graph is not connected.
     """
+    rand = _resolve(randomness, seed, deterministic_keys)
     inputs = np.asarray(inputs)
     n, d = inputs.shape
     ids = list(range(n))
-    graph = neighbour_graph(ids, neighbours, seed)
-    key_rng = np.random.default_rng([seed, 1]) if deterministic_keys else None
+    if graph is None:
+        graph = neighbour_graph(
+            ids, neighbours, rng=rand.generator(randomness_lib.SECAGG_GRAPH, round_index)
+        )
     clients = {
         u: Client(
-            u, inputs[u], neighbours=graph[u], threshold=threshold, bits=bits, key_rng=key_rng
+            u,
+            inputs[u],
+            neighbours=graph[u],
+            threshold=threshold,
+            bits=bits,
+            key_rng=rand.generator(randomness_lib.SECAGG_KEYS, round_index, u),
         )
         for u in ids
     }
@@ -521,8 +824,29 @@ def secure_sum_ring(
         upload(clients[u].unmask(request))
     total = server.finalize()
     seconds["unmasking"] = time.perf_counter() - tic
-    stats = Stats(sent, recv, seconds, tuple(sorted(server.u3)), tuple(sorted(request.dropped)))
+    stats = SecureSumStats(
+        "secagg",
+        sent,
+        recv,
+        seconds,
+        tuple(sorted(server.u3)),
+        tuple(sorted(request.dropped)),
+        views=(server,),
+    )
     return total, stats, server
+
+
+def aborted_stats(method: str, n: int) -> SecureSumStats:
+    """The stats of a round that aborted before any byte was counted."""
+    return SecureSumStats(
+        method,
+        dict.fromkeys(range(n), 0),
+        dict.fromkeys(range(n), 0),
+        {},
+        (),
+        tuple(range(n)),
+        aborted=True,
+    )
 
 
 def secure_sum(
@@ -530,37 +854,70 @@ def secure_sum(
     *,
     clip: float,
     threshold: int,
-    dropout_after_masking: Iterable[int] = (),
     neighbours: str | int = "all",
+    dropped: Iterable[int] = (),
+    randomness: randomness_lib.Randomness | None = None,
+    round_index: int = 0,
     bits: int = 32,
-    seed: int = 0,
     stochastic: bool = False,
+    raise_on_abort: bool = True,
+    dropout_after_masking: Iterable[int] | None = None,
+    seed: int | None = None,
     deterministic_keys: bool = False,
-) -> tuple[np.ndarray, Stats]:
+) -> tuple[np.ndarray, SecureSumStats]:
     """Sum of the clipped float rows of ``vectors`` (n, d) over surviving clients, via SecAgg.
 
-    The error per coordinate is at most ``field.FieldEncoder(clip, n, bits).error_bound(m)`` for m
-    survivors. ``seed`` drives the public graph and stochastic rounding; keys come from the OS
-    unless ``deterministic_keys``.
+    Same signature and result as :func:`fedjax_med.secure.additive.secure_sum` apart from the
+    method's own options (``threshold`` and ``neighbours`` here, ``num_servers`` there). The
+    error per coordinate is at most ``field.FieldEncoder(clip, n, bits).error_bound(m)`` for m
+    survivors.
+
+    Args:
+      vectors: client i's float vector is row i.
+      clip: per-coordinate clipping bound of the fixed-point encoding.
+      threshold: Shamir threshold t (:func:`secagg_plus_parameters` for SecAgg+).
+      neighbours: "all" or k.
+      dropped: clients that share keys but submit no input (dropouts after masking).
+      randomness: source of keys, masks, shares, graph and stochastic rounding (see
+        :func:`secure_sum_ring`); None = secure (OS entropy).
+      round_index: distinguishes the rounds of a reproducible run.
+      bits: ring size 2^bits.
+      stochastic: unbiased stochastic rounding.
+      raise_on_abort: raise :class:`RoundAbortedError` subclasses (default) or return zeros
+        with ``stats.aborted``.
+      dropout_after_masking, seed, deterministic_keys: legacy names (``dropped``;
+        ``randomness=Randomness("reproducible", seed)``).
 
     Examples:
         >>> x = np.array([[0.5, -1.0], [0.25, 0.5], [1.0, 0.0]])
         >>> s, stats = secure_sum(x, clip=1.0, threshold=2)
-        >>> np.allclose(s, x.sum(0), atol=1e-6), stats.survivors
-        (True, (0, 1, 2))
+        >>> np.allclose(s, x.sum(0), atol=1e-6), stats.survivors, stats.aborted
+        (True, (0, 1, 2), False)
     """
+    rand = _resolve(randomness, seed, deterministic_keys)
+    if dropout_after_masking is not None:
+        dropped = set(dropped) | set(dropout_after_masking)
     vectors = np.asarray(vectors, np.float64)
     n = vectors.shape[0]
     enc = field.FieldEncoder(clip, n, bits, stochastic)
-    rng = np.random.default_rng([seed, 2])
-    ring = np.stack([enc.encode(v, rng) for v in vectors])
-    total, stats, _ = secure_sum_ring(
-        ring,
-        threshold=threshold,
-        bits=bits,
-        neighbours=neighbours,
-        dropout_after_masking=dropout_after_masking,
-        seed=seed,
-        deterministic_keys=deterministic_keys,
+    ring = np.stack(
+        [
+            enc.encode(v, rand.generator(randomness_lib.SECAGG_KEYS, round_index, n + u))
+            for u, v in enumerate(vectors)
+        ]
     )
+    try:
+        total, stats, _ = secure_sum_ring(
+            ring,
+            threshold=threshold,
+            bits=bits,
+            neighbours=neighbours,
+            dropout_after_masking=dropped,
+            randomness=rand,
+            round_index=round_index,
+        )
+    except RoundAbortedError:
+        if raise_on_abort:
+            raise
+        return np.zeros(vectors.shape[1]), aborted_stats("secagg", n)
     return enc.decode_sum(total, len(stats.survivors)), stats

@@ -10,6 +10,7 @@ import pytest
 
 from fedjax_med.federated import aggregation, algorithms, client, dp_fedavg, sampling
 from fedjax_med.federated import for_each_client as fec
+from fedjax_med.privacy import accounting, noise
 
 VMAP = algorithms.RoundOptions(backend="vmap")
 DIM = 4000
@@ -132,9 +133,22 @@ def test_epsilon_equals_dp_accounting_called_directly(accountant):
     )
     acct.compose(event)
     assert dp_fedavg.client_level_event(z, q, rounds) == event
-    assert dp_fedavg.client_level_epsilon(z, q, rounds, delta, accountant) == pytest.approx(
-        acct.get_epsilon(delta), rel=1e-12
-    )
+    assert dp_fedavg.client_level_event(z, q, rounds) == accounting.dpsgd_event(z, q, rounds)
+    # One implementation: exactly the library accountant (its orders and PLD discretisation) ...
+    eps = dp_fedavg.client_level_epsilon(z, q, rounds, delta, accountant)
+    assert eps == accounting.epsilon(event, delta, accountant)
+    # ... which agrees with dp_accounting's defaults up to their order grid / discretisation.
+    assert eps == pytest.approx(acct.get_epsilon(delta), rel=1e-4)
+    assert dp_fedavg.client_level_epsilon(0.0, q, rounds, delta) == math.inf
+
+
+def test_server_noise_is_the_privacy_noise_primitive():
+    total = {"a": jnp.zeros(3), "b": jnp.ones((2, 2))}
+    key = jax.random.key(3)
+    got = dp_fedavg.noised_mean(total, 2.0, 1.5, 4.0, key)
+    want = jax.tree.map(lambda t: t / 4.0, noise.add_gaussian_noise(total, key, 3.0))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert not hasattr(dp_fedavg, "gaussian_like")
 
 
 def test_argument_checks(setup):

@@ -1,5 +1,6 @@
 """Distributed DP noise: discrete Gaussian and Skellam samplers, per-client calibration, epsilon."""
 
+import dataclasses
 import math
 
 import dp_accounting
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from fedjax_med import randomness
 from fedjax_med.privacy import accounting
-from fedjax_med.secure import distributed_dp
+from fedjax_med.secure import distributed_dp, secagg
 
 N = 200_000
 
@@ -210,3 +212,74 @@ def test_epsilon_is_zero_for_no_rounds_and_grows_with_rounds():
 def test_invalid_inputs_raise_value_error_naming_the_field(call, field):
     with pytest.raises(ValueError, match=field):
         call()
+
+
+def _ddp(mode, **kw):
+    args = dict(
+        kind="discrete_gaussian",
+        num_clients=8,
+        dim=50,
+        clip=1.0,
+        noise_multiplier=1.0,
+        delta=1e-5,
+        threshold=5,
+        randomness=randomness.Randomness(mode, 7),
+    )
+    args.update(kw)
+    return distributed_dp.DistributedDP(**args)
+
+
+@pytest.mark.parametrize("kind", distributed_dp.KINDS)
+def test_server_regenerates_seeded_client_noise_but_not_secure_noise(kind):
+    # Fault 5: client noise was default_rng([seed, 7919, round, k]) even in secure mode, so a
+    # server that knows the seed subtracts every client's noise and reads the exact sum.
+    round_index, errors = 3, {}
+    updates = np.random.default_rng(0).normal(size=(8, 50)) * 0.05  # norms < clip
+    for mode in ("reproducible", "secure"):
+        ddp = _ddp(mode, kind=kind)
+        ring = np.stack([ddp.encode(updates[k], round_index, k) for k in range(8)])
+        total, stats, _ = secagg.secure_sum_ring(
+            ring, threshold=ddp.threshold, bits=ddp.bits, randomness=ddp.randomness
+        )
+        noisy = ddp.decode(total)
+        public = randomness.Randomness("reproducible", 7)
+        guessed = sum(
+            distributed_dp.client_noise(
+                kind,
+                ddp.noise_multiplier,
+                ddp.sensitivity_l2,
+                ddp.min_noisy_clients,
+                50,
+                public.generator(randomness.CLIENT_NOISE, round_index, k),
+            )
+            for k in range(8)
+        )
+        errors[mode] = np.abs(noisy - guessed / ddp.encoder.scale - updates.sum(0)).max()
+    assert errors["reproducible"] < 1e-6  # quantisation only: the sum is in the clear
+    noise_std = 1.0 * 1.0 * math.sqrt(8 / 5)  # z S, for 8 clients calibrated to 5
+    assert errors["secure"] > 0.5 * noise_std
+
+
+def test_distributed_dp_is_built_eagerly_and_says_what_it_claims():
+    ddp = _ddp("secure", corrupted_fraction=0.125)
+    assert ddp.min_noisy_clients == 4  # 5 - ceil(0.125 * 8) colluding clients' noise not counted
+    assert ddp.sensitivity_l2 == distributed_dp.quantised_l2_sensitivity(
+        1.0, ddp.encoder.scale, 50, rounding="nearest"
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ddp.threshold = 2
+    assert ddp.relation == dp_accounting.NeighboringRelation.REPLACE_SPECIAL
+    assert ddp.relation_name == "zero_out" and "zero-out" in ddp.claim
+    assert "replace-one" not in ddp.claim and ddp.guarantee_holds
+    assert ddp.epsilon(0) == 0.0
+    assert ddp.epsilon(3) == distributed_dp.distributed_epsilon(
+        "discrete_gaussian", 1.0, ddp.sensitivity_l2, ddp.sensitivity_l1, 4, 3, 1e-5, dim=50
+    )
+    assert ddp.epsilon(2) < ddp.epsilon(3)  # only released rounds count
+    seeded = _ddp("reproducible")
+    assert not seeded.guarantee_holds
+    assert "no guarantee holds against anyone who knows the seed" in seeded.claim
+    with pytest.raises(ValueError, match="threshold"):
+        _ddp("secure", threshold=9)
+    with pytest.raises(ValueError, match="honest"):
+        _ddp("secure", threshold=1, corrupted_fraction=0.25)

@@ -1,12 +1,14 @@
 """SecAgg rounds: exact sums, dropout recovery, uniform masks, server view, misbehaviour."""
 
+import inspect
 import itertools
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-from fedjax_med.secure import field, secagg
+from fedjax_med import randomness
+from fedjax_med.secure import additive, crypto, field, secagg
 
 N, D, T, BITS = 6, 40, 3, 32
 
@@ -257,3 +259,181 @@ def test_neighbour_graph_validation():
         secagg.Server(
             range(3), threshold=4, dim=2, bits=BITS, graph=secagg.neighbour_graph(range(3))
         )
+
+
+# ---- privacy review regressions --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [24, 64, 100, 1000])
+@pytest.mark.parametrize("dropout,corrupted", [(0.05, 0.05), (0.1, 0.0), (0.1, 0.1)])
+def test_secagg_plus_threshold_never_exceeds_the_holders(n, dropout, corrupted):
+    # Fault 1: k = ceil(2 log2 n) with t = ceil(n / 2) gave t > k + 1 for n >= 24: every round
+    # aborted. Bell et al.'s parameters keep t within a client's k + 1 holders.
+    k, t = secagg.secagg_plus_parameters(n, dropout, corrupted)
+    assert 2 <= t <= k + 1 and 2 * t > k + 1 and k <= n - 1
+    assert (n * k) % 2 == 0 or k == n - 1
+    if n >= 1000:
+        assert k < n // 10  # logarithmic, not the complete graph
+    # Survivors among a client's k neighbours reach t unless ~(k - t + 1) of them drop.
+    assert k - t + 1 > dropout * k
+
+
+def test_secagg_plus_sum_of_100_clients_with_dropouts_equals_the_plain_sum():
+    n, d = 100, 5
+    k, t = secagg.secagg_plus_parameters(n, 0.1, 0.05)
+    x = np.random.default_rng(8).uniform(-1, 1, (n, d))
+    dropped = [3, 17, 29, 44, 58, 71, 86, 95]  # 8% drop after masking
+    s, stats = secagg.secure_sum(
+        x,
+        clip=1.0,
+        threshold=t,
+        neighbours=k,
+        dropped=dropped,
+        randomness=randomness.Randomness("secure"),
+    )
+    keep = [u for u in range(n) if u not in dropped]
+    assert stats.survivors == tuple(keep) and stats.dropped == tuple(dropped) and not stats.aborted
+    assert np.abs(s - x[keep].sum(0)).max() <= field.FieldEncoder(1.0, n).error_bound(len(keep))
+    graph = stats.views[0].graph
+    assert {len(v) for v in graph.values()} == {k}
+
+
+def _ring_lattice(n, k):
+    """The former public graph: clients on a ring, each joined to the k/2 nearest on both sides."""
+    return {
+        u: frozenset((u + j) % n for j in range(-k // 2, k // 2 + 1) if j != 0) for u in range(n)
+    }
+
+
+def test_disconnected_survivors_are_refused_not_unmasked():
+    # Fault 2: n = 16, k = 8, t = 4 on the ring lattice; two blocks of 4 ring neighbours drop after
+    # masking, the survivors split into {4..7} and {12..15}, and unmasking would hand the server
+    # each component's exact sum. The server must refuse.
+    n, k, t = 16, 8, 4
+    q, ring = _int_inputs(9, n=n, d=8)
+    graph = _ring_lattice(n, k)
+    blocks = {0, 1, 2, 3, 8, 9, 10, 11}
+    parts = secagg.components(graph, set(range(n)) - blocks)
+    assert sorted(map(sorted, parts)) == [[4, 5, 6, 7], [12, 13, 14, 15]]
+    with pytest.raises(secagg.DisconnectedSurvivorsError, match="2 components"):
+        secagg.secure_sum_ring(
+            ring, threshold=t, bits=BITS, graph=graph, dropout_after_masking=blocks
+        )
+    # The same on a random graph: dropping all neighbours of client 0 isolates it.
+    random_graph = secagg.neighbour_graph(range(n), k, rng=np.random.default_rng(1))
+    with pytest.raises(secagg.DisconnectedSurvivorsError):
+        secagg.secure_sum_ring(
+            ring,
+            threshold=t,
+            bits=BITS,
+            graph=random_graph,
+            dropout_after_masking=random_graph[0],
+        )
+    # Aborting on too few survivors also aborts here (a subclass), and nothing leaks.
+    assert issubclass(secagg.DisconnectedSurvivorsError, secagg.TooFewSurvivorsError)
+
+
+def test_secure_mode_graph_is_not_the_one_of_the_public_seed():
+    n, k, seed = 16, 4, 5
+    _, ring = _int_inputs(10, n=n, d=4)
+    graphs = {}
+    for mode in ("secure", "reproducible"):
+        _, _, server = secagg.secure_sum_ring(
+            ring,
+            threshold=3,
+            bits=BITS,
+            neighbours=k,
+            randomness=randomness.Randomness(mode, seed),
+            round_index=2,
+        )
+        graphs[mode] = server.graph
+    regenerated = secagg.neighbour_graph(
+        range(n),
+        k,
+        rng=randomness.Randomness("reproducible", seed).generator(randomness.SECAGG_GRAPH, 2),
+    )
+    assert graphs["reproducible"] == regenerated  # a simulation: the seed gives the graph
+    assert graphs["secure"] != regenerated
+    assert graphs["secure"] != secagg.neighbour_graph(range(n), k, seed=seed)
+    assert all(len(v) == k for v in graphs["secure"].values())
+
+
+def _unmask_one_client(server, u, key_rng, bits=BITS):
+    """The server's attack: regenerate client u's keys and strip every mask from y_u."""
+    adv = {m.sender: m for _, m in server.log if isinstance(m, secagg.AdvertiseKeys)}
+    y = next(m.y for _, m in server.log if isinstance(m, secagg.MaskedInput) and m.sender == u)
+    crypto.generate_private_key(key_rng)  # c_sk, drawn first by Client
+    s_sk = crypto.generate_private_key(key_rng)
+    b = crypto.random_bytes(crypto.SEED_BYTES, key_rng)
+    x = field.sub(y, crypto.prg(b, y.size, bits), bits)
+    for v in sorted(server.graph[u]):
+        mask = crypto.prg(crypto.agree(s_sk, adv[v].s_pk, secagg.MASK_INFO), y.size, bits)
+        x = field.sub(x, mask, bits) if v > u else field.add(x, mask, bits)
+    return x
+
+
+def test_secure_mode_keys_do_not_follow_from_the_public_seed():
+    # Fault 3: keys came from default_rng([seed, 1]); regenerating them unmasks any one client.
+    seed, rnd = 3, 4
+    q, ring = _int_inputs(11)
+    runs = {}
+    for mode in ("reproducible", "secure"):
+        _, _, runs[mode] = secagg.secure_sum_ring(
+            ring,
+            threshold=T,
+            bits=BITS,
+            randomness=randomness.Randomness(mode, seed),
+            round_index=rnd,
+        )
+
+    def attack(server, rng):
+        return _unmask_one_client(server, 0, rng)
+
+    public = randomness.Randomness("reproducible", seed)
+    # In a reproducible simulation the seed does unmask client 0 (documented) ...
+    got = attack(runs["reproducible"], public.generator(randomness.SECAGG_KEYS, rnd, 0))
+    np.testing.assert_array_equal(field.from_ring(got, BITS), q[0])
+    # ... in secure mode neither the stream nor the former default_rng([seed, 1]) does.
+    for rng in (public.generator(randomness.SECAGG_KEYS, rnd, 0), np.random.default_rng([seed, 1])):
+        got = attack(runs["secure"], rng)
+        assert np.mean(field.from_ring(got, BITS) == q[0]) < 0.05
+    adv = [m for _, m in runs["secure"].log if isinstance(m, secagg.AdvertiseKeys)]
+    regenerated = secagg.Client(
+        0,
+        ring[0],
+        neighbours=frozenset(),
+        threshold=T,
+        bits=BITS,
+        key_rng=public.generator(randomness.SECAGG_KEYS, rnd, 0),
+    )
+    assert regenerated.advertise_keys().s_pk != adv[0].s_pk
+
+
+def test_secagg_and_additive_share_one_signature_and_stats_type():
+    # Fault 4: one call shape and one stats record for both backends.
+    x = np.random.default_rng(12).uniform(-1, 1, (6, 3))
+    common = dict(
+        clip=1.0,
+        dropped=[2],
+        randomness=randomness.Randomness("secure"),
+        round_index=1,
+        bits=32,
+        stochastic=False,
+        raise_on_abort=True,
+    )
+    a, sa = secagg.secure_sum(x, threshold=3, **common)
+    b, sb = additive.secure_sum(x, num_servers=2, **common)
+    keep = [0, 1, 3, 4, 5]
+    for s, st in ((a, sa), (b, sb)):
+        assert isinstance(st, secagg.SecureSumStats)
+        assert st.survivors == tuple(keep) and st.dropped == (2,) and not st.aborted
+        assert set(st.bytes_sent) == set(st.bytes_received) == set(range(6))
+        assert np.abs(s - x[keep].sum(0)).max() <= field.FieldEncoder(1.0, 6).error_bound(5)
+    assert sb.bytes_sent[2] == 0 and all(v == 0 for v in sb.bytes_received.values())
+    shared = set(inspect.signature(secagg.secure_sum).parameters) & set(
+        inspect.signature(additive.secure_sum).parameters
+    )
+    assert set(common) | {"vectors"} <= shared
+    # Aborts are reported, not raised, when asked.
+    z, st = secagg.secure_sum(x, threshold=5, dropped=[0, 1], raise_on_abort=False, clip=1.0)
+    assert st.aborted and not st.released and st.survivors == () and not z.any()
