@@ -29,7 +29,7 @@ def get_config(arg: str = ""):
     config.federated.checkpoint_every = 10
     config.federated.secure_aggregation = "secagg"
     config.federated.secagg_clip = 0.5
-    config.federated.secagg_threshold = 0.5
+    config.federated.secagg_dropout_rate = 0.05  # Bell et al.: t and k tolerate 5% dropouts
     if arg == "ddp":
         # Distributed DP: every hospital adds discrete Gaussian noise to its quantised, L2-clipped
         # update; any 3 survivors together carry noise multiplier 1 (Kairouz et al. 2021).

@@ -116,11 +116,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     # needs federated.partition.method = "by_site").
     config.federated.personalization_steps = 0
     # Secure aggregation of the round's updates: none | secagg | secagg_plus | additive. Deltas
-    # are clipped per coordinate to secagg_clip before fixed-point encoding; secagg_threshold is
-    # the fraction of sampled clients that must survive (Shamir threshold t = ceil(f * n)).
+    # are clipped per coordinate to secagg_clip before fixed-point encoding. The protocol's
+    # neighbours k and Shamir threshold t follow Bell et al. (CCS 2020) from the number of
+    # clients, the fraction that may drop out (secagg_dropout_rate) and the fraction assumed to
+    # collude with the server (secagg_corrupted_fraction).
     config.federated.secure_aggregation = "none"
     config.federated.secagg_clip = 0.5
-    config.federated.secagg_threshold = 0.5
+    config.federated.secagg_dropout_rate = 0.05
+    config.federated.secagg_corrupted_fraction = 0.0
     # Distributed DP with secagg / secagg_plus: clients clip to privacy.clip_norm and add integer
     # noise (none | discrete_gaussian | skellam) so the secure sum carries privacy.noise_multiplier.
     config.federated.distributed_dp = "none"

@@ -82,6 +82,10 @@ def apply_overrides(
             raise schema.ConfigError(f"override {item!r} must look like --config.FIELD=VALUE")
         path, _, text = item[len(OVERRIDE_PREFIX) :].partition("=")
         free = next((f for f in schema.FREE_FORM if path.startswith(f + ".")), None)
+        if path in schema.REPLACED_FIELDS:
+            raise schema.ConfigError(
+                f"config field '{path}' was replaced: {schema.REPLACED_FIELDS[path]}"
+            )
         if free is None and path not in known:
             raise schema.ConfigError(
                 f"unknown config field '{path}' in override{schema.suggest(path, known)}"

@@ -115,7 +115,8 @@ CHECKS: dict[str, Check] = {
     "federated.personalization_steps": at_least(0),
     "federated.secure_aggregation": one_of("none", "secagg", "secagg_plus", "additive"),
     "federated.secagg_clip": greater_than(0.0),
-    "federated.secagg_threshold": in_range(0.0, 1.0, lo_open=True),
+    "federated.secagg_dropout_rate": in_range(0.0, 1.0, hi_open=True),
+    "federated.secagg_corrupted_fraction": in_range(0.0, 0.5, hi_open=True),
     "federated.distributed_dp": one_of("none", "discrete_gaussian", "skellam"),
     "train.batch_size": at_least(1),
     "train.steps": at_least(1),
@@ -173,11 +174,23 @@ def type_matches(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
+# Fields of earlier versions -> what replaced them (an old config fails with this message).
+REPLACED_FIELDS = {
+    "federated.secagg_threshold": (
+        "the Shamir threshold now follows Bell et al. (CCS 2020) from the cohort size, "
+        "federated.secagg_dropout_rate (the fraction of clients that may drop out) and "
+        "federated.secagg_corrupted_fraction (the fraction assumed to collude with the server)"
+    ),
+}
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every field of ``config``; raises :class:`ConfigError` on the first problem."""
     known = known_fields()
     seen = dict(flatten(config))
     for path, value in seen.items():
+        if path in REPLACED_FIELDS:
+            raise ConfigError(f"config field '{path}' was replaced: {REPLACED_FIELDS[path]}")
         if path not in known:
             raise ConfigError(f"unknown config field '{path}'{suggest(path, known)}")
         default = known[path]

@@ -192,6 +192,83 @@ def eval_batch_for(batch_size: int, num_devices: int) -> int:
     return -(-batch_size // num_devices) * num_devices
 
 
+@dataclasses.dataclass
+class MetricsWindow:
+    """Training metrics summed since the last evaluation, for the log and the progress bar."""
+
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    steps: int = 0
+    seconds: float = 0.0
+
+    def add(self, metrics: dict[str, float], seconds: float) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps, self.seconds = self.steps + 1, self.seconds + seconds
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{k}": v / max(self.steps, 1) for k, v in self.sums.items()}
+
+
+@dataclasses.dataclass
+class CentralRun:
+    """The pieces of one run of :func:`train_and_evaluate` that its steps share."""
+
+    experiment: Experiment
+    devices: parallel.DataParallel
+    checkpointer: checkpoint.Checkpointer
+    metrics_path: str
+    ledger: dp_sgd.StepLedger
+    is_chief: bool
+    elapsed: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"wall_time_s": 0.0, "train_time_s": 0.0, "examples_seen": 0}
+    )
+
+    def start(self, resume: bool) -> state_lib.TrainState:
+        """The initial state, or the checkpoint's (ledger and metrics restored with it)."""
+        plan = self.experiment.plan
+        state = self.devices.replicate(init_state(self.experiment))
+        describe_run(self.experiment, state.params)
+        if not resume:
+            if self.is_chief:
+                workdir_lib.rewrite_metrics(self.metrics_path, [])
+            return state
+        latest = self.checkpointer.latest_step()
+        state, metadata = self.checkpointer.restore(latest, dp_sgd.secret_free(state, plan))
+        state = dp_sgd.with_fresh_secrets(state, plan)
+        self.elapsed.update(metadata["elapsed"])
+        self.ledger.load_state_dict(metadata)
+        if self.is_chief:
+            kept = [r for r in workdir_lib.read_metrics(self.metrics_path) if r["step"] <= latest]
+            workdir_lib.rewrite_metrics(self.metrics_path, kept)
+        logger.info("resumed from step %d", latest)
+        return state
+
+    def save(self, state: state_lib.TrainState, step: int) -> None:
+        self.ledger.record_to(step)
+        meta = {"step": step, "elapsed": dict(self.elapsed), **self.ledger.state_dict()}
+        self.checkpointer.save(step, dp_sgd.secret_free(state, self.experiment.plan), meta)
+
+    def evaluate(self, params, step: int, split: str, extra: dict[str, Any]) -> dict[str, Any]:
+        experiment, devices = self.experiment, self.devices
+        predict_fn = evaluate.make_predict_fn(
+            experiment.model.apply, experiment.splits.info.task, devices.replicated_sharding
+        )
+        result = evaluate.evaluate(
+            predict_fn,
+            params,
+            experiment.splits.split(split),
+            experiment.splits.info,
+            experiment.normalizer,
+            eval_batch_for(experiment.config.train.eval_batch_size, devices.size),
+            devices.shard_batch,
+        )
+        record = {"step": step, "split": split, **evaluate.prefixed(result["metrics"], split)}
+        record.update(extra)
+        if self.is_chief:
+            workdir_lib.append_metrics(self.metrics_path, record)
+        return result
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -207,166 +284,92 @@ def train_and_evaluate(
     """
     checkpointer = workdir_lib.prepare_workdir(workdir, resume, config)
     experiment = build_experiment(config)
-    info = experiment.splits.info
     train_cfg = config.train
     devices = parallel.make_data_parallel(train_cfg.num_devices)
     devices.check_batch_size(train_cfg.batch_size, "train.batch_size")
-    eval_batch_size = eval_batch_for(train_cfg.eval_batch_size, devices.size)
-    state = devices.replicate(init_state(experiment))
-    describe_run(experiment, state.params)
-    is_chief = jax.process_index() == 0
-
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    elapsed = {"wall_time_s": 0.0, "train_time_s": 0.0, "examples_seen": 0}
-    if resume:
-        latest = checkpointer.latest_step()
-        state, metadata = checkpointer.restore(latest, dp_sgd.secret_free(state, experiment.plan))
-        state = dp_sgd.with_fresh_secrets(state, experiment.plan)
-        elapsed.update(metadata["elapsed"])
-        if is_chief:
-            kept = [r for r in workdir_lib.read_metrics(metrics_path) if r["step"] <= latest]
-            workdir_lib.rewrite_metrics(metrics_path, kept)
-        logger.info("resumed from step %d", latest)
-    elif is_chief:
-        workdir_lib.rewrite_metrics(metrics_path, [])
-    if is_chief:
+    run = CentralRun(
+        experiment,
+        devices,
+        checkpointer,
+        os.path.join(workdir, "metrics.jsonl"),
+        dp_sgd.StepLedger(experiment.plan),
+        jax.process_index() == 0,
+    )
+    state = run.start(resume)
+    if run.is_chief:
         checkpoint.write_json_atomic(
             os.path.join(workdir, "config.json"), loading.to_json_dict(config)
         )
-
     run_step = make_step_runner(experiment, devices)
-    predict_fn = evaluate.make_predict_fn(
-        experiment.model.apply, info.task, devices.replicated_sharding
-    )
-    plan = experiment.plan
-    ledger = plan.ledger if plan else None
-    if plan and resume:
-        ledger = type(ledger).from_dict(metadata["privacy_ledger"])
-        dp_sgd.check_resumed_ledger(ledger, plan.ledger)
-
-    def save(step: int) -> None:
-        meta = {"step": step, "elapsed": dict(elapsed)}
-        if ledger is not None:
-            meta["privacy_ledger"] = ledger.to_dict()
-        checkpointer.save(step, dp_sgd.secret_free(state, plan), meta)
-
-    def run_eval(step: int, split: str, extra: dict[str, Any]) -> dict[str, Any]:
-        data = experiment.splits.split(split)
-        result = evaluate.evaluate(
-            predict_fn,
-            state.params,
-            data,
-            info,
-            experiment.normalizer,
-            eval_batch_size,
-            devices.shard_batch,
-        )
-        record = {"step": step, "split": split, **evaluate.prefixed(result["metrics"], split)}
-        record.update(extra)
-        if is_chief:
-            workdir_lib.append_metrics(metrics_path, record)
-        return result
-
     start = int(state.step)
-    end = train_cfg.steps if stop_at_step is None else min(stop_at_step, train_cfg.steps)
-    if ledger is not None:
-        allowed = dp_sgd.allowed_steps(ledger, end - start)
-        if allowed < end - start:
-            logger.warning(
-                "privacy budget epsilon=%.4g allows only %d more steps: stopping at step %d",
-                ledger.target_epsilon,
-                allowed,
-                start + allowed,
-            )
-        end = start + allowed
-    stopped_by_budget = ledger is not None and end < min(
-        train_cfg.steps, stop_at_step or train_cfg.steps
-    )
-    run_start = time.perf_counter()
-    window: dict[str, float] = {}
-    window_steps, window_time, accounted = 0, 0.0, start
+    planned = train_cfg.steps if stop_at_step is None else min(stop_at_step, train_cfg.steps)
+    end = start + run.ledger.allowed(start, planned - start)
+    window = MetricsWindow()
     bar = tqdm.tqdm(
         total=train_cfg.steps, initial=start, disable=quiet, file=sys.stderr, unit="step"
     )
-
-    def privacy_extra(done: int) -> dict[str, Any]:
-        nonlocal ledger, accounted
-        if ledger is None:
-            return {}
-        ledger = ledger.record(done - accounted)  # refuses (raises) past the target
-        accounted = done
-        return {"epsilon": ledger.epsilon(), "delta": ledger.delta}
-
+    run_start = time.perf_counter()
     for step in range(start, end):
         t0 = time.perf_counter()
         state, step_metrics = run_step(state, step)
         dt = time.perf_counter() - t0
-        elapsed["train_time_s"] += dt
-        elapsed["examples_seen"] += step_metrics.pop("examples")
-        for k, v in step_metrics.items():
-            window[k] = window.get(k, 0.0) + v
-        window_steps, window_time = window_steps + 1, window_time + dt
+        run.elapsed["train_time_s"] += dt
+        run.elapsed["examples_seen"] += step_metrics.pop("examples")
+        window.add(step_metrics, dt)
         bar.update(1)
         done = step + 1
         if done % train_cfg.log_every == 0 or done == end:
+            throughput = train_cfg.batch_size * window.steps / max(window.seconds, 1e-9)
             bar.set_postfix(
-                **{k: f"{v / window_steps:.4f}" for k, v in window.items()},
-                ex_s=f"{train_cfg.batch_size * window_steps / max(window_time, 1e-9):.0f}",
+                **{k: f"{v:.4f}" for k, v in window.means().items()}, ex_s=f"{throughput:.0f}"
             )
         if done % train_cfg.eval_every == 0 and done != end:
-            extra = {f"train_{k}": v / window_steps for k, v in window.items()}
-            run_eval(done, "val", {**extra, **privacy_extra(done)})
-            window, window_steps, window_time = {}, 0, 0.0
+            extra = {**window.means("train_"), **run.ledger.record_to(done)}
+            run.evaluate(state.params, done, "val", extra)
+            window = MetricsWindow()
         if done % train_cfg.checkpoint_every == 0 or done == end:
-            privacy_extra(done)
-            elapsed["wall_time_s"] += time.perf_counter() - run_start
+            run.elapsed["wall_time_s"] += time.perf_counter() - run_start
             run_start = time.perf_counter()
-            save(done)
+            run.save(state, done)
     bar.close()
-    elapsed["wall_time_s"] += time.perf_counter() - run_start
+    run.elapsed["wall_time_s"] += time.perf_counter() - run_start
     checkpointer.close()
-    if end < train_cfg.steps and not stopped_by_budget:
+    if end < train_cfg.steps and not run.ledger.stopped_by_budget:
         logger.info("stopped at step %d of %d; resume with --resume", end, train_cfg.steps)
         return {"stopped_at_step": end}
+    return finish(run, state, workdir, end)
 
-    final_step = end
-    val = run_eval(final_step, "val", privacy_extra(final_step))
-    test = run_eval(final_step, "test", {})
-    extra = {}
-    if plan is not None:
-        claim = dp_sgd.privacy_claim(plan, ledger, config, stopped_by_budget)
-        extra["privacy"] = claim.to_report()
+
+def finish(run: CentralRun, state, workdir: str, final_step: int) -> dict[str, Any]:
+    """Final evaluation, the privacy claim, report.json."""
+    experiment = run.experiment
+    config = experiment.config
+    val = run.evaluate(state.params, final_step, "val", run.ledger.record_to(final_step))
+    test = run.evaluate(state.params, final_step, "test", {})
+    claim = run.ledger.claim(config)
     result = report.build_report(
         config=config,
-        info=info,
+        info=experiment.splits.info,
         test=test,
         val=val,
         steps=final_step,
         num_params=experiment.model.num_params(state.params),
-        elapsed=elapsed,
-        extra=extra,
+        elapsed=run.elapsed,
+        extra={} if claim is None else {"privacy": claim.to_report()},
     )
-    if is_chief:
+    if run.is_chief:
         checkpoint.write_json_atomic(os.path.join(workdir, "report.json"), result)
     m = result["metrics"]
     logger.info(
-        "test accuracy %.4f, AUROC %.4f, balanced accuracy %.4f, ECE %.4f (%d steps, %.1f s)",
+        "test accuracy %.4f, AUROC %.4f, balanced accuracy %.4f, ECE %.4f (%d steps, %.1f s)%s",
         m["test_accuracy"],
         m["test_auroc"],
         m["test_balanced_accuracy"],
         m["test_ece"],
         final_step,
         result["wall_time_s"],
+        f"; {claim.guarantee}" if claim is not None else "",
     )
-    if plan is not None:
-        logger.info(
-            "privacy: epsilon %.4g at delta %.3g (%s, %s-level, noise seed %s)",
-            result["privacy"]["epsilon"],
-            ledger.delta,
-            ledger.accountant,
-            plan.unit,
-            plan.randomness.mode,
-        )
     return result
 
 

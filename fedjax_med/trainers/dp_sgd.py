@@ -159,6 +159,62 @@ def make_plan(
     )
 
 
+@dataclasses.dataclass
+class StepLedger:
+    """The central trainer's ledger: DP-SGD steps accounted in batches (``plan`` None: none).
+
+    ``record_to(done)`` accounts every step up to ``done`` (refusing, by raising, any step past
+    the target); the loop calls it at each evaluation and checkpoint, so the ledger in a
+    checkpoint always covers the steps of its parameters.
+    """
+
+    plan: PrivatePlan | None
+    ledger: budget.PrivacyLedger | None = None
+    accounted: int = 0
+    stopped_by_budget: bool = False
+
+    def __post_init__(self):
+        if self.plan is not None and self.ledger is None:
+            self.ledger = self.plan.ledger
+
+    def allowed(self, start: int, planned: int) -> int:
+        self.accounted = start
+        if self.ledger is None:
+            return max(planned, 0)
+        allowed = allowed_steps(self.ledger, planned)
+        if allowed < planned:
+            self.stopped_by_budget = True
+            logger.warning(
+                "privacy budget epsilon=%.4g allows only %d more steps: stopping at step %d",
+                self.ledger.target_epsilon,
+                allowed,
+                start + allowed,
+            )
+        return allowed
+
+    def record_to(self, done: int) -> dict[str, Any]:
+        if self.ledger is None:
+            return {}
+        self.ledger = self.ledger.record(done - self.accounted)  # raises past the target
+        self.accounted = done
+        return {"epsilon": self.ledger.epsilon(), "delta": self.ledger.delta}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.ledger is None else {"privacy_ledger": self.ledger.to_dict()}
+
+    def load_state_dict(self, metadata: dict[str, Any]) -> None:
+        if self.ledger is None:
+            return
+        saved = budget.PrivacyLedger.from_dict(metadata["privacy_ledger"])
+        check_resumed_ledger(saved, self.ledger)
+        self.ledger = saved
+
+    def claim(self, config) -> claim_lib.PrivacyClaim | None:
+        if self.plan is None:
+            return None
+        return privacy_claim(self.plan, self.ledger, config, self.stopped_by_budget)
+
+
 def allowed_steps(ledger: budget.PrivacyLedger, planned: int) -> int:
     """How many of the ``planned`` remaining steps the budget allows (one search, not per step)."""
     if planned <= 0:

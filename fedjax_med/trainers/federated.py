@@ -45,13 +45,14 @@ from fedjax_med import randomness
 from fedjax_med.config import loading, schema
 from fedjax_med.data import dataset as dataset_lib
 from fedjax_med.data import partition, preprocess
-from fedjax_med.federated import algorithms, dp_fedavg, sampling, server_optimizers
+from fedjax_med.federated import algorithms, dp_fedavg, sampling, secure_rounds, server_optimizers
 from fedjax_med.federated import client as client_lib
 from fedjax_med.models import registry
 from fedjax_med.privacy import accounting, budget
+from fedjax_med.secure import distributed_dp, secagg
 from fedjax_med.trainers import ledgers
 from fedjax_med.trainers import run as run_lib
-from fedjax_med.training import checkpoint, evaluate, report, secure_rounds, setup
+from fedjax_med.training import checkpoint, evaluate, report, setup
 from fedjax_med.training import workdir as workdir_lib
 
 logger = logging.getLogger("fedjax_med")
@@ -268,7 +269,7 @@ def _site_ledgers(config, federation, sampler, noise_multiplier):
 def _distributed_ledger(config, federation, sampler, noise_multiplier, ddp):
     f, p = config.federated, config.privacy
     return ledgers.DistributedLedger(
-        epsilon_fn=ddp.epsilon,
+        epsilon_fn=ddp.epsilon,  # counts only rounds that released a sum
         delta=float(p.delta),
         noise_multiplier=float(p.noise_multiplier),
         clip_norm=float(p.clip_norm),
@@ -282,16 +283,63 @@ def _distributed_ledger(config, federation, sampler, noise_multiplier, ddp):
         },
         claim_details=lambda: {
             "mechanism_detail": f"distributed {f.distributed_dp} via {f.secure_aggregation}",
-            "min_clients_per_round": ddp.threshold,
+            "min_clients_per_round": ddp.min_noisy_clients,
+            "secagg_threshold": ddp.threshold,
         },
     )
 
 
+# mechanism -> ledger builder (config, federation, sampler, noise multiplier, distributed DP).
 LEDGERS = {
-    "none": lambda config, federation, sampler, sigma: ledgers.NoPrivacy(),
-    "dp_fedavg": _client_level_ledger,
-    "local_dp_sgd": _site_ledgers,
+    "none": lambda *_: ledgers.NoPrivacy(),
+    "dp_fedavg": lambda c, fed, s, sigma, _: _client_level_ledger(c, fed, s, sigma),
+    "local_dp_sgd": lambda c, fed, s, sigma, _: _site_ledgers(c, fed, s, sigma),
+    "distributed_dp": _distributed_ledger,
 }
+
+
+def _distributed_dp(config, model, sampler, rng) -> distributed_dp.DistributedDP | None:
+    """Client-side integer noise summed by secure aggregation, or ``None``."""
+    f, p = config.federated, config.privacy
+    if f.distributed_dp == "none":
+        return None
+    if f.algorithm == "dp_fedavg":
+        raise ValueError(
+            "federated.distributed_dp replaces DP-FedAvg's server noise: use "
+            "federated.algorithm='fedavg' with it"
+        )
+    n = sampler.cohort_size
+    _, threshold = secagg.secagg_plus_parameters(
+        n,
+        f.secagg_dropout_rate,
+        f.secagg_corrupted_fraction,
+        complete=f.secure_aggregation == "secagg",
+    )
+    return distributed_dp.DistributedDP(
+        f.distributed_dp,
+        num_clients=n,
+        dim=model.num_params(model.init(jax.random.PRNGKey(0))),
+        clip=p.clip_norm,
+        noise_multiplier=p.noise_multiplier,
+        delta=p.delta,
+        threshold=threshold,
+        randomness=rng,
+        corrupted_fraction=f.secagg_corrupted_fraction,
+    )
+
+
+def _secure(config, algorithm, rng, ddp) -> algorithms.FederatedAlgorithm:
+    """``algorithm`` behind secure aggregation (with distributed DP's client noise, if any)."""
+    f = config.federated
+    return secure_rounds.secure_algorithm(
+        algorithm,
+        method=f.secure_aggregation,
+        randomness=rng,
+        secagg_clip=f.secagg_clip,
+        dropout_rate=f.secagg_dropout_rate,
+        corrupted_fraction=f.secagg_corrupted_fraction,
+        distributed_dp=ddp,
+    )
 
 
 def _noise_multiplier(config, mechanism: str, rate: float) -> float:
@@ -344,21 +392,10 @@ def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
     local_update = make_local_update(config, model, splits.info.task, f.local_steps)
     inputs = AlgorithmInputs(config, local_update, data, options, sampler, sigma)
     algorithm = ALGORITHMS[f.algorithm](inputs)
-    secure_round, ddp = None, None
+    ddp = _distributed_dp(config, model, sampler, rng)
     if f.secure_aggregation != "none":
-        if f.algorithm == "dp_fedavg" and f.distributed_dp != "none":
-            raise ValueError(
-                "federated.distributed_dp replaces DP-FedAvg's server noise: use "
-                "federated.algorithm='fedavg' with it"
-            )
-        shim = _SecureRoundInputs(config, data, algorithm, sigma, sampler)
-        secure_round = secure_rounds.make_secure_round(shim, _server_optimizer(f))
-        ddp = secure_round.ddp
-        algorithm = dataclasses.replace(algorithm, apply_round=secure_round)
-    if mechanism == "distributed_dp":
-        ledger = _distributed_ledger(config, federation, sampler, sigma, ddp)
-    else:
-        ledger = LEDGERS[mechanism](config, federation, sampler, sigma)
+        algorithm = _secure(config, algorithm, rng, ddp)
+    ledger = LEDGERS[mechanism](config, federation, sampler, sigma, ddp)
     return FederatedPlan(
         config=config,
         splits=splits,
@@ -373,17 +410,6 @@ def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
         server_key=_server_key(config, mechanism, rng),
         mechanism=mechanism,
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class _SecureRoundInputs:
-    """The fields ``training.secure_rounds.make_secure_round`` reads."""
-
-    config: ml_collections.ConfigDict
-    client_data: client_lib.ClientData
-    algorithm: algorithms.FederatedAlgorithm
-    noise_multiplier: float
-    sampler: CohortSampler
 
 
 def init_server_state(plan: FederatedPlan) -> algorithms.ServerState:
@@ -532,7 +558,7 @@ def run_rounds(
             np.asarray(plan.federation.counts)[cohort.sampled()], f.client_batch_size
         )
         log.elapsed["examples_seen"] += int(per_step.sum()) * f.local_steps
-        released = not metrics.get("secure_round_aborted", 0)
+        released = bool(metrics.get("secure_sum_released", 1))
         done = round_num + 1
         log.append(_round_record(done, metrics, plan.ledger.record(cohort, released)))
         bar.update(1)

@@ -138,9 +138,10 @@ class ClientLevelLedger:
         return cohort
 
     def record(self, cohort, released):
-        # The noisy release happens whether or not any sampled client reported (DP-FedAvg adds
-        # noise to an empty sum too), so every round is accounted.
-        self.ledger = self.ledger.record(1)
+        # A plaintext round always releases (DP-FedAvg noises an empty sum too); a secure round
+        # that aborted released nothing.
+        if released:
+            self.ledger = self.ledger.record(1)
         return {"epsilon": self.ledger.epsilon(), "delta": self.ledger.delta}
 
     def record_personalization(self, k, steps):

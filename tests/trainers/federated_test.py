@@ -167,7 +167,7 @@ def test_secure_aggregation_survives_dropouts(tmp_path):
         "fedavg.py",
         "--config.federated.secure_aggregation=secagg",
         "--config.federated.dropout_prob=0.3",
-        "--config.federated.secagg_threshold=0.3",
+        "--config.federated.secagg_dropout_rate=0.3",
         "--config.federated.rounds=4",
     )
     report = federated.run_rounds(config, str(tmp_path), quiet=True)
@@ -318,3 +318,37 @@ def test_personalisation_is_accounted_in_each_sites_ledger(tmp_path):
     assert privacy["per_site_epsilon"]["hospital_0"] == pytest.approx(
         client_lib.local_dp_epsilon(1.0, 8, n0, 9, 1e-3), rel=1e-6
     )
+
+
+def test_secagg_plus_run_of_100_clients_trains(tmp_path):
+    # Before: k = ceil(2 log2 n) neighbours held each client's shares but t = ceil(n / 2) were
+    # needed, so every round of 24 or more clients aborted and the model never trained.
+    config = config_of(
+        "fedavg.py",
+        "--config.federated.secure_aggregation=secagg_plus",
+        "--config.federated.partition.method=iid",
+        "--config.federated.partition.num_clients=100",
+        "--config.data.synthetic.examples_per_site=300",
+        "--config.federated.client_batch_size=4",
+        "--config.federated.client_lr=0.1",
+        "--config.federated.rounds=4",
+        "--config.federated.local_steps=3",
+        "--config.federated.dropout_prob=0.05",
+        "--config.federated.eval_every=100",
+        "--config.federated.checkpoint_every=100",
+    )
+    report = federated.run_rounds(config, str(tmp_path), quiet=True)
+    with open(tmp_path / "metrics.jsonl") as f:
+        rounds = [json.loads(line) for line in f if '"round"' in line]
+    assert len(rounds) == 4 and not any(r["secure_round_aborted"] for r in rounds)
+    assert all(r["secagg_threshold"] <= r["secagg_neighbours"] + 1 < 100 for r in rounds)
+    assert all(r["num_clients"] >= r["secagg_threshold"] for r in rounds)
+    assert "loss" not in rounds[0]  # the server learns no plaintext client loss
+    run = registry.restore(str(tmp_path))
+    from fedjax_med.training import evaluate
+
+    predict = evaluate.make_predict_fn(run.model.apply, run.splits.info.task)
+    initial = evaluate.evaluate(
+        predict, run.initial_params, run.splits.test, run.splits.info, run.normalizer, 256
+    )
+    assert report["metrics"]["test_loss"] < initial["metrics"]["loss"] - 0.01
