@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_med.models import losses
 from fedjax_med.privacy import accounting, clipping, noise
-from fedjax_med.training import losses
 
 Params = Any
 # Per-example loss: loss_fn(params, images (B, ...), labels (B, ...)) -> (B,).

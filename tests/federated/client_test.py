@@ -8,7 +8,7 @@ import pytest
 
 from fedjax_med.data import dataset, partition, preprocess
 from fedjax_med.federated import client
-from fedjax_med.training import losses
+from fedjax_med.models import losses
 
 
 def test_one_full_batch_step_is_one_sgd_step(mlp, make_clients):
