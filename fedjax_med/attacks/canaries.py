@@ -15,6 +15,16 @@ https://arxiv.org/abs/2101.04535).
   (the worst case DP allows) and scores the release's projection on the canary's gradient
   direction, the white-box gradient canary of Nasr et al., USENIX Security 2023
   (https://arxiv.org/abs/2302.07956).
+* :func:`audit_local_dp_step`: the same canary example, but the release is one local DP-SGD
+  step of a federated client, :func:`fedjax_med.federated.client.private_step_release` (the
+  function ``LocalUpdate`` calls at every local step: the on-device Poisson draw, the clipped sum
+  of ``client.local_grad_sum`` with the trainer's ``method`` / ``per_layer`` /
+  ``microbatch_size``, and :func:`fedjax_med.privacy.noise.privatize_sum`).
+  :func:`audit_per_layer_dp_sgd_step` is it with per-layer clipping.
+* :func:`audit_patient_dp_sgd_step`: the canary is one *patient* with several images, released
+  through the same local step at patient level
+  (:func:`~fedjax_med.privacy.clipping.clipped_unit_grad_sum` + ``privatize_sum``); its extra
+  broken variant ``example_clipping`` clips each image instead of the patient.
 * :func:`audit_dp_fedavg_round`: the canary is a malicious *client* that sends a Dirac update
   (one coordinate, norm far above ``S``); other clients' deltas and the release go through
   :func:`fedjax_med.federated.dp_fedavg.noisy_clipped_mean`, the DP-FedAvg trainer's code.
@@ -41,13 +51,16 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fedjax_med.attacks import auditing
-from fedjax_med.federated import dp_fedavg
+from fedjax_med.federated import client, dp_fedavg
 from fedjax_med.privacy import accounting, clipping, noise
 
 MECHANISMS = ("correct", "no_noise", "wrong_scale", "no_clipping")
 # The run audit also checks the sampler: "no_subsampling" puts every canary in every step while
 # the claim still counts Poisson sampling at rate q.
 RUN_MECHANISMS = (*MECHANISMS, "no_subsampling")
+# The patient audit also checks the unit: "example_clipping" clips every image of the canary
+# patient separately (sensitivity k C) while the claim is patient-level (sensitivity C).
+PATIENT_MECHANISMS = (*MECHANISMS, "example_clipping")
 MAX_TRIAL_FLOATS = 2**25  # floats of releases materialised at once (128 MiB), bounds memory
 
 
@@ -119,25 +132,34 @@ def _check(clip_norm, noise_multiplier, num_trials, delta, confidence):
         raise ValueError(f"{confidence=} must be in (0, 1)")
 
 
+def _trial_scores(score_fn, num_trials, key, floats_per_trial) -> tuple[np.ndarray, ...]:
+    """``score_fn(trial_key, present)`` of ``num_trials`` trials, alternately IN and OUT.
+
+    Trials run under ``lax.map`` in chunks of at most :data:`MAX_TRIAL_FLOATS` floats.
+    """
+    has_canary = jnp.arange(num_trials) % 2 == 0
+    keys = jax.random.split(key, num_trials)
+    chunk = max(1, min(num_trials, MAX_TRIAL_FLOATS // max(floats_per_trial, 1)))
+    scores = jax.jit(
+        lambda k, h: jax.lax.map(lambda args: score_fn(*args), (k, h), batch_size=chunk)
+    )(keys, has_canary)
+    scores, has_canary = np.asarray(scores, np.float64), np.asarray(has_canary)
+    return scores[has_canary], scores[~has_canary]
+
+
 def _scores(release_fn, sum_in, sum_out, direction, num_trials, key) -> tuple[np.ndarray, ...]:
     """Projections ``<release_t - sum_out, u>`` of ``num_trials`` releases, half with the canary.
 
     ``release_fn(key, total) -> flat release`` (already multiplied back by any public
-    denominator). Trials alternate IN/OUT; they run under ``lax.map`` in chunks of at most
-    :data:`MAX_TRIAL_FLOATS` floats.
+    denominator).
     """
-    has_canary = jnp.arange(num_trials) % 2 == 0
-    keys = jax.random.split(key, num_trials)
+    base = ravel_pytree(sum_out)[0]
 
-    def one(args):
-        trial_key, present = args
+    def one(trial_key, present):
         total = jax.tree.map(lambda a, b: jnp.where(present, a, b), sum_in, sum_out)
-        return jnp.dot(release_fn(trial_key, total) - ravel_pytree(sum_out)[0], direction)
+        return jnp.dot(release_fn(trial_key, total) - base, direction)
 
-    chunk = max(1, min(num_trials, MAX_TRIAL_FLOATS // direction.size))
-    scores = jax.jit(lambda k, h: jax.lax.map(one, (k, h), batch_size=chunk))(keys, has_canary)
-    scores, has_canary = np.asarray(scores, np.float64), np.asarray(has_canary)
-    return scores[has_canary], scores[~has_canary]
+    return _trial_scores(one, num_trials, key, direction.size)
 
 
 def _result(
@@ -257,6 +279,288 @@ def audit_dp_sgd_step(
         accountant,
         canary_norm,
         _split_seed(key),
+    )
+
+
+def _canary_direction(loss_fn, params, canary_images, canary_labels) -> tuple[jax.Array, float]:
+    """Unit direction of the canary's (summed) gradient and its norm; raises if it is zero."""
+    grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0, 0))(params, canary_images, canary_labels)
+    flat = ravel_pytree(jax.tree.map(lambda g: jnp.sum(g, axis=0), grads))[0]
+    norm = float(jnp.linalg.norm(flat))
+    if not norm > 0:
+        raise ValueError("the canary's gradient is zero at these params: pick another canary")
+    return flat / norm, norm
+
+
+def _with_canary(images, labels, canary_images, canary_labels):
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+    canary_images = jnp.asarray(canary_images)
+    if images.shape[1:] != canary_images.shape[1:] or labels.ndim != 1:
+        raise ValueError(
+            f"canary_image {canary_images.shape[1:]} must match images {images.shape[1:]} and "
+            f"labels must be (B,), got {labels.shape}"
+        )
+    rows = jnp.concatenate([images, canary_images])
+    row_labels = jnp.concatenate([labels, jnp.asarray(canary_labels, labels.dtype)])
+    mask_in = jnp.ones(rows.shape[0], bool)
+    mask_out = mask_in.at[images.shape[0] :].set(False)
+    return rows, row_labels, mask_in, mask_out
+
+
+def _audit_local_release(
+    grad_sum,
+    mechanism,
+    loss_fn,
+    params,
+    rows,
+    row_labels,
+    masks,
+    canary,
+    *,
+    clip_norm,
+    noise_multiplier,
+    used_sigma,
+    expected,
+    capacity,
+    num_trials,
+    key,
+    delta,
+    confidence,
+    accountant,
+    unit_ids=None,
+    max_per_unit=None,
+) -> CanaryAudit:
+    """Scores ``client.private_step_release`` at rate 1 with the canary in (IN) or out (OUT)."""
+    mask_in, mask_out = masks
+    direction, canary_norm = _canary_direction(loss_fn, params, *canary)
+    sensitivity = clipping.sensitivity(clip_norm)  # the claim's, whatever variant ran
+
+    def release(trial_key, mask, sigma=used_sigma):
+        # Rate 1: the audited event is one release with the canary certainly present or absent.
+        update, _ = client.private_step_release(
+            grad_sum,
+            params,
+            rows,
+            row_labels,
+            mask,
+            trial_key,
+            rate=1.0,
+            expected_batch_size=expected,
+            noise_multiplier=sigma,
+            sensitivity=sensitivity,
+            capacity=capacity,
+            unit_ids=unit_ids,
+            max_per_unit=max_per_unit,
+        )
+        return ravel_pytree(update)[0] * expected  # the attacker multiplies back the public L
+
+    # The others' clipped sum, known to the attacker: the same code without noise.
+    base = jax.jit(functools.partial(release, sigma=0.0))(key, mask_out)
+
+    def score(trial_key, present):
+        return jnp.dot(release(trial_key, jnp.where(present, mask_in, mask_out)) - base, direction)
+
+    scores_in, scores_out = _trial_scores(score, num_trials, key, direction.size * rows.shape[0])
+    return _result(
+        mechanism,
+        scores_in,
+        scores_out,
+        noise_multiplier,
+        clip_norm,
+        delta,
+        confidence,
+        accountant,
+        canary_norm,
+        _split_seed(key),
+    )
+
+
+def audit_local_dp_step(
+    loss_fn: Callable[[Any, jax.Array, jax.Array], jax.Array],
+    params: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    canary_image: jax.Array,
+    canary_label: jax.Array,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    num_trials: int,
+    key: jax.Array,
+    mechanism: str = "correct",
+    delta: float = 1e-5,
+    confidence: float = 0.95,
+    accountant: str = "rdp",
+    method: str = "vmap",
+    per_layer: bool = False,
+    microbatch_size: int | None = None,
+) -> CanaryAudit:
+    """Audits one local DP-SGD step of a federated client with a canary example.
+
+    The client's rows are ``images`` plus the canary; OUT trials mask the canary's row off. Each
+    trial runs :func:`fedjax_med.federated.client.private_step_release`, the release
+    ``LocalUpdate`` computes at every local step, with the clipped sum of
+    ``client.local_grad_sum(loss_fn, method=, per_layer=, microbatch_size=)`` (example level),
+    Poisson rate 1 (so the canary is certainly in or out: one ``GaussianDpEvent(sigma)``),
+    ``L`` the number of rows (public, multiplied back by the attacker) and the trial's key as
+    the step key. The attacker scores the projection on the canary's gradient direction.
+
+    Args:
+      loss_fn: loss of one example ``(params, image, label) -> scalar``
+        (``client.example_loss`` of the federated loss).
+      params, images, labels, canary_image, canary_label: as in :func:`audit_dp_sgd_step`.
+      clip_norm, noise_multiplier: the claim ``(C, sigma)`` under audit.
+      num_trials, key, mechanism, delta, confidence, accountant: as in
+        :func:`audit_dp_sgd_step` (``mechanism`` in :data:`MECHANISMS`).
+      method, per_layer, microbatch_size: the local update's ``dp_method``, ``dp_per_layer``,
+        ``dp_microbatch_size``.
+
+    Returns:
+      A :class:`CanaryAudit`.
+    """
+    _check(clip_norm, noise_multiplier, num_trials, delta, confidence)
+    used_clip, used_sigma = _variant(mechanism, clip_norm, noise_multiplier)
+    canary = (jnp.asarray(canary_image)[None], jnp.asarray(canary_label)[None])
+    rows, row_labels, mask_in, mask_out = _with_canary(images, labels, *canary)
+    grad_sum = client.local_grad_sum(
+        loss_fn,
+        clip_norm=used_clip,
+        unit="example",
+        method=method,
+        per_layer=per_layer,
+        microbatch_size=microbatch_size,
+    )
+    return _audit_local_release(
+        grad_sum,
+        mechanism,
+        loss_fn,
+        params,
+        rows,
+        row_labels,
+        (mask_in, mask_out),
+        canary,
+        clip_norm=clip_norm,
+        noise_multiplier=noise_multiplier,
+        used_sigma=used_sigma,
+        expected=float(rows.shape[0]),
+        capacity=int(rows.shape[0]),
+        num_trials=num_trials,
+        key=key,
+        delta=delta,
+        confidence=confidence,
+        accountant=accountant,
+    )
+
+
+def audit_per_layer_dp_sgd_step(*args, **kwargs) -> CanaryAudit:
+    """:func:`audit_local_dp_step` with per-layer clipping (McMahan et al. 2018,
+    arXiv:1710.06963): each leaf clipped to ``C / sqrt(#leaves)``, the whole contribution to ``C``.
+
+    Same arguments as :func:`audit_local_dp_step`, without ``per_layer``.
+    """
+    if "per_layer" in kwargs:
+        raise ValueError("per_layer is fixed to True by audit_per_layer_dp_sgd_step")
+    return audit_local_dp_step(*args, per_layer=True, **kwargs)
+
+
+def audit_patient_dp_sgd_step(
+    loss_fn: Callable[[Any, jax.Array, jax.Array], jax.Array],
+    params: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    unit_ids: jax.Array,
+    canary_images: jax.Array,
+    canary_labels: jax.Array,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    num_trials: int,
+    key: jax.Array,
+    mechanism: str = "correct",
+    max_per_unit: int | None = None,
+    microbatch_size: int | None = None,
+    delta: float = 1e-5,
+    confidence: float = 0.95,
+    accountant: str = "rdp",
+) -> CanaryAudit:
+    """Audits one patient-level local DP-SGD step with a canary *patient* of several images.
+
+    The client's rows are ``images`` (patients ``unit_ids``) plus the canary patient's
+    ``canary_images``, all of one new unit; OUT trials mask all of them off. Each trial runs
+    :func:`fedjax_med.federated.client.private_step_release` at patient level: the on-device
+    unit draw (rate 1, at most ``max_per_unit`` images per patient), the clipped sum of
+    :func:`~fedjax_med.privacy.clipping.clipped_unit_grad_sum` (each patient's summed gradient
+    clipped once) and :func:`~fedjax_med.privacy.noise.privatize_sum`, with ``L`` the number of
+    patients (public). The attacker projects on the canary patient's summed gradient.
+
+    Args:
+      loss_fn: loss of one example ``(params, image, label) -> scalar``.
+      params: the parameters the step is taken at.
+      images, labels, unit_ids: the other patients' rows, ``(B, ...)``, ``(B,)``, ``(B,)`` ints
+        in ``[0, B)``.
+      canary_images, canary_labels: the canary patient's ``P >= 1`` images ``(P, ...)``, ``(P,)``.
+      clip_norm, noise_multiplier: the patient-level claim ``(C, sigma)``.
+      mechanism: one of :data:`PATIENT_MECHANISMS`; ``"example_clipping"`` clips every image
+        (the canary patient then moves the sum by up to ``min(k, P) C``).
+      max_per_unit: ``k`` (default ``P``: every canary image is used).
+      microbatch_size: the local update's ``dp_microbatch_size``.
+      num_trials, key, delta, confidence, accountant: as in :func:`audit_dp_sgd_step`.
+
+    Returns:
+      A :class:`CanaryAudit`.
+    """
+    _check(clip_norm, noise_multiplier, num_trials, delta, confidence)
+    if mechanism not in PATIENT_MECHANISMS:
+        raise ValueError(f"mechanism={mechanism!r} must be one of {PATIENT_MECHANISMS}")
+    by_example = mechanism == "example_clipping"
+    used_clip, used_sigma = _variant(
+        "correct" if by_example else mechanism, clip_norm, noise_multiplier
+    )
+    canary_images = jnp.asarray(canary_images)
+    canary_labels = jnp.asarray(canary_labels)
+    if canary_images.ndim < 1 or canary_labels.shape != canary_images.shape[:1]:
+        raise ValueError(
+            f"canary_images {canary_images.shape} and canary_labels {canary_labels.shape} must "
+            "be (P, ...) and (P,)"
+        )
+    unit_ids = np.asarray(unit_ids)
+    if unit_ids.shape != (len(images),) or (unit_ids < 0).any() or (unit_ids >= len(images)).any():
+        raise ValueError(f"unit_ids must be ({len(images)},) ints in [0, {len(images)})")
+    k = int(canary_images.shape[0]) if max_per_unit is None else max_per_unit
+    canary = (canary_images, canary_labels)
+    rows, row_labels, mask_in, mask_out = _with_canary(images, labels, *canary)
+    canary_unit = int(unit_ids.max()) + 1 if unit_ids.size else 0
+    ids = jnp.asarray(
+        np.concatenate([unit_ids, np.full(canary_images.shape[0], canary_unit)]), jnp.int32
+    )
+    num_patients = np.unique(unit_ids).size + 1
+    grad_sum = client.local_grad_sum(
+        loss_fn,
+        clip_norm=used_clip,
+        unit="example" if by_example else "patient",
+        microbatch_size=microbatch_size,
+    )
+    return _audit_local_release(
+        grad_sum,
+        mechanism,
+        loss_fn,
+        params,
+        rows,
+        row_labels,
+        (mask_in, mask_out),
+        canary,
+        clip_norm=clip_norm,
+        noise_multiplier=noise_multiplier,
+        used_sigma=used_sigma,
+        expected=float(num_patients),
+        capacity=int(rows.shape[0]) if by_example else int(num_patients),
+        num_trials=num_trials,
+        key=key,
+        delta=delta,
+        confidence=confidence,
+        accountant=accountant,
+        unit_ids=None if by_example else ids,
+        max_per_unit=None if by_example else k,
     )
 
 

@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fedjax_med.privacy import clipping
+
 Params = Any
 
 
@@ -32,15 +34,15 @@ def _expand(per_client: jax.Array, leaf: jax.Array) -> jax.Array:
 def global_norms(updates: Params) -> jax.Array:
     """The L2 norm of each client's whole update (all leaves together): ``(C,)``.
 
+    The one norm of the library, :func:`fedjax_med.privacy.clipping.global_norms`, with the
+    client axis as its leading axis.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> global_norms({"a": jnp.array([[3.0], [0.0]]), "b": jnp.array([[4.0], [1.0]])}).tolist()
       [5.0, 1.0]
     """
-    squares = [
-        jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1) for x in jax.tree.leaves(updates)
-    ]
-    return jnp.sqrt(sum(squares))
+    return clipping.global_norms(updates)
 
 
 def masked_sum(updates: Params, weights: jax.Array) -> Params:
@@ -93,22 +95,27 @@ def uniform_mean(updates: Params, mask: jax.Array) -> Params:
 def clip_update(update: Params, clip_norm: jax.Array | float) -> Params:
     """One client's update scaled to L2 norm at most ``clip_norm``: ``u * min(1, S / ||u||)``.
 
-    A zero update stays zero; ``clip_norm = inf`` leaves the update unchanged.
+    A zero update stays zero; ``clip_norm = inf`` leaves the update unchanged. This is
+    :func:`clip_updates` of a cohort of one.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> clip_update({"w": jnp.array([3.0, 4.0])}, 1.0)["w"].tolist()
       [0.6000000238418579, 0.800000011920929]
     """
-    leaves = jax.tree.leaves(update)
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves))
-    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
-    return jax.tree.map(lambda x: x * scale.astype(x.dtype), update)
+    clipped = clip_updates(jax.tree.map(lambda x: jnp.asarray(x)[None], update), clip_norm)
+    return jax.tree.map(lambda x: x[0], clipped)
 
 
 def clip_updates(updates: Params, clip_norm: jax.Array | float) -> Params:
-    """:func:`clip_update` applied to each client of stacked ``updates``."""
-    return jax.vmap(clip_update, in_axes=(0, None))(updates, clip_norm)
+    """Each client's update of stacked ``updates`` clipped to L2 norm at most ``clip_norm``.
+
+    DP-FedAvg's update clipping (McMahan et al. 2018, arXiv:1710.06963) is per-example clipping
+    with clients as the examples, so it is :func:`fedjax_med.privacy.clipping.clip_per_example`
+    (one clip implementation, one epsilon in the norm's denominator).
+    """
+    clipped, _ = clipping.clip_per_example(updates, clip_norm)
+    return clipped
 
 
 def screen(

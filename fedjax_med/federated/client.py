@@ -17,10 +17,16 @@ Local objectives:
   ``c_k+ = c_k - c + (x - y_S) / (S lr)``; the client reports ``delta_c = c_k+ - c_k``.
 
 Local DP-SGD (Abadi et al., CCS 2016, https://arxiv.org/abs/1607.00133): with ``dp_clip_norm``
-set, every local step Poisson-samples the site's examples (rate ``q = L / n``, ``L = min(B, n)``),
-clips each sampled example's gradient to ``C``, sums, adds ``N(0, sigma^2 C^2 I)`` and divides by
-``L``, so each site's delta is example-level DP with respect to that site's own examples;
-:func:`local_dp_epsilon` gives the per-site epsilon.
+set, every local step is one :func:`private_step_release`, built only from the privacy
+primitives: the Poisson draw of :mod:`fedjax_med.privacy.sampling` (rows, or patients with at most
+``k`` images each), the clipped sum of :mod:`fedjax_med.privacy.clipping` (per example, per layer,
+or per patient; ``"vmap"`` or ``"ghost"``; microbatched) and the release
+:func:`fedjax_med.privacy.noise.privatize_sum`, ``(sum + N(0, sigma^2 C^2 I)) / L`` with ``L``
+the public expected batch size. Each site's delta is then DP with respect to its own examples
+(``dp_unit="example"``) or its own patients (``dp_unit="patient"``); :func:`local_dp_epsilon`
+gives the per-site epsilon. Nothing else data-dependent is released: ``ClientOutput.loss`` is NaN
+under local DP-SGD, and ``num_examples`` (the site's size, the FedAvg weight) is public
+metadata outside the guarantee.
 
 Performance: on XLA:CPU a rolled ``lax.scan`` of training steps ran about 4x slower than the
 same steps unrolled for the small CNN (each step inside a loop body loses most of its speed),
@@ -32,7 +38,6 @@ elsewhere; ``unroll=`` overrides it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -42,12 +47,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_med.privacy import accounting, clipping, noise
-from fedjax_med.training import losses
+from fedjax_med import randomness
+from fedjax_med.models import losses
+from fedjax_med.privacy import accounting, clipping, noise, sampling
 
 Params = Any
 # Per-example loss: loss_fn(params, images (B, ...), labels (B, ...)) -> (B,).
 LossFn = Callable[[Params, jax.Array, jax.Array], jax.Array]
+# Loss of ONE example, the form the privacy code vmaps: loss(params, image, label) -> scalar.
+ExampleLossFn = Callable[[Params, jax.Array, jax.Array], jax.Array]
+
+DP_METHODS = clipping.METHODS  # ("vmap", "ghost")
+DP_UNITS = ("example", "patient")
 
 # Longest local loop that default_unroll unrolls fully on CPU. Compile time grows linearly with
 # the unrolled length (small CNN: 3 s at 5 steps, 5 s at 20, 12 s at 50), while the program is
@@ -60,13 +71,16 @@ class ClientData:
     """All clients' padded examples on device: the arrays of a ``FederatedDataset``.
 
     Row ``[k, j]`` is a real example of client ``k`` when ``mask[k, j]``; padding rows are never
-    sampled. ``counts[k]`` is the number of real rows of client ``k``.
+    sampled. ``counts[k]`` is the number of real rows of client ``k``. ``unit_ids[k, j]`` (optional)
+    is the row's patient within client ``k``, in ``[0, U_k)``, and ``-1`` on padding rows; it is
+    what patient-level local DP-SGD (``dp_unit="patient"``) samples and clips by.
     """
 
     images: jax.Array  # (K, M, ...) float inputs of the loss
     labels: jax.Array  # (K, M, ...)
     mask: jax.Array  # (K, M) bool
     counts: jax.Array  # (K,) int32
+    unit_ids: jax.Array | None = None  # (K, M) int32 patient of each row, -1 for padding
 
     @property
     def num_clients(self) -> int:
@@ -74,7 +88,13 @@ class ClientData:
 
 
 def client_data(
-    images: Any, labels: Any, mask: Any, counts: Any, *, dtype: Any = jnp.float32
+    images: Any,
+    labels: Any,
+    mask: Any,
+    counts: Any,
+    *,
+    dtype: Any = jnp.float32,
+    unit_ids: Any = None,
 ) -> ClientData:
     """Places a federation's padded arrays on device, images cast to ``dtype``.
 
@@ -85,6 +105,8 @@ def client_data(
       mask: ``(K, M)`` bool, true for real examples.
       counts: ``(K,)`` number of real examples of each client (``mask.sum(1)``).
       dtype: dtype of the images on device.
+      unit_ids: optional ``(K, M)`` int: each row's unit (patient) index within its client, in
+        ``[0, M)`` on real rows and ``-1`` on padding rows.
 
     Returns:
       The :class:`ClientData`.
@@ -109,12 +131,73 @@ def client_data(
     for name, array in (("images", images), ("labels", labels)):
         if array.shape[:2] != mask.shape:
             raise ValueError(f"{name}.shape={array.shape} must start with mask.shape={mask.shape}")
+    if unit_ids is not None:
+        unit_ids = _check_unit_ids(unit_ids, mask)
     return ClientData(
         images=jnp.asarray(images, dtype),
         labels=jnp.asarray(labels),
         mask=jnp.asarray(mask),
         counts=jnp.asarray(counts, jnp.int32),
+        unit_ids=None if unit_ids is None else jnp.asarray(unit_ids, jnp.int32),
     )
+
+
+def _check_unit_ids(unit_ids: Any, mask: np.ndarray) -> np.ndarray:
+    unit_ids = np.asarray(unit_ids)
+    if unit_ids.shape != mask.shape or not np.issubdtype(unit_ids.dtype, np.integer):
+        raise ValueError(
+            f"unit_ids (shape {unit_ids.shape}, dtype {unit_ids.dtype}) must be an integer "
+            f"array of mask.shape={mask.shape}"
+        )
+    if np.any(unit_ids[~mask] != -1):
+        raise ValueError("unit_ids must be -1 on every padding row (mask false)")
+    real = unit_ids[mask]
+    if real.size and (real.min() < 0 or real.max() >= mask.shape[1]):
+        raise ValueError(f"unit_ids of real rows must lie in [0, {mask.shape[1]})")
+    return unit_ids
+
+
+def patient_unit_ids(federated: Any) -> np.ndarray:
+    """``(K, M)`` int32 patient index of each row within its client (``-1`` for padding).
+
+    A patient is a ``(site, patient_id)`` pair of the centralized examples (patient ids are unique
+    only within a site), as in :mod:`fedjax_med.data.partition`, which keeps each patient's
+    images on one client. Client ``k``'s patients are numbered ``0 .. U_k - 1``.
+
+    Args:
+      federated: a ``fedjax_med.data.partition.FederatedDataset``.
+    """
+    central = federated.centralized
+    mask = np.asarray(federated.mask, bool)
+    index = np.asarray(federated.example_index)
+    _, patient_code = np.unique(np.asarray(central.patient_ids), return_inverse=True)
+    patient_code = patient_code.reshape(-1).astype(np.int64)
+    person = np.asarray(central.sites).astype(np.int64) * (int(patient_code.max()) + 1)
+    person = person + patient_code
+    unit_ids = np.full(mask.shape, -1, np.int32)
+    for k in range(mask.shape[0]):
+        _, local = np.unique(person[index[k, mask[k]]], return_inverse=True)
+        unit_ids[k, mask[k]] = local.reshape(-1)
+    return unit_ids
+
+
+def num_units(data: ClientData) -> np.ndarray:
+    """``(K,)`` number of units (patients) ``U_k`` of each client, from ``data.unit_ids``.
+
+    For per-site accounting of patient-level local DP-SGD: site ``k`` samples its patients at
+    rate ``q_k = min(B, U_k) / U_k``, i.e. ``local_dp_epsilon(sigma, B, U_k, steps, delta)``.
+
+    Examples:
+      >>> data = client_data(np.zeros((2, 3, 1)), np.zeros((2, 3), np.int32),
+      ...                    np.array([[1, 1, 1], [1, 0, 0]], bool), np.array([3, 1]),
+      ...                    unit_ids=np.array([[0, 1, 0], [0, -1, -1]]))
+      >>> num_units(data).tolist()
+      [2, 1]
+    """
+    if data.unit_ids is None:
+        raise ValueError("data.unit_ids is None: build the ClientData with unit_ids")
+    ids = np.asarray(data.unit_ids)
+    return np.array([np.unique(row[row >= 0]).size for row in ids], np.int64)
 
 
 def from_federated_dataset(federated: Any, normalizer: Any = None) -> ClientData:
@@ -127,7 +210,8 @@ def from_federated_dataset(federated: Any, normalizer: Any = None) -> ClientData
         its own site's statistics. ``None`` scales uint8 images to ``[0, 1]`` and keeps floats.
 
     Returns:
-      The float32 :class:`ClientData`; padding rows are zero.
+      The float32 :class:`ClientData`; padding rows are zero; ``unit_ids`` from
+      :func:`patient_unit_ids`.
     """
     mask = np.asarray(federated.mask, bool)
     if normalizer is None:
@@ -138,7 +222,13 @@ def from_federated_dataset(federated: Any, normalizer: Any = None) -> ClientData
         flat = normalizer(central.images, central.sites)
         images = np.zeros(mask.shape + flat.shape[1:], np.float32)
         images[mask] = flat[np.asarray(federated.example_index)[mask]]
-    return client_data(images, federated.labels, mask, federated.counts)
+    return client_data(
+        images,
+        federated.labels,
+        mask,
+        federated.counts,
+        unit_ids=patient_unit_ids(federated),
+    )
 
 
 @flax.struct.dataclass
@@ -147,9 +237,12 @@ class ClientOutput:
 
     Attributes:
       delta: ``y_S - x``, local minus global parameters.
-      num_examples: the client's number of examples (float32 scalar), the FedAvg weight.
+      num_examples: the client's number of examples (float32 scalar), the FedAvg weight. Under
+        local DP-SGD it is the site's size, released outside the guarantee (public metadata of
+        the site, like its name).
       loss: mean of the minibatch losses over the local steps (data loss, without the proximal
-        term), each measured at the iterate before its step.
+        term), each measured at the iterate before its step. Not released under local DP-SGD:
+        NaN there (a plaintext loss would be a data-dependent value outside the guarantee).
       control_delta: SCAFFOLD only: ``c_k+ - c_k``; ``None`` otherwise.
     """
 
@@ -172,6 +265,23 @@ def model_loss(apply_fn: Callable[[Params, jax.Array], jax.Array], task: str) ->
         return losses.per_example_loss(apply_fn(params, images), labels, task)
 
     return loss_fn
+
+
+def example_loss(loss_fn: LossFn) -> ExampleLossFn:
+    """The loss of ONE example, ``(params, image, label) -> scalar``, of a batched ``loss_fn``.
+
+    The form :mod:`fedjax_med.privacy.clipping` vmaps (and ghost clipping traces).
+
+    Examples:
+      >>> quadratic = lambda p, x, y: 0.5 * jnp.sum((p - x) ** 2, axis=-1)
+      >>> float(example_loss(quadratic)(jnp.zeros(2), jnp.array([3.0, 4.0]), 0))
+      12.5
+    """
+
+    def one(params, image, label):
+        return loss_fn(params, image[None], jnp.asarray(label)[None])[0]
+
+    return one
 
 
 def default_unroll(local_steps: int, platform: str | None = None) -> int | bool:
@@ -226,22 +336,143 @@ def sample_batch(key: jax.Array, mask: jax.Array, batch_size: int) -> tuple[jax.
     return indices, mask[indices]
 
 
-def poisson_chunk_size(expected_batch: int) -> int:
-    """Rows per chunk of a Poisson batch of mean ``L``: ``L + 3 sqrt(L)`` (rarely exceeded)."""
-    return int(expected_batch + math.ceil(3 * math.sqrt(expected_batch)))
+def local_grad_sum(
+    loss: ExampleLossFn,
+    *,
+    clip_norm: float,
+    unit: str = "example",
+    method: str = "vmap",
+    per_layer: bool = False,
+    microbatch_size: int | None = None,
+) -> clipping.ClippedGradSum:
+    """The clipped sum local DP-SGD uses: :mod:`fedjax_med.privacy.clipping`, nothing else.
 
+    ``unit="example"``: :func:`~fedjax_med.privacy.clipping.clipped_grad_sum` (per example, or
+    per layer with ``per_layer``; ``method`` ``"vmap"`` or ``"ghost"``). ``unit="patient"``:
+    :func:`~fedjax_med.privacy.clipping.clipped_unit_grad_sum`, each patient's summed gradient
+    clipped once (it materialises per-example gradients whatever ``method``: ghost norms are
+    per-example norms, not the norm of a patient's sum; the result is the same).
 
-def poisson_rows(key: jax.Array, mask: jax.Array, rate: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Poisson sampling of real rows: each independently with probability ``rate``.
-
-    Returns ``(order, realised)``: a permutation of the rows with the ``realised`` sampled rows
-    first (in random order), so ``order[:realised]`` is the batch. The draw is exactly the
-    sampling that ``PoissonSampledDpEvent(rate, .)`` assumes.
+    Args:
+      loss: loss of one example (:func:`example_loss`).
+      clip_norm: ``C``; unit: ``"example"`` or ``"patient"``; method, per_layer,
+        microbatch_size: as in :func:`~fedjax_med.privacy.clipping.clipped_grad_sum`.
     """
-    u = jax.random.uniform(key, mask.shape)
-    selected = mask & (u < rate)
-    order = jnp.argsort(jnp.where(selected, u, 2.0 + u))
-    return order, jnp.sum(selected)
+    if unit == "example":
+        return clipping.clipped_grad_sum(
+            loss,
+            clip_norm=clip_norm,
+            per_layer=per_layer,
+            microbatch_size=microbatch_size,
+            method=method,
+        )
+    if unit == "patient":
+        if per_layer:
+            raise ValueError("dp_per_layer=True is not available with dp_unit='patient'")
+        return clipping.clipped_unit_grad_sum(
+            loss, clip_norm=clip_norm, unit="patient", microbatch_size=microbatch_size
+        )
+    raise ValueError(f"dp_unit={unit!r} must be one of {DP_UNITS}")
+
+
+def private_step_release(
+    grad_sum: clipping.ClippedGradSum,
+    params: Params,
+    images: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    step_key: jax.Array,
+    *,
+    rate: jax.Array | float,
+    expected_batch_size: jax.Array | float,
+    noise_multiplier: float,
+    sensitivity: float,
+    capacity: int,
+    unit_ids: jax.Array | None = None,
+    max_per_unit: int | None = None,
+) -> tuple[Params, jax.Array]:
+    """One local DP-SGD release: Poisson batch, clipped sum, ``(sum + N(0, (sigma S)^2 I)) / L``.
+
+    Abadi et al. 2016 (arXiv:1607.00133), with the batch drawn on device:
+
+    1. the batch key ``fold_in(step_key, STEP_BATCH)`` draws the batch with
+       :func:`~fedjax_med.privacy.sampling.poisson_rows` (example level: each real row at rate
+       ``q``) or :func:`~fedjax_med.privacy.sampling.poisson_unit_rows` (patient level: each
+       patient at rate ``q``, at most ``max_per_unit`` of its rows, chosen uniformly);
+    2. ``grad_sum`` (from :func:`local_grad_sum`) sums the clipped contributions in chunks of
+       ``capacity`` rows or patients (:func:`~fedjax_med.privacy.sampling.sum_over_chunks`:
+       a larger batch gets further chunks, never truncated; a patient's rows are in one chunk);
+    3. :func:`~fedjax_med.privacy.noise.privatize_sum` adds ``N(0, (sigma S)^2 I)`` with the
+       noise key ``fold_in(step_key, STEP_NOISE)`` (never the batch key) and divides by ``L``.
+
+    :class:`LocalUpdate` calls this at every local step, and the canary audits of
+    :mod:`fedjax_med.attacks.canaries` call it, so the audits audit the code that trained.
+
+    Args:
+      grad_sum: the clipped sum; its ``unit`` selects the example or patient path.
+      params: the iterate the gradient is taken at.
+      images, labels: ``(M, ...)`` the client's padded rows.
+      mask: ``(M,)`` bool, true for real rows.
+      step_key: this step's key; only its ``STEP_BATCH`` and ``STEP_NOISE`` streams are used.
+      rate: Poisson rate ``q`` over rows or patients (public).
+      expected_batch_size: ``L = q N`` (rows) or ``q U`` (patients), public; never the realised.
+      noise_multiplier: ``sigma >= 0`` (Python number).
+      sensitivity: ``S`` of the noise, normally ``grad_sum.sensitivity()``.
+      capacity: rows (example level) or patients (patient level) per chunk, a Python int.
+      unit_ids: patient level: ``(M,)`` patient of each row (``-1`` padding).
+      max_per_unit: patient level: ``k``, rows used per sampled patient.
+
+    Returns:
+      ``(release, realised)``: the privatised mean gradient (params-shaped) and the realised
+      batch size (private: for tests and diagnostics that stay on the client, never sent).
+
+    Guarantees:
+      The Poisson-subsampled Gaussian mechanism with sensitivity ``S`` under add/remove-one
+      example (or patient): ``accounting.dpsgd_event(sigma, q, 1)`` per call.
+    """
+    batch_key = jax.random.fold_in(step_key, randomness.STEP_BATCH)
+    noise_key = jax.random.fold_in(step_key, randomness.STEP_NOISE)
+    if grad_sum.unit == "example":
+        order, realised = sampling.poisson_rows(batch_key, mask, rate)
+
+        def chunk(rows, real):
+            return grad_sum(params, images[rows], labels[rows], real)[0]
+
+    else:
+        if unit_ids is None or max_per_unit is None:
+            raise ValueError(f"unit={grad_sum.unit!r} needs unit_ids and max_per_unit")
+        ids = jnp.where(mask, unit_ids, -1)
+        draw = sampling.poisson_unit_rows(batch_key, ids, rate, max_per_unit)
+        order, realised = draw.order, draw.realised
+        slots = jnp.repeat(jnp.arange(capacity), max_per_unit)
+
+        def chunk(units, real):
+            rows = draw.rows[units]  # (capacity, k): each patient's rows, in its own slot
+            row_real = ((rows >= 0) & real[:, None]).reshape(-1)
+            rows = jnp.maximum(rows, 0).reshape(-1)
+            total, _ = grad_sum(params, images[rows], labels[rows], row_real, slots, capacity)
+            return total
+
+    total = sampling.sum_over_chunks(chunk, order, realised, capacity)
+    release = noise.privatize_sum(
+        total, noise_key, noise_multiplier, sensitivity, expected_batch_size
+    )
+    return release, realised
+
+
+def local_rate(batch_size: int, population: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(q, L)`` of a site: ``L = min(B, N)`` expected rows (patients), ``q = L / N``.
+
+    ``N`` is the site's number of examples (example level) or patients ``U_k`` (patient level).
+
+    Examples:
+      >>> q, expected = local_rate(4, jnp.asarray(10))
+      >>> round(float(q), 6), float(expected)
+      (0.4, 4.0)
+    """
+    n = jnp.maximum(jnp.asarray(population, jnp.float32), 1.0)
+    expected = jnp.minimum(float(batch_size), n)
+    return expected / n, expected
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +480,7 @@ class LocalUpdate:
     """Local training of one client, callable as a pure function (see :func:`make_local_update`).
 
     ``__call__(global_params, images, labels, mask, count, key, server_control=None,
-    client_control=None) -> ClientOutput``.
+    client_control=None, unit_ids=None) -> ClientOutput``.
     """
 
     loss_fn: LossFn
@@ -263,6 +494,70 @@ class LocalUpdate:
     unroll: int | bool
     dp_clip_norm: float | None = None  # None: no local DP-SGD
     dp_noise_multiplier: float = 0.0
+    dp_method: str = "vmap"
+    dp_per_layer: bool = False
+    dp_microbatch_size: int | None = None
+    dp_unit: str = "example"
+    dp_max_per_unit: int | None = None
+
+    @property
+    def private(self) -> bool:
+        """Whether local DP-SGD is on (``dp_clip_norm`` set)."""
+        return self.dp_clip_norm is not None
+
+    def grad_sum(self) -> clipping.ClippedGradSum:
+        """The clipped sum of this update's local DP-SGD (:func:`local_grad_sum`)."""
+        return local_grad_sum(
+            example_loss(self.loss_fn),
+            clip_norm=self.dp_clip_norm,
+            unit=self.dp_unit,
+            method=self.dp_method,
+            per_layer=self.dp_per_layer,
+            microbatch_size=self.dp_microbatch_size,
+        )
+
+    def private_gradient(
+        self,
+        params: Params,
+        images: jax.Array,
+        labels: jax.Array,
+        mask: jax.Array,
+        count: jax.Array,
+        step_key: jax.Array,
+        unit_ids: jax.Array | None = None,
+    ) -> tuple[Params, jax.Array]:
+        """One step's private gradient: :func:`private_step_release` at the site's ``(q, L)``.
+
+        ``q = L / N`` and ``L = min(batch_size, N)`` with ``N`` the site's examples (``count``)
+        or, at patient level, its patients (the distinct ``unit_ids`` of real rows).
+        """
+        grad_sum = self.grad_sum()
+        rows = mask.shape[0]
+        if self.dp_unit == "patient":
+            if unit_ids is None:
+                raise ValueError(
+                    "dp_unit='patient' needs unit_ids (ClientData.unit_ids of this client)"
+                )
+            unit_ids = jnp.where(mask, jnp.asarray(unit_ids, jnp.int32), -1)
+            population = sampling.unit_counts(unit_ids)
+        else:
+            population = count
+        rate, expected = local_rate(self.batch_size, population)
+        return private_step_release(
+            grad_sum,
+            params,
+            images,
+            labels,
+            mask,
+            step_key,
+            rate=rate,
+            expected_batch_size=expected,
+            noise_multiplier=self.dp_noise_multiplier,
+            sensitivity=grad_sum.sensitivity(),
+            capacity=min(sampling.poisson_chunk_size(self.batch_size), rows),
+            unit_ids=unit_ids,
+            max_per_unit=self.dp_max_per_unit,
+        )
 
     def __call__(
         self,
@@ -274,6 +569,7 @@ class LocalUpdate:
         key: jax.Array,
         server_control: Params | None = None,
         client_control: Params | None = None,
+        unit_ids: jax.Array | None = None,
     ) -> ClientOutput:
         """Runs ``local_steps`` steps from ``global_params`` on one client's padded arrays.
 
@@ -286,11 +582,13 @@ class LocalUpdate:
           key: PRNG key of this client in this round.
           server_control: SCAFFOLD's ``c`` (params-shaped).
           client_control: SCAFFOLD's ``c_k`` (params-shaped).
+          unit_ids: ``(M,)`` patient of each row (``ClientData.unit_ids[k]``); needed by
+            ``dp_unit="patient"``, unused otherwise.
 
         Returns:
-          The :class:`ClientOutput`.
+          The :class:`ClientOutput` (``loss`` NaN under local DP-SGD).
         """
-        _check_dp(self.dp_clip_norm, self.dp_noise_multiplier, self.scaffold)
+        _check_dp(self)
         if self.scaffold and (server_control is None or client_control is None):
             raise ValueError("scaffold=True needs server_control and client_control")
         if self.scaffold and self.optimizer_name != "sgd":
@@ -306,62 +604,16 @@ class LocalUpdate:
             total = jnp.sum(jnp.where(is_real, per_example, 0.0))
             return total / jnp.maximum(jnp.sum(is_real), 1)
 
-        def example_loss(params, example_image, example_label):
-            return self.loss_fn(params, example_image[None], example_label[None])[0]
-
-        def clipped_chunk(params, idx, is_real):
-            per_example, grads = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(
-                params, images[idx], labels[idx]
-            )
-            # where(), not a product with 0: a padding row's gradient may be NaN.
-            grads = jax.tree.map(
-                lambda g: jnp.where(is_real.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0), grads
-            )
-            clipped, _ = clipping.clip_per_example(grads, self.dp_clip_norm)
-            total = jax.tree.map(lambda g: jnp.sum(g, axis=0), clipped)
-            return total, jnp.sum(jnp.where(is_real, per_example, 0.0))
-
-        capacity = min(poisson_chunk_size(self.batch_size), mask.shape[0])
-
-        def private_grads(params, step_key):
-            # Abadi et al. 2016: Poisson-sample rows with q = L / n (L = min(B, n), public),
-            # (sum_i clip_C(g_i) + N(0, sigma^2 C^2 I)) / L.
-            n = jnp.maximum(jnp.asarray(count, jnp.float32), 1.0)
-            expected = jnp.minimum(float(self.batch_size), n)
-            order, realised = poisson_rows(step_key, mask, expected / n)
-            padded = jnp.concatenate([order, jnp.zeros(capacity, order.dtype)])
-            slots = jnp.arange(capacity)
-            total, loss_sum = clipped_chunk(params, padded[:capacity], slots < realised)
-
-            # A batch larger than the chunk is processed in further chunks, never truncated.
-            def more(carry):
-                return carry[0] * capacity < realised
-
-            def next_chunk(carry):
-                i, acc, acc_loss = carry
-                start = i * capacity
-                idx = jax.lax.dynamic_slice(padded, (start,), (capacity,))
-                chunk_total, chunk_loss = clipped_chunk(params, idx, start + slots < realised)
-                acc = jax.tree.map(jnp.add, acc, chunk_total)
-                return i + 1, acc, acc_loss + chunk_loss
-
-            _, total, loss_sum = jax.lax.while_loop(more, next_chunk, (1, total, loss_sum))
-            if self.dp_noise_multiplier:
-                stddev = self.dp_noise_multiplier * self.dp_clip_norm
-                total = noise.add_gaussian_noise(total, jax.random.fold_in(step_key, 1), stddev)
-            # Diagnostic only: the reported loss is not privatised.
-            loss = loss_sum / jnp.maximum(realised, 1)
-            return loss, jax.tree.map(lambda g: g / expected, total)
-
         def step(carry, step_key):
             y, opt_state = carry
-            if self.dp_clip_norm is None:
+            if self.private:
+                grads, _ = self.private_gradient(y, images, labels, mask, count, step_key, unit_ids)
+                loss = jnp.float32(jnp.nan)  # not released under local DP-SGD
+            else:
                 idx, is_real = sample_batch(step_key, mask, batch_size)
                 loss, grads = jax.value_and_grad(minibatch_loss)(
                     y, images[idx], labels[idx], is_real
                 )
-            else:
-                loss, grads = private_grads(y, step_key)
             if self.prox_mu:
                 grads = jax.tree.map(lambda g, p, p0: g + self.prox_mu * (p - p0), grads, y, x)
             if self.scaffold:
@@ -399,6 +651,11 @@ def make_local_update_for_loss(
     unroll: int | bool | None = None,
     dp_clip_norm: float | None = None,
     dp_noise_multiplier: float = 0.0,
+    dp_method: str = "vmap",
+    dp_per_layer: bool = False,
+    dp_microbatch_size: int | None = None,
+    dp_unit: str = "example",
+    dp_max_per_unit: int | None = None,
 ) -> LocalUpdate:
     """Local training for any per-example loss ``loss_fn(params, images, labels) -> (B,)``.
 
@@ -426,10 +683,9 @@ def make_local_update_for_loss(
     if scaffold and client_optimizer != "sgd":
         # Option II's (x - y) / (S lr) is the mean corrected gradient only for plain SGD.
         raise ValueError("scaffold=True needs client_optimizer='sgd' (option II assumes SGD)")
-    _check_dp(dp_clip_norm, dp_noise_multiplier, scaffold)
     if unroll is None:
         unroll = default_unroll(int(local_steps))
-    return LocalUpdate(
+    update = LocalUpdate(
         loss_fn=loss_fn,
         local_steps=int(local_steps),
         batch_size=int(batch_size),
@@ -441,7 +697,14 @@ def make_local_update_for_loss(
         unroll=unroll,
         dp_clip_norm=None if dp_clip_norm is None else float(dp_clip_norm),
         dp_noise_multiplier=float(dp_noise_multiplier),
+        dp_method=dp_method,
+        dp_per_layer=bool(dp_per_layer),
+        dp_microbatch_size=dp_microbatch_size,
+        dp_unit=dp_unit,
+        dp_max_per_unit=dp_max_per_unit,
     )
+    _check_dp(update)
+    return update
 
 
 def make_local_update(
@@ -457,6 +720,11 @@ def make_local_update(
     unroll: int | bool | None = None,
     dp_clip_norm: float | None = None,
     dp_noise_multiplier: float = 0.0,
+    dp_method: str = "vmap",
+    dp_per_layer: bool = False,
+    dp_microbatch_size: int | None = None,
+    dp_unit: str = "example",
+    dp_max_per_unit: int | None = None,
 ) -> LocalUpdate:
     """Builds a client's local training: ``S`` minibatch steps of (FedProx / SCAFFOLD) SGD.
 
@@ -465,36 +733,46 @@ def make_local_update(
     (Li et al. 2020, arXiv:1812.06127), SCAFFOLD adds ``c - c_k`` and returns option II's control
     delta (Karimireddy et al. 2020, arXiv:1910.06378). The returned delta is ``y_S - x``.
 
-    Local DP-SGD (Abadi et al. 2016, arXiv:1607.00133), when ``dp_clip_norm`` is set: each step
-    Poisson-samples the client's real rows, each independently with rate ``q = L / n`` where
-    ``n`` is the client's number of examples and ``L = min(batch_size, n)`` the expected batch
-    (:func:`poisson_rows`); the sampled rows are processed in chunks of
-    :func:`poisson_chunk_size` rows (a batch larger than one chunk gets further chunks, never
-    truncated); each row's gradient is clipped to L2 norm ``C`` and summed (padding adds exactly
-    zero), ``N(0, sigma^2 C^2 I)`` is added once with a key derived from the step key (never the
-    key that drew the batch), the sum is divided by ``L`` (public; never the realised size) and
-    the optimizer applied; FedProx's ``mu (y - x)`` is added after the noise (it reads no data).
-    SCAFFOLD is refused: its control variates are data-dependent and not privatised.
+    Local DP-SGD (Abadi et al. 2016, arXiv:1607.00133), when ``dp_clip_norm`` is set: each step's
+    gradient is :func:`private_step_release`: the site's rows (``dp_unit="example"``) or patients
+    (``"patient"``, at most ``dp_max_per_unit`` images each) are Poisson-sampled at rate
+    ``q = L / N`` with ``N`` the site's examples or patients and ``L = min(batch_size, N)``; the
+    contributions are clipped to ``C`` (per example, per layer with ``dp_per_layer``, or per
+    patient) by :mod:`fedjax_med.privacy.clipping` (``dp_method``, ``dp_microbatch_size``) and
+    summed, and :func:`fedjax_med.privacy.noise.privatize_sum` adds ``N(0, sigma^2 C^2 I)``
+    (noise key ``fold_in(step_key, STEP_NOISE)``, batch key ``fold_in(step_key, STEP_BATCH)``)
+    and divides by ``L`` (public; never the realised size); then the optimizer is applied.
+    FedProx's ``mu (y - x)`` is added after the noise (it reads no data). SCAFFOLD is refused: its
+    control variates are data-dependent and not privatised.
 
     Guarantees (local DP-SGD): each local step is the Poisson-subsampled Gaussian mechanism on
-    the client's ``n`` examples under add/remove-one neighbours (sensitivity ``C``), accounted by
-    ``accounting.dpsgd_event(sigma, L / n, steps)``; the per-site epsilon over all its local
-    steps is :func:`local_dp_epsilon`. The delta and everything computed from it are
-    post-processing; the reported ``loss`` is not privatised.
+    the site's ``N`` examples (patients) under add/remove-one example (patient), sensitivity
+    ``C``, accounted by ``accounting.dpsgd_event(sigma, L / N, steps)``; the per-site epsilon
+    over all its local steps is :func:`local_dp_epsilon` (with ``num_examples = N``, from
+    :func:`num_units` at patient level). The delta is the only data-dependent value sent:
+    ``loss`` is NaN, and ``num_examples`` (the site's size) is public metadata outside the
+    guarantee.
 
     Args:
       apply_fn: ``apply(params, images) -> logits`` (``Model.apply``).
       task: ``"multiclass"``, ``"binary"`` or ``"multilabel"``.
       local_steps: number of local steps ``S``.
-      batch_size: examples per local step (capped at the padded client length ``M``).
+      batch_size: examples per local step (capped at the padded client length ``M``); under
+        local DP-SGD the expected number of examples (patients) per step, ``L = min(B, N)``.
       client_lr: local learning rate ``lr``.
       client_optimizer: ``"sgd"`` or an optax transformation (initialised afresh each round).
       prox_mu: FedProx ``mu`` (0 = FedAvg).
       scaffold: whether to apply SCAFFOLD's correction (requires ``"sgd"``).
       unroll: ``lax.scan`` unroll of the local loop; ``None`` = :func:`default_unroll`.
       dp_clip_norm: local DP-SGD clipping norm ``C > 0`` (``math.inf``: no clipping, only with
-        zero noise); ``None`` turns local DP-SGD off.
+        zero noise); ``None`` turns local DP-SGD off (and the other ``dp_*`` options are unused).
       dp_noise_multiplier: local DP-SGD ``sigma >= 0``; the noise stddev is ``sigma C``.
+      dp_method: ``"vmap"`` (per-example gradients) or ``"ghost"`` (ghost clipping); equal
+        results. At patient level the per-patient sum always uses per-example gradients.
+      dp_per_layer: clip each parameter leaf to ``C / sqrt(#leaves)`` (example level only).
+      dp_microbatch_size: ``None`` or rows per microbatch of the clipped sum (bounds memory).
+      dp_unit: ``"example"`` or ``"patient"`` (needs ``unit_ids`` in the call).
+      dp_max_per_unit: ``dp_unit="patient"`` only: ``k >= 1`` images per sampled patient.
 
     Returns:
       A :class:`LocalUpdate`, a pure function of one client's arrays.
@@ -510,27 +788,47 @@ def make_local_update(
         unroll=unroll,
         dp_clip_norm=dp_clip_norm,
         dp_noise_multiplier=dp_noise_multiplier,
+        dp_method=dp_method,
+        dp_per_layer=dp_per_layer,
+        dp_microbatch_size=dp_microbatch_size,
+        dp_unit=dp_unit,
+        dp_max_per_unit=dp_max_per_unit,
     )
 
 
-def _check_dp(dp_clip_norm: float | None, dp_noise_multiplier: float, scaffold: bool) -> None:
-    if not dp_noise_multiplier >= 0:
-        raise ValueError(f"{dp_noise_multiplier=} must be >= 0")
-    if dp_clip_norm is None:
-        if dp_noise_multiplier:
-            raise ValueError(
-                f"{dp_noise_multiplier=} > 0 needs dp_clip_norm (the noise is sigma C)"
-            )
+def _check_dp(update: LocalUpdate) -> None:
+    """Raises naming the ``dp_*`` argument and its allowed values."""
+    sigma, clip = update.dp_noise_multiplier, update.dp_clip_norm
+    if not sigma >= 0:
+        raise ValueError(f"dp_noise_multiplier={sigma} must be >= 0")
+    if clip is None:
+        if sigma:
+            raise ValueError(f"dp_noise_multiplier={sigma} > 0 needs dp_clip_norm (noise sigma C)")
         return
-    if not dp_clip_norm > 0:
-        raise ValueError(f"{dp_clip_norm=} must be > 0 (or None to turn local DP-SGD off)")
-    if dp_noise_multiplier and dp_clip_norm == float("inf"):
-        raise ValueError(f"{dp_clip_norm=} must be finite when dp_noise_multiplier > 0")
-    if scaffold:
+    if not clip > 0:
+        raise ValueError(f"dp_clip_norm={clip} must be > 0 (or None to turn local DP-SGD off)")
+    if sigma and clip == float("inf"):
+        raise ValueError(f"dp_clip_norm={clip} must be finite when dp_noise_multiplier > 0")
+    if update.scaffold:
         raise ValueError(
             "scaffold=True cannot be combined with local DP-SGD (dp_clip_norm): SCAFFOLD's "
             "control variates are data-dependent and not privatised"
         )
+    if update.dp_method not in DP_METHODS:
+        raise ValueError(f"dp_method={update.dp_method!r} must be one of {DP_METHODS}")
+    if update.dp_unit not in DP_UNITS:
+        raise ValueError(f"dp_unit={update.dp_unit!r} must be one of {DP_UNITS}")
+    micro = update.dp_microbatch_size
+    if micro is not None and (isinstance(micro, bool) or not isinstance(micro, int) or micro < 1):
+        raise ValueError(f"dp_microbatch_size={micro!r} must be None or an integer >= 1")
+    k = update.dp_max_per_unit
+    if update.dp_unit == "patient":
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"dp_max_per_unit={k!r} must be an integer >= 1 for dp_unit='patient'")
+        if update.dp_per_layer:
+            raise ValueError("dp_per_layer=True is not available with dp_unit='patient'")
+    elif k is not None:
+        raise ValueError(f"dp_max_per_unit={k!r} must be None unless dp_unit='patient'")
 
 
 def local_dp_epsilon(
@@ -545,14 +843,18 @@ def local_dp_epsilon(
 
     Each local step of :func:`make_local_update` with ``dp_clip_norm`` set Poisson-samples the
     site's ``n`` examples with rate ``q = min(batch_size, n) / n`` and adds
-    ``N(0, sigma^2 C^2 I)`` to their clipped sum (Abadi et al. 2016, arXiv:1607.00133). This is
+    ``N(0, sigma^2 C^2 I)`` to their clipped sum (Abadi et al. 2016, arXiv:1607.00133). At
+    patient level (``dp_unit="patient"``) pass the site's number of patients ``U_k``
+    (:func:`num_units`) as ``num_examples``: then ``q_k = min(B, U_k) / U_k`` over patients and
+    the guarantee is for adding or removing one of the site's patients. This is
     ``accounting.dpsgd_event(sigma, q, steps)`` (Poisson, add/remove-one neighbours,
     sensitivity ``C``) evaluated by ``accounting.epsilon``.
 
     Args:
       noise_multiplier: ``sigma >= 0`` (``dp_noise_multiplier``); ``0`` gives ``inf``.
       batch_size: the ``batch_size`` of the local update (``B``).
-      num_examples: the site's number of real examples ``n >= 1``.
+      num_examples: the site's number of real examples ``n >= 1`` (patients ``U_k`` at patient
+        level).
       steps: local steps the site has taken in total, ``>= 0`` (``0`` gives ``0.0``).
       delta: in ``(0, 1)``.
       accountant: ``"rdp"`` or ``"pld"``.

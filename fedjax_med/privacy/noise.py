@@ -7,7 +7,9 @@ DP-SGD (Abadi et al., CCS 2016, https://arxiv.org/abs/1607.00133) releases, at e
 where the sum runs over a Poisson-sampled batch (each example kept with probability ``q``),
 ``C`` is the sensitivity of the clipped sum (:func:`fedjax_med.privacy.clipping.sensitivity`),
 ``sigma`` the noise multiplier calibrated by :mod:`fedjax_med.privacy.accounting`, and ``L = q N``
-the *expected* batch size. :func:`dp_aggregate` performs exactly this on the clipped sum.
+the *expected* batch size. :func:`privatize_sum` is this release, the only implementation of it
+in the library: :func:`dp_aggregate` (the central trainer's optax step) and local DP-SGD inside a
+federated client (:func:`fedjax_med.federated.client.private_step_release`) both call it.
 
 Why the expected and not the realised batch size: with Poisson sampling the realised size
 ``|B|`` depends on whether a given example was sampled, so it is itself private; dividing by it
@@ -27,6 +29,7 @@ correct.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -115,6 +118,58 @@ def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: float | jax.Array) 
     return jax.tree.unflatten(treedef, noisy)
 
 
+def privatize_sum(
+    clipped_sum: PyTree,
+    key: jax.Array,
+    noise_multiplier: float,
+    sensitivity: float,
+    expected_batch_size: float | jax.Array,
+) -> PyTree:
+    """The DP-SGD release of a clipped sum: ``(sum + N(0, (sigma S)^2 I)) / L``.
+
+    Abadi et al. 2016 (arXiv:1607.00133), Algorithm 1: the Gaussian mechanism on the sum of
+    clipped contributions, followed by division by the public expected batch size ``L``.
+
+    Args:
+      clipped_sum: the *sum* of clipped contributions, e.g. from
+        :func:`fedjax_med.privacy.clipping.clipped_grad_sum`, nothing rescaled in between.
+      key: the noise key, used once and for nothing else (never the key that drew the batch).
+      noise_multiplier: ``sigma >= 0``, a Python number; 0 adds no noise (no privacy).
+      sensitivity: ``S > 0``, the L2 sensitivity of the sum (``ClippedGradSum.sensitivity()``).
+      expected_batch_size: ``L > 0``, a public constant (or an array holding one per client,
+        such as a site's ``min(B, n)``); never the realised, private, batch size.
+
+    Returns:
+      The release, a pytree like ``clipped_sum`` (same dtypes).
+
+    Guarantees:
+      The Gaussian mechanism with standard deviation ``sigma * S`` on a sum of sensitivity
+      ``S``; the division by ``L`` is post-processing.
+
+    Examples:
+      >>> release = privatize_sum({"w": jnp.array([2.0, 4.0])}, jax.random.key(0), 0.0, 1.0, 4.0)
+      >>> release["w"]
+      Array([0.5, 1. ], dtype=float32)
+    """
+    if not (
+        isinstance(noise_multiplier, numbers.Real)
+        and math.isfinite(noise_multiplier)
+        and noise_multiplier >= 0
+    ):
+        raise ValueError(f"{noise_multiplier=} must be a finite Python number >= 0")
+    if not (isinstance(sensitivity, numbers.Real) and sensitivity > 0):
+        raise ValueError(f"{sensitivity=} must be a Python number > 0")
+    if noise_multiplier > 0 and not math.isfinite(sensitivity):
+        raise ValueError(f"{sensitivity=} must be finite when noise_multiplier > 0")
+    if isinstance(expected_batch_size, numbers.Real) and not (
+        math.isfinite(expected_batch_size) and expected_batch_size > 0
+    ):
+        raise ValueError(f"{expected_batch_size=} must be finite and > 0")
+    if noise_multiplier > 0:
+        clipped_sum = add_gaussian_noise(clipped_sum, key, noise_multiplier * sensitivity)
+    return jax.tree.map(lambda s: s / expected_batch_size, clipped_sum)
+
+
 class DpAggregateState(NamedTuple):
     """State of :func:`dp_aggregate`: number of updates so far and the next noise key."""
 
@@ -132,7 +187,8 @@ def dp_aggregate(
 ) -> optax.GradientTransformation:
     """The DP-SGD aggregation step: noise the clipped sum once, divide by the expected size.
 
-    ``update(clipped_sum, state)`` returns ``(clipped_sum + N(0, (sigma S)^2 I)) / L`` with
+    ``update(clipped_sum, state)`` returns :func:`privatize_sum`,
+    ``(clipped_sum + N(0, (sigma S)^2 I)) / L``, with
     ``S = sensitivity(clip_norm, relation=relation)`` (``C`` for add/remove one unit), ``sigma``
     the noise multiplier and ``L`` the expected batch size (Abadi et al. 2016). The input must be
     the *sum* from :func:`fedjax_med.privacy.clipping.clipped_grad_sum` (or the per-unit variant)
@@ -169,8 +225,8 @@ def dp_aggregate(
         raise ValueError(f"{noise_multiplier=} must be finite and >= 0")
     if not (math.isfinite(expected_batch_size) and expected_batch_size > 0):
         raise ValueError(f"{expected_batch_size=} must be finite and > 0")
-    stddev = noise_multiplier * clipping.sensitivity(clip_norm, relation=relation)
-    if noise_multiplier > 0 and not math.isfinite(stddev):
+    sensitivity = clipping.sensitivity(clip_norm, relation=relation)
+    if noise_multiplier > 0 and not math.isfinite(sensitivity):
         raise ValueError(f"{clip_norm=} must be finite when noise_multiplier > 0")
     key = _as_key(seed_or_key)
 
@@ -181,9 +237,9 @@ def dp_aggregate(
     def update_fn(updates, state, params=None):
         del params
         next_key, noise_key = jax.random.split(state.rng_key)
-        if noise_multiplier > 0:
-            updates = add_gaussian_noise(updates, noise_key, stddev)
-        updates = jax.tree.map(lambda u: u / expected_batch_size, updates)
+        updates = privatize_sum(
+            updates, noise_key, noise_multiplier, sensitivity, expected_batch_size
+        )
         return updates, DpAggregateState(count=state.count + 1, rng_key=next_key)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -1,4 +1,4 @@
-"""Batch samplers whose randomness matches what the privacy accountant assumes (host NumPy).
+"""Batch samplers whose randomness matches what the privacy accountant assumes.
 
 The accountant's event must describe how batches were really drawn; mismatches are a known
 source of wrong guarantees (Lebeda et al. 2024, https://arxiv.org/abs/2405.20769; Chua et al.
@@ -24,12 +24,27 @@ All samplers are stateless in the step: ``sample(step)`` draws from the run's
 exactly the same batches; in ``secure`` mode every step draws from a fresh ChaCha20 generator
 keyed by the operating system, so nobody who knows the seed can tell which steps used an example
 (the hidden batch is what amplification by subsampling assumes).
+
+Device-side draws (``jax.random``, inside a jitted federated client's local step, where the
+client's rows are already on device and a host round-trip per step would serialise the cohort):
+
+* :func:`poisson_rows`: every real row enters independently with probability ``q``, exactly
+  the ``PoissonSampledDpEvent(q)`` of the accountant;
+* :func:`poisson_unit_rows`: every unit (patient) enters independently with probability ``q`` and
+  contributes at most ``k`` of its rows, chosen uniformly, as :class:`PoissonUnitSampler` does;
+* :func:`sum_over_chunks`: processes such a batch in fixed-size chunks with a ``while_loop`` (a
+  batch larger than one chunk gets further chunks, never truncated) and adds up the results;
+* :func:`poisson_chunk_size`: the static chunk size for an expected batch ``L``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
@@ -328,3 +343,182 @@ class PoissonUnitSampler:
         indices, mask = _pad(flat, self.capacity, np.int64)
         unit_index, _ = _pad(slots, self.capacity, np.int32)
         return BatchChunk(indices, mask, unit_index)
+
+
+# ---- device-side draws (jax.random), for local DP-SGD inside a jitted client -------------------
+
+
+def poisson_chunk_size(expected_batch: int | float) -> int:
+    """Rows (or units) per chunk of a Poisson batch of mean ``L``: ``ceil(L + 3 sqrt(L))``.
+
+    A static shape; the realised size exceeds it with probability about ``0.1 %`` (Binomial
+    tail), and then :func:`sum_over_chunks` processes further chunks.
+
+    Examples:
+      >>> poisson_chunk_size(16), poisson_chunk_size(1)
+      (28, 4)
+    """
+    if not (isinstance(expected_batch, (int, float, np.integer)) and expected_batch > 0):
+        raise ValueError(f"{expected_batch=} must be a number > 0")
+    return int(math.ceil(expected_batch + math.ceil(3 * math.sqrt(expected_batch))))
+
+
+def poisson_rows(key: jax.Array, mask: jax.Array, rate: jax.Array | float):
+    """Poisson sampling of real rows (Abadi et al. 2016): each independently with probability ``q``.
+
+    Row ``j`` is sampled iff ``mask[j]`` and ``u_j < q`` for i.i.d. ``u_j ~ U[0, 1)``, which is
+    exactly the sampling that ``PoissonSampledDpEvent(q, .)`` assumes (add/remove-one neighbours).
+
+    Args:
+      key: the batch key of this step (never the noise key).
+      mask: ``(M,)`` bool, true for real rows.
+      rate: ``q`` in ``[0, 1]`` (may be traced, e.g. a client's ``min(B, n) / n``).
+
+    Returns:
+      ``(order, realised)``: a permutation of the ``M`` rows with the ``realised`` sampled rows
+      first, in random order, so ``order[:realised]`` is the batch.
+
+    Examples:
+      >>> order, realised = poisson_rows(jax.random.key(0), jnp.array([True, True, False]), 1.0)
+      >>> int(realised), sorted(order[:2].tolist())
+      (2, [0, 1])
+    """
+    u = jax.random.uniform(key, mask.shape)
+    selected = mask & (u < rate)
+    order = jnp.argsort(jnp.where(selected, u, 2.0 + u))
+    return order, jnp.sum(selected, dtype=jnp.int32)
+
+
+class UnitDraw(NamedTuple):
+    """One Poisson draw of units (see :func:`poisson_unit_rows`).
+
+    Attributes:
+      rows: ``(M, k)`` int32: ``rows[u]`` are the (at most ``k``) rows chosen for unit ``u``,
+        ``-1`` in unused slots and for ids with no rows.
+      order: ``(M,)`` unit ids with the ``realised`` sampled units first, in random order.
+      realised: number of sampled units (private: never normalise by it).
+      num_units: number of units with at least one real row, ``U`` (the rate's denominator).
+    """
+
+    rows: jax.Array
+    order: jax.Array
+    realised: jax.Array
+    num_units: jax.Array
+
+
+def unit_counts(unit_ids: jax.Array) -> jax.Array:
+    """Number of distinct units (ids ``>= 0``) of a ``(M,)`` unit-id row; ``-1`` is padding.
+
+    Examples:
+      >>> int(unit_counts(jnp.array([0, 0, 2, 1, -1])))
+      3
+    """
+    m = unit_ids.shape[0]
+    present = jnp.zeros(m, bool).at[jnp.where(unit_ids >= 0, unit_ids, m)].set(True, mode="drop")
+    return jnp.sum(present, dtype=jnp.int32)
+
+
+def poisson_unit_rows(
+    key: jax.Array, unit_ids: jax.Array, rate: jax.Array | float, max_per_unit: int
+) -> UnitDraw:
+    """Poisson sampling of units (patients), then at most ``k`` uniformly chosen rows of each.
+
+    Unit-level DP-SGD (McMahan et al., ICLR 2018, arXiv:1710.06963; Levy et al., NeurIPS 2021,
+    arXiv:2102.11845): unit ``u`` is sampled iff ``v_u < q`` for i.i.d. ``v_u ~ U[0, 1)``
+    (``PoissonSampledDpEvent(q)`` over units), and of a sampled unit with more than
+    ``k = max_per_unit`` rows, ``k`` are chosen uniformly without replacement (the ``k``
+    smallest of i.i.d. uniform row scores). The device twin of :class:`PoissonUnitSampler`.
+
+    Args:
+      key: the batch key of this step (split here into the unit draw and the row choice).
+      unit_ids: ``(M,)`` int, each row's unit id in ``[0, M)``, ``-1`` for padding rows.
+      rate: ``q`` in ``[0, 1]`` over units (may be traced).
+      max_per_unit: ``k >= 1``, a Python int (static).
+
+    Returns:
+      A :class:`UnitDraw`; process it unit by unit (e.g. with :func:`sum_over_chunks` over
+      ``order``) so that all rows of a unit are clipped together.
+
+    Guarantees:
+      The set of sampled units has the distribution of ``PoissonSampledDpEvent(q)`` over the
+      ``num_units`` units, and each sampled unit contributes between 1 and ``k`` rows.
+
+    Examples:
+      >>> draw = poisson_unit_rows(jax.random.key(0), jnp.array([0, 0, 0, 1, -1]), 1.0, 2)
+      >>> int(draw.realised), int(draw.num_units), int((draw.rows[0] >= 0).sum())
+      (2, 2, 2)
+    """
+    if isinstance(max_per_unit, bool) or not isinstance(max_per_unit, int) or max_per_unit < 1:
+        raise ValueError(f"{max_per_unit=} must be a Python int >= 1")
+    unit_ids = jnp.asarray(unit_ids, jnp.int32)
+    m = unit_ids.shape[0]
+    unit_key, row_key = jax.random.split(key)
+    ids = jnp.where(unit_ids >= 0, unit_ids, m)  # padding sorts last, as the sentinel id m
+    order = jnp.lexsort((jax.random.uniform(row_key, (m,)), ids))  # by unit, then random score
+    sorted_ids = ids[order]
+    rank = jnp.arange(m) - jnp.searchsorted(sorted_ids, sorted_ids, side="left")
+    keep = (sorted_ids < m) & (rank < max_per_unit)
+    # Rows not kept all write -1 into the sentinel slot (m, 0), which is dropped.
+    rows = jnp.full((m + 1, max_per_unit), -1, jnp.int32)
+    rows = rows.at[jnp.where(keep, sorted_ids, m), jnp.where(keep, rank, 0)].set(
+        jnp.where(keep, order, -1).astype(jnp.int32)
+    )[:m]
+    present = rows[:, 0] >= 0
+    v = jax.random.uniform(unit_key, (m,))
+    selected = present & (v < rate)
+    unit_order = jnp.argsort(jnp.where(selected, v, 2.0 + v))
+    return UnitDraw(
+        rows=rows,
+        order=unit_order,
+        realised=jnp.sum(selected, dtype=jnp.int32),
+        num_units=jnp.sum(present, dtype=jnp.int32),
+    )
+
+
+def sum_over_chunks(
+    chunk_fn: Callable[[jax.Array, jax.Array], Any],
+    order: jax.Array,
+    realised: jax.Array,
+    capacity: int,
+) -> Any:
+    """``sum_c chunk_fn(items_c, real_c)`` over fixed-size chunks of the first ``realised`` items.
+
+    Chunk ``c`` holds ``order[c * capacity:(c + 1) * capacity]`` (padded past the end) and
+    ``real_c`` marks its slots below ``realised``. The first chunk always runs (an empty batch
+    gives ``chunk_fn`` of an all-false mask); further chunks run in a ``lax.while_loop`` only
+    while items remain, so a batch larger than ``capacity`` is never truncated and the usual
+    batch costs one chunk.
+
+    Args:
+      chunk_fn: ``chunk_fn(items (capacity,), real (capacity,) bool) -> pytree`` of arrays.
+      order: ``(N,)`` items, the ``realised`` selected ones first (from :func:`poisson_rows` or
+        ``UnitDraw.order``).
+      realised: number of selected items (may be traced).
+      capacity: items per chunk, a Python int ``>= 1``.
+
+    Returns:
+      The leafwise sum of ``chunk_fn`` over the chunks.
+
+    Examples:
+      >>> total = sum_over_chunks(lambda i, r: jnp.sum(jnp.where(r, i, 0)), jnp.arange(10), 7, 3)
+      >>> int(total)  # 0 + 1 + ... + 6, in three chunks
+      21
+    """
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"{capacity=} must be a Python int >= 1")
+    padded = jnp.concatenate([order, jnp.zeros(capacity, order.dtype)])
+    slots = jnp.arange(capacity)
+    total = chunk_fn(padded[:capacity], slots < realised)
+
+    def more(carry):
+        return carry[0] * capacity < realised
+
+    def next_chunk(carry):
+        i, acc = carry
+        start = i * capacity
+        items = jax.lax.dynamic_slice(padded, (start,), (capacity,))
+        acc = jax.tree.map(jnp.add, acc, chunk_fn(items, start + slots < realised))
+        return i + 1, acc
+
+    _, total = jax.lax.while_loop(more, next_chunk, (1, total))
+    return total

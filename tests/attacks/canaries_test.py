@@ -6,11 +6,12 @@ import math
 import dp_accounting
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from fedjax_med.attacks import canaries
-from fedjax_med.models import registry
-from fedjax_med.training import losses
+from fedjax_med.federated import client
+from fedjax_med.models import losses, registry
 
 SHAPE = (6, 6, 1)
 TRIALS = 2000  # enough to certify epsilon ~4.9 for a perfectly separating attack
@@ -146,3 +147,161 @@ def test_one_run_audit_of_the_real_code_stays_below_the_run_epsilon(run_audits):
 @pytest.mark.parametrize("mechanism", ["no_noise", "wrong_scale", "no_clipping", "no_subsampling"])
 def test_one_run_audit_catches_broken_noise_clipping_and_sampling(run_audits, mechanism):
     assert not run_audits[mechanism].consistent, run_audits[mechanism]
+
+
+# ---- audits of the code that trained: local DP-SGD (example, per-layer, patient) --------------
+
+
+def _local(setup, mechanism, **kwargs):
+    loss, params, images, labels, canary = setup
+    audit = kwargs.pop("audit", canaries.audit_local_dp_step)
+    return audit(
+        loss,
+        params,
+        images,
+        labels,
+        *canary,
+        clip_norm=1.0,
+        noise_multiplier=SIGMA,
+        num_trials=TRIALS,
+        key=jax.random.key(3),
+        mechanism=mechanism,
+        delta=DELTA,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("method", ["vmap", "ghost"])
+def test_local_dp_step_audit_stays_below_accountant(setup, method):
+    result = _local(setup, "correct", method=method, microbatch_size=3)
+    assert result.canary_norm > 3.0  # the canary is clipped
+    assert result.consistent and 0.3 < result.epsilon_lower_bound < result.accountant_epsilon
+    assert result.accountant_epsilon == pytest.approx(_accountant(SIGMA), rel=1e-6)
+    assert result.accountant_epsilon < result.max_detectable_epsilon
+
+
+@pytest.mark.parametrize("mechanism", ["no_noise", "wrong_scale", "no_clipping"])
+def test_local_dp_step_audit_catches_broken_variants(setup, mechanism):
+    result = _local(setup, mechanism)
+    assert not result.consistent and result.epsilon_lower_bound > result.accountant_epsilon
+
+
+@pytest.mark.parametrize("mechanism", canaries.MECHANISMS)
+def test_per_layer_step_audit(setup, mechanism):
+    result = _local(setup, mechanism, audit=canaries.audit_per_layer_dp_sgd_step)
+    if mechanism == "correct":
+        assert result.consistent and result.epsilon_lower_bound > 0.3
+    else:
+        assert not result.consistent, mechanism
+
+
+def _patient(setup, mechanism, **kwargs):
+    loss, params, images, labels, (canary, label) = setup
+    # The canary patient: six aligned images (per-image clipping would let it move the sum 6C).
+    canary_images = jnp.stack([canary * (1 + 0.05 * i) for i in range(6)])
+    return canaries.audit_patient_dp_sgd_step(
+        loss,
+        params,
+        images,
+        labels,
+        jnp.array([0, 0, 1, 2, 2, 3]),
+        canary_images,
+        jnp.full(6, label),
+        clip_norm=1.0,
+        noise_multiplier=SIGMA,
+        num_trials=TRIALS,
+        key=jax.random.key(3),
+        mechanism=mechanism,
+        delta=DELTA,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("mechanism", canaries.PATIENT_MECHANISMS)
+def test_patient_step_audit(setup, mechanism):
+    result = _patient(setup, mechanism)
+    if mechanism == "correct":
+        assert result.consistent and result.epsilon_lower_bound > 0.3
+        assert result.canary_norm > 6.0  # the patient's summed gradient, clipped to C once
+    else:
+        assert not result.consistent, mechanism
+        assert result.epsilon_lower_bound > result.accountant_epsilon
+
+
+def test_local_audits_run_the_function_local_update_runs(setup, monkeypatch):
+    # Both the audit and LocalUpdate go through client.private_step_release.
+    calls = []
+    real = client.private_step_release
+
+    def spy(grad_sum, *args, **kwargs):
+        calls.append(grad_sum.unit)
+        return real(grad_sum, *args, **kwargs)
+
+    monkeypatch.setattr(client, "private_step_release", spy)
+    loss, params, images, labels, canary = setup
+    canaries.audit_local_dp_step(
+        loss,
+        params,
+        images,
+        labels,
+        *canary,
+        clip_norm=1.0,
+        noise_multiplier=1.0,
+        num_trials=8,
+        key=jax.random.key(0),
+    )
+    assert calls and set(calls) == {"example"}
+    calls.clear()
+    _patient_small = canaries.audit_patient_dp_sgd_step(
+        loss,
+        params,
+        images,
+        labels,
+        jnp.arange(6),
+        canary[0][None],
+        canary[1][None],
+        clip_norm=1.0,
+        noise_multiplier=1.0,
+        num_trials=8,
+        key=jax.random.key(0),
+    )
+    assert calls and set(calls) == {"patient"} and _patient_small.trials == 8
+    calls.clear()
+    model = registry.get_model("linear", input_shape=SHAPE, num_outputs=3)
+    update = client.make_local_update(
+        model.apply, "multiclass", local_steps=1, batch_size=2, client_lr=0.1, dp_clip_norm=1.0
+    )
+    update(params, images, labels, jnp.ones(6, bool), 6, jax.random.key(0))
+    assert calls == ["example"]
+
+
+def test_local_audit_arguments_name_the_field(setup):
+    loss, params, images, labels, (canary, label) = setup
+    kwargs = dict(clip_norm=1.0, noise_multiplier=1.0, num_trials=100, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="mechanism"):
+        canaries.audit_local_dp_step(
+            loss, params, images, labels, canary, label, **kwargs, mechanism="example_clipping"
+        )
+    with pytest.raises(ValueError, match="dp_method|method"):
+        canaries.audit_local_dp_step(
+            loss, params, images, labels, canary, label, **kwargs, method="loop"
+        )
+    with pytest.raises(ValueError, match="unit_ids"):
+        canaries.audit_patient_dp_sgd_step(
+            loss, params, images, labels, np.arange(5), canary[None], label[None], **kwargs
+        )
+    with pytest.raises(ValueError, match="canary_labels"):
+        canaries.audit_patient_dp_sgd_step(
+            loss,
+            params,
+            images,
+            labels,
+            np.arange(6),
+            canary[None],
+            jnp.zeros(2, jnp.int32),
+            **kwargs,
+        )
+    with pytest.raises(ValueError, match="per_layer"):
+        canaries.audit_per_layer_dp_sgd_step(
+            loss, params, images, labels, canary, label, **kwargs, per_layer=False
+        )

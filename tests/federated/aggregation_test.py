@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedjax_med.federated import aggregation
+from fedjax_med.privacy import clipping
 
 
 def test_weighted_mean_hand_numbers():
@@ -80,3 +81,22 @@ def test_dropout_rate_and_count():
     assert bool(jnp.all(same == reporting))
     none, zero = aggregation.dropout(jax.random.key(3), mask, 0.0)
     assert bool(jnp.all(none == mask)) and int(zero) == 0
+
+
+def test_update_clipping_is_the_privacy_clipping_primitive():
+    # One norm and one clip in the library: the federated names call privacy.clipping.
+    key = jax.random.key(3)
+    tree = {"w": 5.0 * jax.random.normal(key, (6, 4)), "b": jnp.zeros((6, 2))}
+    tree["w"] = tree["w"].at[0].set(0.0)  # a zero update stays exactly zero
+    expected, norms = clipping.clip_per_example(tree, 1.5)
+    got = aggregation.clip_updates(tree, 1.5)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    np.testing.assert_array_equal(aggregation.global_norms(tree), norms)
+    one = aggregation.clip_update(jax.tree.map(lambda x: x[2], tree), 1.5)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b[2]), one, expected)
+    assert aggregation.clip_updates(tree, 1.5)["w"][0].tolist() == [0.0] * 4
+
+
+def test_clip_updates_names_the_clip_norm_when_not_positive():
+    with pytest.raises(ValueError, match="clip_norm=0.0 must be > 0"):
+        aggregation.clip_updates({"w": jnp.ones((2, 3))}, 0.0)

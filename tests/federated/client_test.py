@@ -8,7 +8,7 @@ import pytest
 
 from fedjax_med.data import dataset, partition, preprocess
 from fedjax_med.federated import client
-from fedjax_med.training import losses
+from fedjax_med.models import losses
 
 
 def test_one_full_batch_step_is_one_sgd_step(mlp, make_clients):
@@ -159,3 +159,36 @@ def test_from_federated_dataset_normalises_each_example_with_its_site():
     assert float(jnp.abs(out.images[0, 2]).sum()) == 0.0
     plain = client.from_federated_dataset(federated)
     np.testing.assert_allclose(plain.images[0, :2], images[:2] / 255.0, rtol=1e-6)
+
+
+def test_from_federated_dataset_fills_patient_unit_ids():
+    # Patient ids repeat across sites: (site, patient_id) is the person.
+    data = dataset.ImageDataset(
+        images=np.zeros((9, 2, 2, 1), np.uint8),
+        labels=np.zeros(9, np.int32),
+        sites=np.array([0, 0, 0, 1, 1, 1, 1, 2, 3]),
+        patient_ids=np.array([5, 5, 9, 5, 5, 7, 5, 5, 5]),
+    )
+    federated = partition.make_federated(data, [np.arange(7), np.array([7, 8])], ["a", "b"])
+    out = client.from_federated_dataset(federated)
+    ids = np.asarray(out.unit_ids)
+    assert ids.dtype == np.int32 and ids.shape == (2, 7)
+    # Client a: (0,5) (0,5) (0,9) (1,5) (1,5) (1,7) (1,5) -> 4 patients, numbered 0..3.
+    a = ids[0]
+    assert a[0] == a[1] and a[3] == a[4] == a[6] and len({a[0], a[2], a[3], a[5]}) == 4
+    assert sorted(set(a.tolist())) == [0, 1, 2, 3]
+    assert ids[1].tolist()[:2] in ([0, 1], [1, 0]) and (ids[1, 2:] == -1).all()
+    assert client.num_units(out).tolist() == [4, 2]
+
+
+def test_client_data_checks_unit_ids():
+    mask = np.array([[True, True, False]])
+    args = (np.zeros((1, 3, 2)), np.zeros((1, 3), np.int32), mask, [2])
+    with pytest.raises(ValueError, match="-1 on every padding row"):
+        client.client_data(*args, unit_ids=np.array([[0, 1, 0]]))
+    with pytest.raises(ValueError, match="unit_ids of real rows"):
+        client.client_data(*args, unit_ids=np.array([[0, -1, -1]]))
+    with pytest.raises(ValueError, match="unit_ids"):
+        client.client_data(*args, unit_ids=np.zeros((1, 2), np.int32))
+    with pytest.raises(ValueError, match="unit_ids is None"):
+        client.num_units(client.client_data(*args))

@@ -152,3 +152,49 @@ def test_make_noise_key_modes():
         noise.make_noise_key(None, "reproducible")
     with pytest.raises(ValueError, match="mode"):
         noise.make_noise_key(1, "lucky")
+
+
+def test_privatize_sum_is_sum_plus_scaled_unit_noise_over_l():
+    # Exact, no statistics: the release equals (sum + sigma S z) / L for the unit noise z.
+    total = {"a": jnp.arange(4.0), "b": jnp.ones((2, 3))}
+    key = jax.random.key(4)
+    unit = noise.add_gaussian_noise(jax.tree.map(jnp.zeros_like, total), key, 1.0)
+    release = noise.privatize_sum(total, key, 1.5, 0.8, 5.0)
+    expected = jax.tree.map(lambda s, z: (s + 1.5 * 0.8 * z) / 5.0, total, unit)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), release, expected)
+    quiet = noise.privatize_sum(total, key, 0.0, 0.8, 5.0)
+    jax.tree.map(lambda a, s: np.testing.assert_array_equal(a, s / 5.0), quiet, total)
+
+
+def test_dp_aggregate_update_is_privatize_sum_with_the_split_key():
+    # One implementation of the release: dp_aggregate's update is privatize_sum.
+    key = jax.random.key(9)
+    total = {"w": jnp.array([1.0, -2.0, 3.0])}
+    tx = noise.dp_aggregate(1.3, 0.7, 6.0, seed_or_key=key, relation="replace_one")
+    update, _ = tx.update(total, tx.init(total))
+    _, noise_key = jax.random.split(key)
+    expected = noise.privatize_sum(total, noise_key, 1.3, clipping.sensitivity(0.7) * 2, 6.0)
+    np.testing.assert_array_equal(update["w"], expected["w"])
+
+
+def test_privatize_sum_accepts_a_traced_expected_batch_size():
+    run = jax.jit(lambda s, n: noise.privatize_sum(s, jax.random.key(0), 1.0, 1.0, n))
+    out = run({"w": jnp.zeros(2)}, jnp.float32(4.0))
+    assert out["w"].shape == (2,) and bool(jnp.all(jnp.isfinite(out["w"])))
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"noise_multiplier": -1.0}, "noise_multiplier"),
+        ({"noise_multiplier": math.inf}, "noise_multiplier"),
+        ({"sensitivity": 0.0}, "sensitivity"),
+        ({"sensitivity": math.inf}, "sensitivity"),
+        ({"expected_batch_size": 0.0}, "expected_batch_size"),
+    ],
+)
+def test_privatize_sum_validation_names_the_argument(kwargs, field):
+    args = {"noise_multiplier": 1.0, "sensitivity": 1.0, "expected_batch_size": 2.0}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=field):
+        noise.privatize_sum({"w": jnp.zeros(1)}, jax.random.key(0), **args)

@@ -2,6 +2,8 @@
 
 import collections
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
@@ -144,3 +146,67 @@ def test_unit_sampler_takes_all_examples_of_small_units():
     assert batch.num_units == 3
     with pytest.raises(ValueError, match="capacity"):
         sampling.PoissonUnitSampler(ids, 0.5, max_per_unit=3, capacity=2)
+
+
+# ---- device-side draws -------------------------------------------------------------------------
+
+
+def test_device_poisson_rows_have_rate_q_and_only_real_rows():
+    mask = jnp.arange(100) < 80
+    keys = jax.random.split(jax.random.key(5), 400)
+    order, realised = jax.vmap(lambda k: sampling.poisson_rows(k, mask, 0.25))(keys)
+    realised = np.asarray(realised)
+    # Binomial(80, 0.25): mean 20; the mean of 400 draws has sd ~0.19.
+    assert abs(realised.mean() - 20.0) < 1.0
+    assert realised.var() == pytest.approx(80 * 0.25 * 0.75, rel=0.2)
+    for row, count in zip(np.asarray(order)[:50], realised[:50], strict=True):
+        assert (row[:count] < 80).all() and len(set(row.tolist())) == 100
+
+
+def test_device_unit_draw_samples_units_at_rate_q_whatever_their_size():
+    # Unit 0 has 5 rows, unit 1 one row, unit 2 three rows; two padding rows.
+    unit_ids = jnp.array([0, 0, 1, 0, 2, 0, 2, 2, 0, -1, -1])
+    keys = jax.random.split(jax.random.key(1), 3000)
+    draws = jax.vmap(lambda k: sampling.poisson_unit_rows(k, unit_ids, 0.3, 2))(keys)
+    rows, order, realised = (np.asarray(x) for x in draws[:3])
+    assert (np.asarray(draws.num_units) == 3).all()
+    sampled = np.zeros((3000, 3), bool)
+    for t in range(3000):
+        sampled[t, order[t, : realised[t]]] = True
+    # Each unit enters with probability 0.3 (sd of the frequency ~0.008), independently.
+    np.testing.assert_allclose(sampled.mean(0), 0.3, atol=0.03)
+    assert abs(np.corrcoef(sampled[:, 0], sampled[:, 2])[0, 1]) < 0.06
+    # At most k = 2 rows per unit, all distinct and of that unit; small units give all rows.
+    ids = np.asarray(unit_ids)
+    for t in range(200):
+        for u, size in ((0, 5), (1, 1), (2, 3)):
+            chosen = rows[t, u][rows[t, u] >= 0]
+            assert len(chosen) == min(2, size) and len(set(chosen.tolist())) == len(chosen)
+            assert (ids[chosen] == u).all()
+    assert (rows[:, 3:] == -1).all()  # ids with no rows have no rows
+    # The k rows of the 5-row unit are uniform: each row chosen with probability 2 / 5.
+    members = np.flatnonzero(ids == 0)
+    freq = [(rows[:, 0] == j).any(axis=1).mean() for j in members]
+    np.testing.assert_allclose(freq, 0.4, atol=0.04)
+
+
+def test_sum_over_chunks_never_truncates_and_equals_one_shot_sum():
+    values = jnp.arange(1.0, 41.0)
+    order = jax.random.permutation(jax.random.key(0), 40)
+
+    def chunk(items, real):
+        return {"s": jnp.sum(jnp.where(real, values[items], 0.0)), "n": jnp.sum(real)}
+
+    for realised, capacity in ((40, 7), (13, 13), (14, 13), (0, 5)):
+        got = jax.jit(lambda r, c=capacity: sampling.sum_over_chunks(chunk, order, r, c))(realised)
+        assert int(got["n"]) == realised
+        assert float(got["s"]) == pytest.approx(float(values[order[:realised]].sum()))
+
+
+def test_device_argument_checks_name_the_argument():
+    with pytest.raises(ValueError, match="max_per_unit"):
+        sampling.poisson_unit_rows(jax.random.key(0), jnp.zeros(3, jnp.int32), 0.5, 0)
+    with pytest.raises(ValueError, match="capacity"):
+        sampling.sum_over_chunks(lambda i, r: 0, jnp.arange(3), 3, 0)
+    with pytest.raises(ValueError, match="expected_batch"):
+        sampling.poisson_chunk_size(0)
