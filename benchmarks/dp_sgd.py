@@ -56,11 +56,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_med.models import registry
+from fedjax_med.models import losses, registry
 from fedjax_med.models import resnet as resnet_lib
 from fedjax_med.privacy import clipping, noise
 from fedjax_med.trainers import central, dp_sgd
-from fedjax_med.training import losses
 from fedjax_med.training import state as state_lib
 
 CLIP_NORM = 1.0

@@ -11,6 +11,9 @@ fields):
 * ``secagg``: the same FedAvg, the server sees only the secure sum of each round;
 * ``dp_sgd_eps1``, ``dp_sgd_eps4``, ``dp_sgd_eps16``: centralized DP-SGD calibrated to these
   example-level epsilons (delta 1e-5, Poisson sampling, clipping C = 1);
+* ``dp_sgd_patient``, ``dp_sgd_per_layer``: DP-SGD at epsilon 4, per patient (at most two
+  images each, clipped together) and with per-layer clipping;
+* ``local_dp_sgd``: DP-SGD inside every hospital (sigma 1, each site's own epsilon), then FedAvg;
 * ``dp_fedavg``: DP-FedAvg over 40 clinics (client-level epsilon 10, delta 1e-3).
 
 Each setting is attacked with membership inference (loss threshold, LiRA with 8 shadow models
@@ -25,7 +28,7 @@ seconds-long smoke run.
 from fedjax_med.config import base
 
 
-def dp_sgd(epsilon: float) -> dict:
+def dp_sgd(epsilon: float, **privacy) -> dict:
     return {
         "trainer": "central",
         "optimizer": {"name": "momentum", "learning_rate": 0.5, "momentum": 0.9},
@@ -36,6 +39,7 @@ def dp_sgd(epsilon: float) -> dict:
             "clip_norm": 1.0,
             "sampling": "poisson",
             "method": "vmap",
+            **privacy,
         },
         "train": {"batch_size": 256, "steps": 300},
     }
@@ -79,6 +83,24 @@ def get_config(arg: str = ""):
         "dp_sgd_eps1": dp_sgd(1.0),
         "dp_sgd_eps4": dp_sgd(4.0),
         "dp_sgd_eps16": dp_sgd(16.0),
+        # Patient-level DP-SGD: each patient's (at most 2) images clipped together.
+        "dp_sgd_patient": {
+            **dp_sgd(4.0, unit="patient", max_images_per_patient=2),
+            "train": {"batch_size": 96, "steps": 300},
+        },
+        "dp_sgd_per_layer": dp_sgd(4.0, per_layer_clipping=True),
+        # Local DP-SGD inside every hospital (each site's own epsilon), then FedAvg.
+        "local_dp_sgd": {
+            "trainer": "federated",
+            "federated": {"algorithm": "fedavg", "client_lr": 0.5},
+            "privacy": {
+                "enabled": True,
+                "noise_multiplier": 1.0,
+                "target_epsilon": 8.0,
+                "delta": 1e-4,
+                "clip_norm": 1.0,
+            },
+        },
         "dp_fedavg": {
             "trainer": "federated",
             "federated": {
@@ -127,7 +149,13 @@ def get_config(arg: str = ""):
         config.federated.rounds = 2
         config.federated.local_steps = 2
         config.federated.eval_every = config.federated.checkpoint_every = 2
-        for name in ("dp_sgd_eps1", "dp_sgd_eps4", "dp_sgd_eps16"):
+        for name in (
+            "dp_sgd_eps1",
+            "dp_sgd_eps4",
+            "dp_sgd_eps16",
+            "dp_sgd_patient",
+            "dp_sgd_per_layer",
+        ):
             config.report.settings[name]["train"] = {"batch_size": 16, "steps": 4}
         del config.report.settings["dp_sgd_eps4"]
         del config.report.settings["dp_sgd_eps16"]

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from fedjax_med.training import losses
+from fedjax_med.models import losses
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]

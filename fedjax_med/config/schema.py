@@ -229,6 +229,31 @@ def mechanism(config: ml_collections.ConfigDict) -> str:
     return "local_dp_sgd" if config.privacy.enabled else "none"
 
 
+def _check_mechanism_fields(config: ml_collections.ConfigDict) -> None:
+    """Refuses privacy fields that the configured mechanism would not honour."""
+    p, used = config.privacy, mechanism(config)
+    if used in ("dp_fedavg", "distributed_dp"):
+        # Client-level mechanisms: the unit is the client; clients train without DP-SGD.
+        ignored = {
+            "privacy.unit": p.unit != "example",
+            "privacy.sampling": p.sampling != "poisson",
+            "privacy.per_layer_clipping": p.per_layer_clipping,
+            "privacy.microbatch_size": p.microbatch_size != 0,
+        }
+        for field, set_by_user in ignored.items():
+            if set_by_user:
+                raise ConfigError(
+                    f"config field '{field}' has no effect under {used} (a client-level "
+                    "mechanism: the unit of privacy is the whole client, clipped as one "
+                    "update); leave it at its default"
+                )
+    if used == "local_dp_sgd" and p.sampling != "poisson":
+        raise ConfigError(
+            "config field 'privacy.sampling' must be 'poisson' for local DP-SGD (each site "
+            "Poisson-samples its rows on device; fixed-size batches are not implemented there)"
+        )
+
+
 def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
     """Rules that involve several fields."""
     data = config.data
@@ -258,6 +283,7 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
             "statistics, which no DP guarantee here covers (they are computed from the private "
             "images without noise); use 'fixed' with data.mean and data.std under privacy"
         )
+    _check_mechanism_fields(config)
     if privacy.enabled and privacy.unit == "patient" and privacy.sampling != "poisson":
         raise ConfigError(
             "config field 'privacy.sampling' must be 'poisson' for privacy.unit='patient'"

@@ -222,6 +222,7 @@ class CohortInputs:
     client_controls: Params | None
     reporting: jax.Array  # (C,) bool: sampled and not dropped
     num_dropped: jax.Array
+    unit_ids: jax.Array | None = None  # (C, M): each row's patient (patient-level local DP)
 
 
 def round_key(state: ServerState) -> jax.Array:
@@ -255,6 +256,7 @@ def gather_cohort(
         client_controls=controls,
         reporting=reporting,
         num_dropped=num_dropped,
+        unit_ids=None if data.unit_ids is None else data.unit_ids[indices],
     )
 
 
@@ -323,6 +325,7 @@ def build_algorithm(
             state.server_control,
             inputs.client_controls,
             client_mask=inputs.reporting,
+            unit_ids=inputs.unit_ids,
         )
 
     def finish(state, indices, cohort_mask, inputs, outputs):

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from fedjax_med.config import loading
+from fedjax_med.privacy import claim as claim_lib
 from fedjax_med.reporting import markdown, plots, runs, threats
 from fedjax_med.reporting import settings as settings_lib
 from fedjax_med.trainers import registry as trainers
@@ -81,14 +82,10 @@ def train_setting(setting: settings_lib.Setting, run_dir: str, quiet: bool) -> t
 
 
 def run_epsilon(privacy: dict[str, Any] | None) -> float | None:
-    """The run's epsilon (the largest site's under local DP), ``None`` when not private."""
+    """The run's claimed epsilon (the worst site's under local DP), ``None`` when not private."""
     if not privacy:
         return None
-    per_site = privacy.get("per_site_epsilon")
-    if per_site:
-        return float(max(per_site.values()))
-    eps = privacy.get("epsilon")
-    return None if eps is None else float(eps)
+    return claim_lib.PrivacyClaim.from_report(privacy).epsilon
 
 
 def _task_key(config: ml_collections.ConfigDict) -> str:

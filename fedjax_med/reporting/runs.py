@@ -13,9 +13,10 @@ import jax
 import numpy as np
 
 from fedjax_med.attacks import membership
+from fedjax_med.models import losses
 from fedjax_med.trainers import registry
 from fedjax_med.trainers import run as run_lib
-from fedjax_med.training import evaluate, losses
+from fedjax_med.training import evaluate
 
 
 def restore(workdir: str) -> tuple[run_lib.Run, Any]:

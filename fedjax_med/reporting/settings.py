@@ -48,24 +48,23 @@ class Setting:
         return self.config.trainer == "federated"
 
     @property
+    def mechanism(self) -> str:
+        """The privacy mechanism the config runs (:func:`fedjax_med.config.schema.mechanism`)."""
+        return schema.mechanism(self.config)
+
+    @property
     def defences(self) -> tuple[str, ...]:
         c = self.config
-        found = []
-        if not self.federated and c.privacy.enabled:
-            found.append("dp_sgd")
-        if self.federated and c.privacy.enabled:
-            found.append("local_dp_sgd")
-        if self.federated and c.federated.algorithm == "dp_fedavg":
-            found.append("dp_fedavg")
+        found = [] if self.mechanism in ("none", "distributed_dp") else [self.mechanism]
         if self.federated and c.federated.secure_aggregation != "none":
             found.append("secure_aggregation")
-        if self.federated and c.federated.distributed_dp != "none":
+        if self.mechanism == "distributed_dp":
             found.append("distributed_dp")
         return tuple(found)
 
     @property
     def private(self) -> bool:
-        return any(d in self.defences for d in ("dp_sgd", "local_dp_sgd", "dp_fedavg"))
+        return self.mechanism in ("dp_sgd", "local_dp_sgd", "dp_fedavg")
 
     def describe(self) -> str:
         base = "federated (FedAvg family)" if self.federated else "centralized (pooled data)"

@@ -36,10 +36,11 @@ import numpy as np
 
 from fedjax_med.attacks import canaries, gradient_inversion, image_metrics
 from fedjax_med.federated import dp_fedavg
+from fedjax_med.models import losses
+from fedjax_med.privacy import claim as claim_lib
 from fedjax_med.privacy import clipping, noise
 from fedjax_med.reporting import runs
 from fedjax_med.reporting import settings as settings_lib
-from fedjax_med.training import losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,46 +270,68 @@ def audit(
     confidence: float,
     key: jax.Array,
 ) -> canaries.CanaryAudit | None:
-    """The canary audit of the setting's DP release (``None`` if it has none we audit: no noise,
-    distributed DP, or a replace-one claim from fixed-size batches)."""
-    defences = setting.defences
+    """The canary audit of the setting's DP release, through the functions that trained it.
+
+    The run's :class:`~fedjax_med.privacy.claim.PrivacyClaim` says which mechanism and unit ran:
+    central DP-SGD per example (:func:`~fedjax_med.attacks.canaries.audit_dp_sgd_step`), with
+    per-layer clipping (:func:`~fedjax_med.attacks.canaries.audit_per_layer_dp_sgd_step`) or per
+    patient (:func:`~fedjax_med.attacks.canaries.audit_patient_dp_sgd_step`); local DP-SGD in a
+    site (:func:`~fedjax_med.attacks.canaries.audit_local_dp_step`, the client's own release);
+    DP-FedAvg (:func:`~fedjax_med.attacks.canaries.audit_dp_fedavg_round`). ``None`` where there
+    is nothing we audit: no noise, distributed DP, or a replace-one claim from fixed-size batches
+    (the canaries are added or removed, not swapped).
+    """
+    claim = claim_lib.PrivacyClaim.from_report(privacy)
     c = setting.config.privacy
-    sigma = float(privacy["noise_multiplier"])
-    if sigma <= 0 or "distributed_dp" in defences:
+    if claim.noise_multiplier <= 0 or claim.mechanism == "distributed_dp":
         return None
-    if privacy.get("sampling", "poisson") != "poisson":
-        # The canary is added or removed; a replace-one claim (fixed-size batches) would need a
-        # swapped canary instead.
+    if claim.relation != "add_or_remove_one":
         return None
     canary_key, trial_key = jax.random.split(key)
     common = dict(
         clip_norm=float(c.clip_norm),
-        noise_multiplier=sigma,
+        noise_multiplier=claim.noise_multiplier,
         num_trials=trials,
         key=trial_key,
         mechanism=mechanism,
-        delta=float(privacy["delta"]),
+        delta=claim.delta,
         confidence=confidence,
         accountant=c.accountant,
     )
-    if "dp_sgd" in defences or "local_dp_sgd" in defences:
-        loss_fn = losses.example_loss_fn(experiment.model.apply, experiment.splits.info.task)
-        canary_image, canary_label = canary_example(experiment, params, canary_key)
-        n = victims.num_victim
-        return canaries.audit_dp_sgd_step(
+    if claim.mechanism == "dp_fedavg":
+        expected = float(claim.sampling_rate) * experiment.federation.num_clients
+        return canaries.audit_dp_fedavg_round(params, num_clients=max(2, round(expected)), **common)
+    loss_fn = losses.example_loss_fn(experiment.model.apply, experiment.splits.info.task)
+    n = victims.num_victim
+    images, labels = victims.images[:n], victims.labels[:n]
+    microbatch = c.microbatch_size or None
+    if claim.unit == "patient":
+        k = int(c.max_images_per_patient)
+        keys = jax.random.split(canary_key, k)
+        canary = [canary_example(experiment, params, kk) for kk in keys]
+        return canaries.audit_patient_dp_sgd_step(
             loss_fn,
             params,
-            victims.images[:n],
-            victims.labels[:n],
-            canary_image,
-            canary_label,
-            method=c.method,
+            images,
+            labels,
+            np.arange(n),
+            jnp.stack([x for x, _ in canary]),
+            jnp.stack([y for _, y in canary]),
+            max_per_unit=k,
+            microbatch_size=microbatch,
             **common,
         )
-    if "dp_fedavg" in defences:
-        expected = float(privacy.get("sampling_rate", 1.0)) * experiment.federation.num_clients
-        return canaries.audit_dp_fedavg_round(params, num_clients=max(2, round(expected)), **common)
-    return None
+    canary_image, canary_label = canary_example(experiment, params, canary_key)
+    args = (loss_fn, params, images, labels, canary_image, canary_label)
+    if claim.mechanism == "local_dp_sgd" or c.per_layer_clipping:
+        return canaries.audit_local_dp_step(
+            *args,
+            method=c.method,
+            per_layer=c.per_layer_clipping,
+            microbatch_size=microbatch,
+            **common,
+        )
+    return canaries.audit_dp_sgd_step(*args, method=c.method, **common)
 
 
 def run_audit(
@@ -322,7 +345,10 @@ def run_audit(
 ) -> canaries.CanaryAudit | None:
     """The one-run audit (Steinke et al. 2023) of a central DP-SGD setting's whole run, with its
     own noise multiplier, sampling rate and number of steps (``None`` for other settings)."""
-    if "dp_sgd" not in setting.defences or privacy.get("sampling") != "poisson":
+    claim = claim_lib.PrivacyClaim.from_report(privacy)
+    if claim.mechanism != "dp_sgd" or claim.sampling != "poisson" or claim.unit != "example":
+        return None
+    if setting.config.privacy.per_layer_clipping:  # the run audit clips flat
         return None
     sigma, steps = float(privacy["noise_multiplier"]), int(privacy["steps"])
     if sigma <= 0 or steps < 1:

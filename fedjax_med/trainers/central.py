@@ -34,10 +34,10 @@ import tqdm
 from fedjax_med.config import loading
 from fedjax_med.data import dataset as dataset_lib
 from fedjax_med.data import pipeline, preprocess
-from fedjax_med.models import registry
+from fedjax_med.models import losses, registry
 from fedjax_med.trainers import dp_sgd
 from fedjax_med.trainers import run as run_lib
-from fedjax_med.training import checkpoint, evaluate, losses, optimizers, parallel, report, setup
+from fedjax_med.training import checkpoint, evaluate, optimizers, parallel, report, setup
 from fedjax_med.training import state as state_lib
 from fedjax_med.training import workdir as workdir_lib
 

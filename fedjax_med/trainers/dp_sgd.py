@@ -31,9 +31,9 @@ import optax
 
 from fedjax_med import randomness
 from fedjax_med.data import dataset as dataset_lib
+from fedjax_med.models import losses
 from fedjax_med.privacy import accounting, budget, clipping, noise, sampling
 from fedjax_med.privacy import claim as claim_lib
-from fedjax_med.training import losses
 from fedjax_med.training import state as state_lib
 
 logger = logging.getLogger("fedjax_med")

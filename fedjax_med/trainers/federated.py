@@ -225,13 +225,18 @@ def make_local_update(
         scaffold=f.algorithm == "scaffold",
         dp_clip_norm=p.clip_norm if p.enabled else None,
         dp_noise_multiplier=p.noise_multiplier if p.enabled else 0.0,
+        dp_method=p.method,
+        dp_per_layer=p.per_layer_clipping,
+        dp_microbatch_size=p.microbatch_size or None,
+        dp_unit=p.unit,
+        dp_max_per_unit=p.max_images_per_patient if p.unit == "patient" else None,
     )
 
 
 # ---- ledgers, by mechanism -------------------------------------------------------------------
-def _client_level_ledger(config, federation, sampler, noise_multiplier):
+def _client_level_ledger(config, federation, noise_multiplier):
     p, f = config.privacy, config.federated
-    q = sampler.rate
+    q = (f.clients_per_round or federation.num_clients) / federation.num_clients
     target = p.target_epsilon
     if target <= 0:  # no explicit budget: the planned rounds are the budget
         event = accounting.dpsgd_event(noise_multiplier, q, f.rounds)
@@ -249,14 +254,18 @@ def _client_level_ledger(config, federation, sampler, noise_multiplier):
     )
 
 
-def _site_ledgers(config, federation, sampler, noise_multiplier):
+def _site_ledgers(config, federation, data, noise_multiplier):
     p, f = config.privacy, config.federated
     names = tuple(federation.client_names)
-    counts = np.asarray(federation.counts, np.int64)
+    # Patient-level: each site's Poisson sampling and accounting run over its patients.
+    counts = np.asarray(
+        client_lib.num_units(data) if p.unit == "patient" else federation.counts, np.int64
+    )
     accounting.check_delta(p.delta, int(counts.min()))
     return ledgers.SiteLedgers(
         names=names,
         num_units=counts,
+        unit=p.unit,
         targets=parse_site_targets(f.site_target_epsilons, names, p.target_epsilon),
         noise_multiplier=float(p.noise_multiplier),
         batch_size=f.client_batch_size,
@@ -266,7 +275,7 @@ def _site_ledgers(config, federation, sampler, noise_multiplier):
     )
 
 
-def _distributed_ledger(config, federation, sampler, noise_multiplier, ddp):
+def _distributed_ledger(config, federation, data, noise_multiplier, ddp):
     f, p = config.federated, config.privacy
     return ledgers.DistributedLedger(
         epsilon_fn=ddp.epsilon,  # counts only rounds that released a sum
@@ -289,11 +298,11 @@ def _distributed_ledger(config, federation, sampler, noise_multiplier, ddp):
     )
 
 
-# mechanism -> ledger builder (config, federation, sampler, noise multiplier, distributed DP).
+# mechanism -> ledger builder (config, federation, client data, noise multiplier, distributed DP).
 LEDGERS = {
     "none": lambda *_: ledgers.NoPrivacy(),
-    "dp_fedavg": lambda c, fed, s, sigma, _: _client_level_ledger(c, fed, s, sigma),
-    "local_dp_sgd": lambda c, fed, s, sigma, _: _site_ledgers(c, fed, s, sigma),
+    "dp_fedavg": lambda c, fed, data, sigma, _: _client_level_ledger(c, fed, sigma),
+    "local_dp_sgd": lambda c, fed, data, sigma, _: _site_ledgers(c, fed, data, sigma),
     "distributed_dp": _distributed_ledger,
 }
 
@@ -395,7 +404,7 @@ def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
     ddp = _distributed_dp(config, model, sampler, rng)
     if f.secure_aggregation != "none":
         algorithm = _secure(config, algorithm, rng, ddp)
-    ledger = LEDGERS[mechanism](config, federation, sampler, sigma, ddp)
+    ledger = LEDGERS[mechanism](config, federation, data, sigma, ddp)
     return FederatedPlan(
         config=config,
         splits=splits,

@@ -11,7 +11,8 @@ import numpy as np
 
 from fedjax_med.data import dataset as dataset_lib
 from fedjax_med.data import pipeline, preprocess
-from fedjax_med.training import losses, metrics
+from fedjax_med.models import losses
+from fedjax_med.training import metrics
 
 
 def make_predict_fn(apply_fn: Callable, task: str, out_sharding: Any = None) -> Callable:

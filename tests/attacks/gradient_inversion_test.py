@@ -16,9 +16,8 @@ from scipy import optimize
 
 from fedjax_med.attacks import gradient_inversion, image_metrics
 from fedjax_med.data import synthetic
-from fedjax_med.models import registry
+from fedjax_med.models import losses, registry
 from fedjax_med.privacy import clipping, noise
-from fedjax_med.training import losses
 
 SHAPE = (16, 16, 1)
 NUM_CLASSES = 4

@@ -133,3 +133,30 @@ def test_per_site_normalisation_is_refused_under_dp(overrides):
         schema.validate(config)
     config.data.normalization = "fixed"
     schema.validate(config)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("unit", "patient"),
+        ("sampling", "shuffle"),
+        ("per_layer_clipping", True),
+        ("microbatch_size", 8),
+    ],
+)
+def test_client_level_dp_refuses_fields_it_would_ignore(field, value):
+    config = base.get_base_config()
+    config.trainer = "federated"
+    config.federated.algorithm = "dp_fedavg"
+    config.privacy.noise_multiplier = 1.0
+    config.data.normalization = "fixed"
+    schema.validate(config)
+    config.privacy[field] = value
+    with pytest.raises(schema.ConfigError, match=f"privacy.{field}"):
+        schema.validate(config)
+
+
+def test_replaced_field_names_its_successor():
+    config = base.get_base_config()
+    with pytest.raises(schema.ConfigError, match="secagg_dropout_rate"):
+        loading.apply_overrides(config, ["--config.federated.secagg_threshold=0.5"])

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from fedjax_med.federated import aggregation, algorithms, client, sampling, server_optimizers
-from fedjax_med.training import losses
+from fedjax_med.models import losses
 
 VMAP = algorithms.RoundOptions(backend="vmap")
 

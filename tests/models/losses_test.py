@@ -1,5 +1,5 @@
 """Per-example losses: the closed forms of each task, one loss per example, the single-example
-form private training vmaps, and the shim in ``fedjax_med.training.losses``."""
+form private training vmaps."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from fedjax_med.models import losses, registry
-from fedjax_med.training import losses as training_losses
 
 
 def test_multiclass_is_minus_log_softmax_of_the_label():
@@ -72,9 +71,3 @@ def test_unknown_task_names_the_field_and_allowed_values():
         losses.per_example_loss(jnp.zeros((1, 2)), jnp.zeros(1, jnp.int32), "regression")
     with pytest.raises(ValueError, match="task="):
         losses.probabilities(jnp.zeros((1, 2)), "regression")
-
-
-def test_training_losses_is_the_same_module_functions():
-    assert training_losses.per_example_loss is losses.per_example_loss
-    assert training_losses.probabilities is losses.probabilities
-    assert training_losses.example_loss_fn is losses.example_loss_fn

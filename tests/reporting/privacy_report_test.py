@@ -61,7 +61,16 @@ def test_writes_every_promised_file(report_dir, report):
 def test_report_keys_and_settings(report):
     assert {"schema_version", "settings", "audits", "plots", "config", "seconds"} <= set(report)
     assert 0.0 < report["majority_class_accuracy"] < 1.0
-    assert list(report["settings"]) == ["central", "fedavg", "secagg", "dp_sgd_eps1", "dp_fedavg"]
+    assert list(report["settings"]) == [
+        "central",
+        "fedavg",
+        "secagg",
+        "dp_sgd_patient",
+        "dp_sgd_per_layer",
+        "dp_sgd_eps1",
+        "dp_fedavg",
+        "local_dp_sgd",
+    ]
     for name, entry in report["settings"].items():
         assert set(entry) == SETTING_KEYS, name
         assert 0.0 <= entry["utility"]["test_accuracy"] <= 1.0
@@ -92,8 +101,13 @@ def test_each_setting_is_attacked_as_its_server_sees_it(report):
 
 def test_audits_include_the_broken_variant(report):
     mechanisms = [a["mechanism"] for a in report["audits"]]
-    # Per release: dp_sgd_eps1 and dp_fedavg; whole run: dp_sgd_eps1.
-    assert mechanisms.count("correct") == 3
+    # Per release: each DP setting through the code that trained it (patient-level, per-layer
+    # and example-level DP-SGD, DP-FedAvg, local DP-SGD); whole run: dp_sgd_eps1.
+    assert mechanisms.count("correct") == 6
+    for name in ("dp_sgd_patient", "dp_sgd_per_layer", "dp_sgd_eps1", "dp_fedavg", "local_dp_sgd"):
+        audit = report["settings"][name]["audit"]
+        assert audit is not None and audit["consistent"], name
+        assert audit["accountant_epsilon"] > 0, name
     assert "no_noise" in mechanisms and "no_subsampling" in mechanisms
     whole = report["settings"]["dp_sgd_eps1"]["run_audit"]
     assert whole["consistent"] and whole["accountant_epsilon"] == pytest.approx(
@@ -121,8 +135,11 @@ def test_default_and_gpu_variants_resolve():
             "secagg",
             "dp_sgd_eps16",
             "dp_sgd_eps4",
+            "dp_sgd_patient",
+            "dp_sgd_per_layer",
             "dp_sgd_eps1",
             "dp_fedavg",
+            "local_dp_sgd",
         ]
         assert all(s.config.privacy.target_epsilon > 0 for s in resolved if s.private)
 

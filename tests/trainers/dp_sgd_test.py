@@ -13,10 +13,11 @@ import pytest
 from fedjax_med import randomness
 from fedjax_med.config import base, schema
 from fedjax_med.data import sources
+from fedjax_med.models import losses
 from fedjax_med.privacy import claim as claim_lib
 from fedjax_med.privacy import clipping, sampling
 from fedjax_med.trainers import central, dp_sgd
-from fedjax_med.training import checkpoint, losses
+from fedjax_med.training import checkpoint
 from fedjax_med.training import workdir as workdir_lib
 
 PRIVACY_KEYS = (

@@ -352,3 +352,28 @@ def test_secagg_plus_run_of_100_clients_trains(tmp_path):
         predict, run.initial_params, run.splits.test, run.splits.info, run.normalizer, 256
     )
     assert report["metrics"]["test_loss"] < initial["metrics"]["loss"] - 0.01
+
+
+def test_patient_level_local_dp_sgd_is_honoured_not_dropped(tmp_path):
+    # Before: privacy.unit='patient' under local DP-SGD was silently example-level.
+    config = config_of(
+        "fedavg.py",
+        "--config.privacy.enabled=True",
+        "--config.privacy.unit=patient",
+        "--config.privacy.max_images_per_patient=2",
+        "--config.privacy.noise_multiplier=1.0",
+        "--config.privacy.delta=1e-3",
+        "--config.data.normalization=fixed",
+    )
+    report = federated.run_rounds(config, str(tmp_path), quiet=True)
+    privacy = report["privacy"]
+    assert privacy["unit"] == "patient" and "one patient" in privacy["guarantee"]
+    plan, _ = federated.restore_for_eval(str(tmp_path))
+    from fedjax_med.federated import client as client_lib
+
+    patients = client_lib.num_units(plan.client_data)
+    assert (patients < np.asarray(report["federated"]["client_sizes"])).all()
+    for k, name in enumerate(plan.federation.client_names):
+        assert privacy["per_site_epsilon"][name] == pytest.approx(
+            client_lib.local_dp_epsilon(1.0, 8, int(patients[k]), 6, 1e-3), rel=1e-6
+        )
