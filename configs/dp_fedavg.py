@@ -11,10 +11,11 @@ z is calibrated for (epsilon = 10, delta = 1e-3) over 40 rounds (delta < 1/60).
 2021).
 """
 
-from fedjax_med.config import base
+from fedjax_med.config import base, loading
 
 
 def get_config(arg: str = ""):
+    options = loading.parse_arg(arg, ("tiny",), "configs/dp_fedavg.py")
     config = base.get_base_config()
     config.trainer = "federated"
     config.data.name = "synthetic"
@@ -35,7 +36,7 @@ def get_config(arg: str = ""):
     config.privacy.target_epsilon = 10.0
     config.privacy.delta = 1e-3
     config.privacy.accountant = "rdp"
-    if arg == "tiny":
+    if "tiny" in options:
         config.data.synthetic.num_sites = 3
         config.data.synthetic.examples_per_site = 80
         config.federated.partition.num_clients = 12
@@ -48,6 +49,4 @@ def get_config(arg: str = ""):
         config.privacy.target_epsilon = 0.0
         config.privacy.noise_multiplier = 1.0
         config.privacy.delta = 1e-2
-    elif arg:
-        raise ValueError(f"configs/dp_fedavg.py: unknown argument {arg!r} (allowed: 'tiny')")
     return config

@@ -9,10 +9,11 @@ patients instead of images: patients are sampled, at most 2 images each, and eac
 gradient is clipped. The report's ``privacy`` object states the guarantee that was met.
 """
 
-from fedjax_med.config import base
+from fedjax_med.config import base, loading
 
 
 def get_config(arg: str = ""):
+    options = loading.parse_arg(arg, ("patient", "tiny"), "configs/dp_sgd.py")
     config = base.get_base_config()
     config.data.name = "synthetic"
     config.data.normalization = "fixed"  # per-site statistics would not be covered by DP
@@ -34,10 +35,14 @@ def get_config(arg: str = ""):
     config.privacy.accountant = "rdp"
     config.privacy.sampling = "poisson"
     config.privacy.method = "ghost"
-    if arg == "patient":
+    if "patient" in options:
         config.privacy.unit = "patient"
         config.privacy.max_images_per_patient = 2
         config.train.batch_size = 96  # expected patients per step
-    elif arg:
-        raise ValueError(f"configs/dp_sgd.py: unknown argument {arg!r} (allowed: 'patient')")
+    if "tiny" in options:  # a seconds-long smoke run of the same mechanism
+        config.data.synthetic.num_sites = 3
+        config.data.synthetic.examples_per_site = 60
+        config.train.batch_size = 16
+        config.train.steps = 4
+        config.train.eval_every = config.train.checkpoint_every = 2
     return config

@@ -8,10 +8,11 @@ fedadagrad, fedavgm or scaffold; simulate more, smaller, label-skewed clients wi
 ``--config.federated.partition.method=dirichlet --config.federated.partition.num_clients=32``.
 """
 
-from fedjax_med.config import base
+from fedjax_med.config import base, loading
 
 
 def get_config(arg: str = ""):
+    options = loading.parse_arg(arg, ("tiny",), "configs/fedavg.py")
     config = base.get_base_config()
     config.trainer = "federated"
     config.data.name = "synthetic"
@@ -25,7 +26,7 @@ def get_config(arg: str = ""):
     config.federated.client_lr = 0.05
     config.federated.eval_every = 10
     config.federated.checkpoint_every = 10
-    if arg == "tiny":
+    if "tiny" in options:
         config.data.synthetic.num_sites = 3
         config.data.synthetic.examples_per_site = 60
         config.federated.rounds = 3
@@ -33,6 +34,4 @@ def get_config(arg: str = ""):
         config.federated.client_batch_size = 8
         config.federated.eval_every = 2
         config.federated.checkpoint_every = 2
-    elif arg:
-        raise ValueError(f"configs/fedavg.py: unknown argument {arg!r} (allowed: 'tiny')")
     return config

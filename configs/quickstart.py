@@ -14,10 +14,11 @@ Variants: ``configs/quickstart.py:central`` is the centralized, non-private base
 about 30 s); ``configs/quickstart.py:tiny`` is a seconds-long smoke run of the centralized trainer.
 """
 
-from fedjax_med.config import base
+from fedjax_med.config import base, loading
 
 
 def get_config(arg: str = ""):
+    options = loading.parse_arg(arg, ("central", "tiny", "smoke"), "configs/quickstart.py")
     config = base.get_base_config()
     config.trainer = "federated"
     config.data.name = "synthetic"
@@ -38,7 +39,7 @@ def get_config(arg: str = ""):
     config.privacy.noise_multiplier = 1.5
     config.privacy.delta = 1e-4
 
-    if arg in ("central", "tiny"):
+    if options & {"central", "tiny"}:
         config.trainer = "central"
         config.privacy.enabled = False
         config.data.normalization = "per_site"
@@ -49,7 +50,14 @@ def get_config(arg: str = ""):
         config.train.steps = 1500
         config.train.eval_every = 500
         config.train.checkpoint_every = 500
-    if arg == "tiny":
+    if "smoke" in options:  # seconds: the quickstart's own federated local DP-SGD, shrunk
+        config.data.synthetic.num_sites = 3
+        config.data.synthetic.examples_per_site = 60
+        config.federated.rounds = 2
+        config.federated.local_steps = 2
+        config.federated.client_batch_size = 8
+        config.federated.eval_every = config.federated.checkpoint_every = 2
+    if "tiny" in options:
         config.data.synthetic.num_sites = 3
         config.data.synthetic.examples_per_site = 60
         config.train.batch_size = 16
@@ -57,8 +65,4 @@ def get_config(arg: str = ""):
         config.train.eval_every = 3
         config.train.checkpoint_every = 3
         config.train.log_every = 1
-    elif arg not in ("", "central"):
-        raise ValueError(
-            f"configs/quickstart.py: unknown argument {arg!r} (allowed: 'central', 'tiny')"
-        )
     return config

@@ -12,10 +12,11 @@ neighbours (Bell et al. 2020); ``additive`` shares among two non-colluding serve
 sees only the noisy sum.
 """
 
-from fedjax_med.config import base
+from fedjax_med.config import base, loading
 
 
 def get_config(arg: str = ""):
+    options = loading.parse_arg(arg, ("ddp", "tiny"), "configs/secagg_fedavg.py")
     config = base.get_base_config()
     config.trainer = "federated"
     config.data.name = "synthetic"
@@ -30,7 +31,7 @@ def get_config(arg: str = ""):
     config.federated.secure_aggregation = "secagg"
     config.federated.secagg_clip = 0.5
     config.federated.secagg_dropout_rate = 0.05  # Bell et al.: t and k tolerate 5% dropouts
-    if arg == "ddp":
+    if "ddp" in options:
         # Distributed DP: every hospital adds discrete Gaussian noise to its quantised, L2-clipped
         # update; any 3 survivors together carry noise multiplier 1 (Kairouz et al. 2021).
         config.federated.distributed_dp = "discrete_gaussian"
@@ -38,6 +39,11 @@ def get_config(arg: str = ""):
         config.privacy.noise_multiplier = 1.0
         config.privacy.delta = 1e-3
         config.data.normalization = "fixed"  # per-site statistics would not be covered by DP
-    elif arg:
-        raise ValueError(f"configs/secagg_fedavg.py: unknown argument {arg!r} (allowed: 'ddp')")
+    if "tiny" in options:  # a seconds-long smoke run of the same protocol
+        config.data.synthetic.num_sites = 3
+        config.data.synthetic.examples_per_site = 60
+        config.federated.rounds = 2
+        config.federated.local_steps = 2
+        config.federated.client_batch_size = 8
+        config.federated.eval_every = config.federated.checkpoint_every = 2
     return config

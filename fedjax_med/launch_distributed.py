@@ -35,6 +35,7 @@ def main() -> int:
         f"{jax.local_device_count()} local / {jax.device_count()} global devices",
         file=sys.stderr,
     )
+    # Imported only after initialize(): nothing may touch a JAX backend before it.
     from fedjax_med.cli import main as cli_main
 
     return cli_main.main(["train", *sys.argv[1:]])

@@ -52,7 +52,7 @@ from jax.flatten_util import ravel_pytree
 
 from fedjax_med.attacks import auditing
 from fedjax_med.federated import client, dp_fedavg
-from fedjax_med.privacy import accounting, clipping, noise
+from fedjax_med.privacy import accounting, clipping, noise, sampling
 
 MECHANISMS = ("correct", "no_noise", "wrong_scale", "no_clipping")
 # The run audit also checks the sampler: "no_subsampling" puts every canary in every step while
@@ -687,8 +687,6 @@ def audit_dp_sgd_run(
       A :class:`CanaryAudit` whose ``accountant_epsilon`` is the whole run's.
     """
     from jax_privacy import auditing as jp_auditing
-
-    from fedjax_med.privacy import sampling
 
     if int(num_canaries) != num_canaries or num_canaries < 8:
         raise ValueError(f"{num_canaries=} must be an integer >= 8")

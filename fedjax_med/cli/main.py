@@ -15,6 +15,13 @@ import os
 import sys
 from collections.abc import Sequence
 
+from fedjax_med.cli import attack as attack_cli
+from fedjax_med.cli import privacy as privacy_cli
+from fedjax_med.config import loading
+from fedjax_med.data import describe, sources
+from fedjax_med.reporting import privacy_report
+from fedjax_med.trainers import registry
+
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
 
 
@@ -74,14 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_common_args(describe)
 
-    try:
-        from fedjax_med.cli import privacy as privacy_cli
-    except ImportError:  # the privacy package is optional in stripped-down installs
-        privacy_cli = None
-    if privacy_cli is not None:
-        privacy_cli.register(sub)
-    from fedjax_med.cli import attack as attack_cli
-
+    privacy_cli.register(sub)
     attack_cli.register(sub)
 
     report = sub.add_parser(
@@ -113,11 +113,7 @@ def setup_logging(quiet: bool) -> None:
 
 
 def run_train(args, overrides: Sequence[str]) -> int:
-    from fedjax_med.config import loading
-
     config = loading.load_config(args.config, overrides)
-    from fedjax_med.trainers import registry  # after the config checks: jax loads slowly
-
     result = registry.train(config, args.workdir, resume=args.resume, quiet=args.quiet)
     print(json.dumps(result.get("metrics", result), indent=2))
     print(f"report: {os.path.join(args.workdir, 'report.json')}")
@@ -125,16 +121,11 @@ def run_train(args, overrides: Sequence[str]) -> int:
 
 
 def run_eval(args) -> int:
-    from fedjax_med.trainers import registry
-
     print(json.dumps(registry.evaluate_workdir(args.workdir, args.split), indent=2))
     return 0
 
 
 def run_data_describe(args, overrides: Sequence[str]) -> int:
-    from fedjax_med.config import loading
-    from fedjax_med.data import describe, sources
-
     config = loading.load_config(args.config, overrides)
     summary = describe.summarize(sources.load_splits(config.data, config.seed))
     print(json.dumps(summary, indent=2) if args.json else describe.format_table(summary))
@@ -156,9 +147,6 @@ def report_line(name: str, entry: dict) -> str:
 
 
 def run_report(args, overrides: Sequence[str]) -> int:
-    from fedjax_med.config import loading
-    from fedjax_med.reporting import privacy_report
-
     config = loading.load_config(args.config, overrides)
     result = privacy_report.run(config, args.workdir, quiet=args.quiet)
     for name, entry in result["settings"].items():
@@ -188,12 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return run_report(args, overrides)
         if args.command == "attack":
-            from fedjax_med.cli import attack as attack_cli
-
             return attack_cli.run(args)
         if args.command == "privacy":
-            from fedjax_med.cli import privacy as privacy_cli
-
             return privacy_cli.run(args)
         parser.error(f"unknown command {args.command}")
     except USER_ERRORS as err:

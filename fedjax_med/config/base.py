@@ -59,6 +59,10 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # ---- differential privacy (DP-SGD, Abadi et al. 2016) ------------------------------------
     config.privacy = ml_collections.ConfigDict()
+    # What runs: auto (from the fields below) | none | dp_sgd (central trainer, privacy.enabled) |
+    # local_dp_sgd (federated, privacy.enabled) | dp_fedavg (federated.algorithm) |
+    # distributed_dp (federated.distributed_dp). An explicit value must agree with those fields.
+    config.privacy.mechanism = "auto"
     config.privacy.enabled = False
     config.privacy.unit = "example"  # example | patient: what one neighbouring dataset differs by
     config.privacy.max_images_per_patient = 2  # patient unit: at most k images per step

@@ -22,6 +22,28 @@ from fedjax_med.config import base, schema
 OVERRIDE_PREFIX = "--config."
 
 
+def parse_arg(arg: str, allowed: Sequence[str], config_file: str) -> frozenset[str]:
+    """The options of ``FILE.py:ARG``: ``ARG`` is a comma-separated subset of ``allowed``.
+
+    Every ``configs/*.py`` reads its variant through this one helper, so ``dp_sgd.py:patient,tiny``
+    combines two variants and an unknown one fails naming the allowed values.
+
+    Examples:
+      >>> sorted(parse_arg("ddp,tiny", ("ddp", "tiny"), "configs/secagg_fedavg.py"))
+      ['ddp', 'tiny']
+      >>> parse_arg("", ("tiny",), "configs/fedavg.py")
+      frozenset()
+    """
+    options = frozenset(a.strip() for a in arg.split(",") if a.strip())
+    unknown = sorted(options - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{config_file}: unknown argument {unknown[0]!r} (allowed: a comma-separated subset "
+            f"of {tuple(allowed)})"
+        )
+    return options
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Imports ``file.py[:arg]`` and returns its ``get_config(...)`` (not yet validated)."""
     path, _, arg = spec.partition(":")

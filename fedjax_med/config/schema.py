@@ -52,6 +52,8 @@ def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fal
     return Check(ok, f"in {left}{lo}, {hi}{right}")
 
 
+MECHANISMS = ("none", "dp_sgd", "local_dp_sgd", "dp_fedavg", "distributed_dp")
+
 CHECKS: dict[str, Check] = {
     "seed": at_least(0),
     "trainer": one_of("central", "federated"),
@@ -115,6 +117,7 @@ CHECKS: dict[str, Check] = {
     "federated.personalization_steps": at_least(0),
     "federated.secure_aggregation": one_of("none", "secagg", "secagg_plus", "additive"),
     "federated.secagg_clip": greater_than(0.0),
+    "privacy.mechanism": one_of("auto", *MECHANISMS),
     "federated.secagg_dropout_rate": in_range(0.0, 1.0, hi_open=True),
     "federated.secagg_corrupted_fraction": in_range(0.0, 0.5, hi_open=True),
     "federated.distributed_dp": one_of("none", "discrete_gaussian", "skellam"),
@@ -209,7 +212,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-MECHANISMS = ("none", "dp_sgd", "local_dp_sgd", "dp_fedavg", "distributed_dp")
+# What selects each mechanism, for the error when privacy.mechanism disagrees with the fields.
+_SELECTED_BY = {
+    "none": "privacy.enabled=False, federated.algorithm != 'dp_fedavg', no distributed_dp",
+    "dp_sgd": "trainer='central' and privacy.enabled=True",
+    "local_dp_sgd": "trainer='federated', privacy.enabled=True and a non-DP algorithm",
+    "dp_fedavg": "trainer='federated' and federated.algorithm='dp_fedavg'",
+    "distributed_dp": "trainer='federated' and federated.distributed_dp != 'none'",
+}
 
 
 def mechanism(config: ml_collections.ConfigDict) -> str:
@@ -217,8 +227,20 @@ def mechanism(config: ml_collections.ConfigDict) -> str:
 
     ``privacy.enabled`` is DP-SGD under the central trainer and local DP-SGD in every site under
     the federated one; ``federated.algorithm = "dp_fedavg"`` is client-level DP-FedAvg and
-    ``federated.distributed_dp`` distributed DP over secure aggregation.
+    ``federated.distributed_dp`` distributed DP over secure aggregation. ``privacy.mechanism``
+    states it explicitly (``"auto"``: derive it); :func:`validate` checks the two agree.
     """
+    derived = _derived_mechanism(config)
+    stated = config.privacy.get("mechanism", "auto")
+    if stated not in ("auto", derived):
+        raise ConfigError(
+            f"config field 'privacy.mechanism'={stated!r} needs {_SELECTED_BY[stated]}; the "
+            f"other fields select {derived!r} ({_SELECTED_BY[derived]})"
+        )
+    return derived
+
+
+def _derived_mechanism(config: ml_collections.ConfigDict) -> str:
     if config.trainer != "federated":
         return "dp_sgd" if config.privacy.enabled else "none"
     f = config.federated

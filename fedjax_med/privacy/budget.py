@@ -157,3 +157,47 @@ class PrivacyLedger:
         """Inverse of :meth:`to_dict` (derived entries such as ``epsilon`` are ignored)."""
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def planned_ledger(
+    *,
+    noise_multiplier: float,
+    sampling_rate: float,
+    planned_steps: int,
+    delta: float,
+    target_epsilon: float,
+    accountant: str = "rdp",
+    unit: str = "example",
+    sampling: str = "poisson",
+    num_examples: int | None = None,
+    batch_size: int | None = None,
+) -> PrivacyLedger:
+    """The ledger of a run that plans ``planned_steps`` releases (DP-SGD steps, DP-FedAvg rounds).
+
+    ``target_epsilon > 0`` is the budget; ``0`` means the plan itself (sigma, q, steps) is the
+    budget, i.e. the epsilon of ``planned_steps`` steps (at least ``1e-12``, since huge noise can
+    give epsilon 0.0 and a ledger needs a positive target).
+
+    Examples:
+      >>> ledger = planned_ledger(noise_multiplier=1.0, sampling_rate=0.01, planned_steps=100,
+      ...                         delta=1e-5, target_epsilon=0.0)
+      >>> ledger.can_take(100), ledger.can_take(101)
+      (True, False)
+    """
+    extra = {"num_examples": num_examples, "batch_size": batch_size}
+    target = target_epsilon
+    if target <= 0:
+        event = accounting.dpsgd_event(
+            noise_multiplier, sampling_rate, planned_steps, sampling=sampling, **extra
+        )
+        target = max(accounting.epsilon(event, delta, accountant), 1e-12)
+    return PrivacyLedger(
+        noise_multiplier=noise_multiplier,
+        sampling_rate=sampling_rate,
+        delta=delta,
+        target_epsilon=target,
+        accountant=accountant,
+        unit=unit,
+        sampling=sampling,
+        **extra,
+    )

@@ -105,16 +105,12 @@ def make_plan(
             p.delta,
             steps,
         )
-    target = p.target_epsilon
-    if target <= 0:  # no explicit budget: the plan itself (sigma, q, steps) is the budget
-        event = accounting.dpsgd_event(sigma, q, steps, sampling=sampling_kind, **extra)
-        # Huge noise can give epsilon 0.0; the ledger needs a positive target.
-        target = max(accounting.epsilon(event, p.delta, p.accountant), 1e-12)
-    ledger = budget.PrivacyLedger(
+    ledger = budget.planned_ledger(
         noise_multiplier=sigma,
         sampling_rate=q,
+        planned_steps=steps,
         delta=p.delta,
-        target_epsilon=target,
+        target_epsilon=p.target_epsilon,
         accountant=p.accountant,
         unit=p.unit,
         sampling=sampling_kind,

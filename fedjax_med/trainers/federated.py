@@ -236,17 +236,13 @@ def make_local_update(
 # ---- ledgers, by mechanism -------------------------------------------------------------------
 def _client_level_ledger(config, federation, noise_multiplier):
     p, f = config.privacy, config.federated
-    q = (f.clients_per_round or federation.num_clients) / federation.num_clients
-    target = p.target_epsilon
-    if target <= 0:  # no explicit budget: the planned rounds are the budget
-        event = accounting.dpsgd_event(noise_multiplier, q, f.rounds)
-        target = max(accounting.epsilon(event, p.delta, p.accountant), 1e-12)
     return ledgers.ClientLevelLedger(
-        budget.PrivacyLedger(
+        budget.planned_ledger(
             noise_multiplier=noise_multiplier,
-            sampling_rate=q,
+            sampling_rate=(f.clients_per_round or federation.num_clients) / federation.num_clients,
+            planned_steps=f.rounds,
             delta=p.delta,
-            target_epsilon=target,
+            target_epsilon=p.target_epsilon,
             accountant=p.accountant,
             unit="client",
             num_examples=federation.num_clients,

@@ -49,6 +49,7 @@ RESUME_FIXED_FIELDS = (
     "trainer",
     "data",
     "model",
+    "privacy.mechanism",
     "privacy.enabled",
     "privacy.unit",
     "privacy.max_images_per_patient",

@@ -160,3 +160,25 @@ def test_replaced_field_names_its_successor():
     config = base.get_base_config()
     with pytest.raises(schema.ConfigError, match="secagg_dropout_rate"):
         loading.apply_overrides(config, ["--config.federated.secagg_threshold=0.5"])
+
+
+def test_mechanism_field_states_what_runs_and_must_agree():
+    config = base.get_base_config()
+    config.data.normalization = "fixed"
+    config.privacy.enabled = True
+    config.privacy.noise_multiplier = 1.0
+    assert schema.mechanism(schema.validate(config)) == "dp_sgd"
+    config.privacy.mechanism = "dp_sgd"
+    schema.validate(config)
+    config.trainer = "federated"  # now privacy.enabled means local DP-SGD in every site
+    with pytest.raises(schema.ConfigError, match="privacy.mechanism.*'local_dp_sgd'"):
+        schema.validate(config)
+    config.privacy.mechanism = "local_dp_sgd"
+    assert schema.mechanism(schema.validate(config)) == "local_dp_sgd"
+
+
+def test_config_variants_combine_and_unknown_ones_name_the_allowed():
+    config = loading.load_config(os.path.join(ROOT, "configs", "dp_sgd.py") + ":patient,tiny")
+    assert config.privacy.unit == "patient" and config.train.steps == 4
+    with pytest.raises(ValueError, match="unknown argument 'fast'.*'patient', 'tiny'"):
+        loading.load_config(os.path.join(ROOT, "configs", "dp_sgd.py") + ":fast")

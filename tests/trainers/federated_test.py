@@ -127,6 +127,10 @@ def test_local_dp_sgd_reports_each_site(tmp_path):
     # What leaves a site outside its guarantee is named: its size (the FedAvg weight).
     assert any("number of training examples" in r for r in privacy["released_outside_guarantee"])
     assert privacy["mechanism"] == "local_dp_sgd" and "outside the site" in privacy["adversary"]
+    # No plaintext client loss leaves a DP site: the round records carry none.
+    with open(tmp_path / "metrics.jsonl") as f:
+        rounds = [json.loads(line) for line in f if '"round"' in line]
+    assert rounds and not any("loss" in r for r in rounds)
 
 
 def test_personalization_reports_each_site(tmp_path):
@@ -377,3 +381,24 @@ def test_patient_level_local_dp_sgd_is_honoured_not_dropped(tmp_path):
         assert privacy["per_site_epsilon"][name] == pytest.approx(
             client_lib.local_dp_epsilon(1.0, 8, int(patients[k]), 6, 1e-3), rel=1e-6
         )
+
+
+@pytest.mark.parametrize(
+    "spec,mechanism",
+    [
+        ("dp_sgd.py:tiny", "dp_sgd"),
+        ("dp_fedavg.py:tiny", "dp_fedavg"),
+        ("secagg_fedavg.py:ddp,tiny", "distributed_dp"),
+        ("quickstart.py:smoke", "local_dp_sgd"),
+    ],
+)
+def test_named_configs_run_in_secure_mode_and_say_so(tmp_path, spec, mechanism):
+    path = os.path.join(ROOT, "configs", spec)
+    config = loading.load_config(
+        path, ["--config.data.cache_dir=none", "--config.privacy.noise_seed=secure"]
+    )
+    report = registry.train(config, str(tmp_path), quiet=True)
+    privacy = report["privacy"]
+    assert privacy["mechanism"] == mechanism and privacy["noise_seed_mode"] == "secure"
+    assert "operating system" in privacy["randomness"]
+    assert "no guarantee" not in privacy["guarantee"]
