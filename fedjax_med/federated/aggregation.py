@@ -31,20 +31,6 @@ def _expand(per_client: jax.Array, leaf: jax.Array) -> jax.Array:
     return per_client.reshape(per_client.shape + (1,) * (leaf.ndim - 1))
 
 
-def global_norms(updates: Params) -> jax.Array:
-    """The L2 norm of each client's whole update (all leaves together): ``(C,)``.
-
-    The one norm of the library, :func:`fedjax_med.privacy.clipping.global_norms`, with the
-    client axis as its leading axis.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> global_norms({"a": jnp.array([[3.0], [0.0]]), "b": jnp.array([[4.0], [1.0]])}).tolist()
-      [5.0, 1.0]
-    """
-    return clipping.global_norms(updates)
-
-
 def masked_sum(updates: Params, weights: jax.Array) -> Params:
     """``sum_k w_k u_k`` over the client axis, taking clients with ``w_k == 0`` as absent.
 
@@ -140,7 +126,7 @@ def screen(
       ([True, False, False, False], 2)
     """
     mask = jnp.asarray(mask, bool)
-    norms = global_norms(updates)
+    norms = clipping.global_norms(updates)
     valid = jnp.isfinite(norms)  # a NaN or inf anywhere makes the norm non-finite
     if max_update_norm is not None:
         valid = valid & (norms <= max_update_norm)

@@ -307,7 +307,7 @@ def default_unroll(local_steps: int, platform: str | None = None) -> int | bool:
     return 1
 
 
-def make_optimizer(optimizer: str | optax.GradientTransformation, learning_rate: float):
+def make_client_optimizer(optimizer: str | optax.GradientTransformation, learning_rate: float):
     """The client optimizer: ``"sgd"`` (plain SGD, as in the papers) or any optax transform."""
     if isinstance(optimizer, optax.GradientTransformation):
         return optimizer
@@ -690,7 +690,7 @@ def make_local_update_for_loss(
         local_steps=int(local_steps),
         batch_size=int(batch_size),
         learning_rate=float(client_lr),
-        optimizer=make_optimizer(client_optimizer, client_lr),
+        optimizer=make_client_optimizer(client_optimizer, client_lr),
         optimizer_name="sgd" if client_optimizer == "sgd" else "custom",
         prox_mu=float(prox_mu),
         scaffold=bool(scaffold),

@@ -3,7 +3,8 @@
 DP-FedAvg (McMahan, Ramage, Talwar, Zhang, ICLR 2018, https://arxiv.org/abs/1710.06963), the
 fixed-denominator estimator with uniform client weights: each round
 
-1. sample every client independently with probability ``q`` (:class:`PoissonSampler`);
+1. sample every client independently with probability ``q``
+   (:class:`~fedjax_med.federated.sampling.PoissonCohortSampler`);
 2. each sampled client trains locally and clips its delta to ``S``:
    ``delta_k * min(1, S / ||delta_k||)``;
 3. the server releases ``Delta = (sum_k clip(delta_k) + N(0, z^2 S^2 I)) / (q N)``, dividing by
@@ -48,7 +49,7 @@ from jax.flatten_util import ravel_pytree
 
 from fedjax_med.federated import aggregation, algorithms, sampling, server_optimizers
 from fedjax_med.federated import client as client_lib
-from fedjax_med.privacy import accounting, noise
+from fedjax_med.privacy import accounting, clipping, noise
 
 ACCOUNTANTS = accounting.ACCOUNTANTS
 
@@ -162,7 +163,7 @@ def noisy_clipped_mean(
 def dp_fedavg(
     local_update: client_lib.LocalUpdate,
     data: client_lib.ClientData,
-    sampler: sampling.PoissonSampler,
+    sampler: sampling.PoissonCohortSampler,
     *,
     noise_multiplier: float,
     clip_norm: float,
@@ -230,7 +231,7 @@ def dp_fedavg(
     def combine(state, indices, outputs, kept):
         del indices
         s = state.clip_norm
-        norms = aggregation.global_norms(outputs.delta)
+        norms = clipping.global_norms(outputs.delta)
         key = jax.random.fold_in(algorithms.round_key(state), algorithms.STREAM_NOISE)
         delta_key, count_key = jax.random.split(key)
         mean_delta = noisy_clipped_mean(outputs.delta, kept, s, z_delta, expected, delta_key)

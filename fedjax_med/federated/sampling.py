@@ -11,7 +11,7 @@ point at client 0) and a mask, so the number of sampled clients never changes ar
 
 * :class:`UniformSampler`: ``C`` distinct clients uniformly at random (FedAvg's sampling,
   McMahan et al. 2017, https://arxiv.org/abs/1602.05629).
-* :class:`PoissonSampler`: each client independently with probability ``q`` (the sampling of
+* :class:`PoissonCohortSampler`: each client independently with probability ``q`` (the sampling of
   DP-FedAvg, McMahan et al. 2018, https://arxiv.org/abs/1710.06963, whose privacy amplification
   the accountant's ``PoissonSampledDpEvent`` assumes). The cohort is padded to a fixed
   ``capacity``, by default the ``1 - overflow_prob`` quantile of ``Binomial(K, q)``. A round that
@@ -138,7 +138,7 @@ def poisson_capacity(
 
 
 @dataclasses.dataclass(frozen=True)
-class PoissonSampler:
+class PoissonCohortSampler:
     """Each client independently with probability ``rate``; cohort padded to ``capacity``.
 
     Attributes:
@@ -149,7 +149,7 @@ class PoissonSampler:
       overflow_prob: target probability that a round needs more than ``capacity`` slots.
 
     Examples:
-      >>> sampler = PoissonSampler(num_clients=100, rate=0.1, seed=0)
+      >>> sampler = PoissonCohortSampler(num_clients=100, rate=0.1, seed=0)
       >>> c = sampler.sample(0)
       >>> c.capacity == sampler.capacity, bool(np.all(c.sampled() < 100))
       (True, True)

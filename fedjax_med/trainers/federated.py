@@ -57,7 +57,7 @@ from fedjax_med.training import workdir as workdir_lib
 
 logger = logging.getLogger("fedjax_med")
 
-CohortSampler = sampling.UniformSampler | sampling.PoissonSampler
+CohortSampler = sampling.UniformSampler | sampling.PoissonCohortSampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,7 +365,7 @@ def _cohort_sampler(config, mechanism, num_clients, rng) -> CohortSampler:
             f"federated.clients_per_round={per_round} must be <= the {num_clients} clients"
         )
     if mechanism == "dp_fedavg":  # the Poisson sampling its accounting assumes
-        return sampling.PoissonSampler(
+        return sampling.PoissonCohortSampler(
             num_clients, per_round / num_clients, seed=config.seed, randomness=rng
         )
     return sampling.UniformSampler(num_clients, per_round, config.seed, randomness=rng)

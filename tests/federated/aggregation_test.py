@@ -45,11 +45,11 @@ def test_clipped_norm_is_at_most_clip_norm(clip_norm, scale, dtype):
         "b": scale * jax.random.normal(jax.random.fold_in(key, 1), (4, 2)).astype(dtype),
     }
     clipped = aggregation.clip_updates(tree, clip_norm)
-    norms = aggregation.global_norms(jax.tree.map(lambda x: x.astype(jnp.float32), clipped))
+    norms = clipping.global_norms(jax.tree.map(lambda x: x.astype(jnp.float32), clipped))
     tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
     assert bool(jnp.all(norms <= clip_norm * (1 + tol)))
     # Updates already inside the ball are unchanged.
-    before = aggregation.global_norms(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    before = clipping.global_norms(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
     inside = before <= clip_norm
     np.testing.assert_allclose(np.asarray(norms)[inside], np.asarray(before)[inside], rtol=tol)
 
@@ -91,7 +91,7 @@ def test_update_clipping_is_the_privacy_clipping_primitive():
     expected, norms = clipping.clip_per_example(tree, 1.5)
     got = aggregation.clip_updates(tree, 1.5)
     jax.tree.map(np.testing.assert_array_equal, got, expected)
-    np.testing.assert_array_equal(aggregation.global_norms(tree), norms)
+    np.testing.assert_array_equal(clipping.global_norms(tree), norms)
     one = aggregation.clip_update(jax.tree.map(lambda x: x[2], tree), 1.5)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b[2]), one, expected)
     assert aggregation.clip_updates(tree, 1.5)["w"][0].tolist() == [0.0] * 4

@@ -74,7 +74,7 @@ def poisson_rounds(mlp, make_clients):
     update = client.make_local_update(
         model.apply, "multiclass", local_steps=2, batch_size=4, client_lr=0.2
     )
-    sampler = sampling.PoissonSampler(num_clients=6, rate=0.5, seed=0, capacity=6)
+    sampler = sampling.PoissonCohortSampler(num_clients=6, rate=0.5, seed=0, capacity=6)
     cohorts = [sampler.sample(r) for r in range(3)]
     assert len({c.num_sampled for c in cohorts}) > 1
     runs = {}

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_med.federated import aggregation, algorithms, client, dp_fedavg, sampling
+from fedjax_med.federated import algorithms, client, dp_fedavg, sampling
 from fedjax_med.federated import for_each_client as fec
-from fedjax_med.privacy import accounting, noise
+from fedjax_med.privacy import accounting, clipping, noise
 
 VMAP = algorithms.RoundOptions(backend="vmap")
 DIM = 4000
@@ -25,7 +25,7 @@ def setup(quadratic):
     update = client.make_local_update_for_loss(
         quadratic, local_steps=1, batch_size=3, client_lr=0.5
     )
-    sampler = sampling.PoissonSampler(num_clients=5, rate=1.0, seed=0)
+    sampler = sampling.PoissonCohortSampler(num_clients=5, rate=1.0, seed=0)
     params = {"w": jnp.zeros(DIM)}
     rng = jax.random.key(4)
     # The clients' unclipped deltas of round 0, with the round's own client keys.
@@ -57,7 +57,7 @@ def test_no_noise_no_clipping_all_clients_is_uniform_fedavg(setup):
 def test_each_contribution_is_clipped_to_s(setup):
     *_, deltas = setup
     clip = 5.0
-    norms = np.asarray(aggregation.global_norms(deltas))
+    norms = np.asarray(clipping.global_norms(deltas))
     assert (norms > clip).sum() >= 2 and (norms < clip).sum() >= 1  # both regimes occur
     algorithm, state, (new, metrics) = _run(setup, noise_multiplier=0.0, clip_norm=clip)
     clipped = np.asarray(deltas["w"]) * np.minimum(1.0, clip / norms)[:, None]
@@ -73,7 +73,7 @@ def test_noise_on_the_sum_has_stddev_z_s_over_expected_clients(setup, adaptive):
     clip, z, sigma_b = 5.0, 1.3, 1.0
     # Adaptive clipping leaves the delta z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2 > z.
     z_delta = (z**-2 - (2 * sigma_b) ** -2) ** -0.5 if adaptive else z
-    norms = np.asarray(aggregation.global_norms(deltas))
+    norms = np.asarray(clipping.global_norms(deltas))
     clipped_sum = (np.asarray(deltas["w"]) * np.minimum(1.0, clip / norms)[:, None]).sum(0)
     _, _, (new, _) = _run(
         setup, noise_multiplier=z, clip_norm=clip, adaptive=adaptive, clipped_count_stddev=sigma_b
@@ -85,7 +85,7 @@ def test_noise_on_the_sum_has_stddev_z_s_over_expected_clients(setup, adaptive):
 
 def test_adaptive_clip_follows_the_geometric_update(setup):
     *_, deltas = setup
-    norms = np.asarray(aggregation.global_norms(deltas))
+    norms = np.asarray(clipping.global_norms(deltas))
     clip, gamma, eta = float(np.median(norms)) * 1.5, 0.5, 0.2
     # z = 0 and a negligible count noise make the update exact.
     _, _, (new, metrics) = _run(
@@ -162,7 +162,7 @@ def test_argument_checks(setup):
             clip_norm=1.0,
             options=algorithms.RoundOptions(weighting="examples"),
         )
-    other = sampling.PoissonSampler(num_clients=6, rate=0.5, seed=0)
+    other = sampling.PoissonCohortSampler(num_clients=6, rate=0.5, seed=0)
     with pytest.raises(ValueError, match="num_clients"):
         dp_fedavg.dp_fedavg(update, data, other, noise_multiplier=1.0, clip_norm=1.0)
     with pytest.raises(ValueError, match="accountant"):

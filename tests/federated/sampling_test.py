@@ -20,7 +20,7 @@ def test_uniform_sampler_is_distinct_reproducible_and_varies_by_round():
 
 
 def test_poisson_sampler_rate_and_fixed_capacity():
-    sampler = sampling.PoissonSampler(num_clients=200, rate=0.05, seed=0)
+    sampler = sampling.PoissonCohortSampler(num_clients=200, rate=0.05, seed=0)
     assert sampler.capacity == sampling.poisson_capacity(200, 0.05)
     counts = np.zeros(200)
     sizes = []
@@ -41,7 +41,7 @@ def test_poisson_capacity_is_the_binomial_tail():
 
 
 def test_overflow_adds_whole_blocks_and_keeps_every_sampled_client():
-    sampler = sampling.PoissonSampler(num_clients=50, rate=0.5, seed=0, capacity=4)
+    sampler = sampling.PoissonCohortSampler(num_clients=50, rate=0.5, seed=0, capacity=4)
     cohort = sampler.sample(0)
     expected = np.flatnonzero(np.random.default_rng([0, 0]).random(50) < 0.5)
     assert cohort.num_sampled == expected.size > 4
@@ -59,8 +59,8 @@ def test_secure_cohorts_are_not_the_seeds_cohorts():
     # and read off which rounds a client was in (known cohorts: epsilon 15-20 instead of 8.5).
     from fedjax_med import randomness
 
-    public = sampling.PoissonSampler(num_clients=200, rate=0.2, seed=0)
-    secret = sampling.PoissonSampler(
+    public = sampling.PoissonCohortSampler(num_clients=200, rate=0.2, seed=0)
+    secret = sampling.PoissonCohortSampler(
         num_clients=200, rate=0.2, seed=0, randomness=randomness.Randomness("secure", 0)
     )
     for round_num in range(3):

@@ -88,7 +88,7 @@ def dp_setup(quadratic):
     update = client.make_local_update_for_loss(
         quadratic, local_steps=1, batch_size=3, client_lr=0.5
     )
-    sampler = sampling.PoissonSampler(num_clients=5, rate=1.0, seed=0)
+    sampler = sampling.PoissonCohortSampler(num_clients=5, rate=1.0, seed=0)
     return data, update, sampler
 
 
@@ -167,7 +167,7 @@ def test_distributed_dp_rounds_count_only_releases(quadratic):
         dp = dp_fedavg.dp_fedavg(
             _update(quadratic),
             data,
-            sampling.PoissonSampler(num_clients=n, rate=1.0, seed=0),
+            sampling.PoissonCohortSampler(num_clients=n, rate=1.0, seed=0),
             noise_multiplier=1.0,
             clip_norm=1.0,
         )
@@ -177,7 +177,7 @@ def test_distributed_dp_rounds_count_only_releases(quadratic):
 def test_algorithms_without_a_sum_form_are_refused(quadratic):
     data, _ = _sites(4)
     update = _update(quadratic)
-    sampler = sampling.PoissonSampler(num_clients=4, rate=1.0, seed=0)
+    sampler = sampling.PoissonCohortSampler(num_clients=4, rate=1.0, seed=0)
     for base in (
         algorithms.scaffold(update, data),
         dp_fedavg.dp_fedavg(
