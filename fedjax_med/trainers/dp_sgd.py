@@ -34,6 +34,7 @@ from fedjax_med.data import dataset as dataset_lib
 from fedjax_med.models import losses
 from fedjax_med.privacy import accounting, budget, clipping, noise, sampling
 from fedjax_med.privacy import claim as claim_lib
+from fedjax_med.trainers import ledgers
 from fedjax_med.training import state as state_lib
 
 logger = logging.getLogger("fedjax_med")
@@ -355,17 +356,11 @@ def check_resumed_ledger(saved: budget.PrivacyLedger, planned: budget.PrivacyLed
     """
     fields = ("noise_multiplier", "sampling_rate", "delta", "accountant", "unit", "sampling")
     fields += ("num_examples", "batch_size", "target_epsilon")
-    changed = [
-        f"{name} ({getattr(saved, name)!r} -> {getattr(planned, name)!r})"
-        for name in fields
-        if getattr(saved, name) != getattr(planned, name)
-    ]
-    if changed:
-        raise ValueError(
-            "--resume would change what the checkpoint's privacy ledger accounted: "
-            + ", ".join(changed)
-            + "; resume with the run's own privacy settings or start a new --workdir"
-        )
+    ledgers.check_unchanged(
+        {f: getattr(saved, f) for f in fields},
+        {f: getattr(planned, f) for f in fields},
+        "privacy ledger",
+    )
 
 
 def finite_or_raise(value: float, what: str, step: int) -> float:

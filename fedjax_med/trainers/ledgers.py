@@ -77,7 +77,12 @@ class ClaimContext:
     released_outside: tuple[str, ...] = ()
 
 
-def _check_same(saved: dict[str, Any], planned: dict[str, Any], what: str) -> None:
+def check_unchanged(saved: dict[str, Any], planned: dict[str, Any], what: str) -> None:
+    """Refuses a resume whose plan would account other settings than the checkpoint's ``what``.
+
+    Raises:
+      ValueError: naming every changed setting (old -> new).
+    """
     changed = [f"{k} ({saved.get(k)!r} -> {v!r})" for k, v in planned.items() if saved.get(k) != v]
     if changed:
         raise ValueError(
@@ -153,7 +158,7 @@ class ClientLevelLedger:
     def load_state_dict(self, data):
         saved = budget.PrivacyLedger.from_dict(data["privacy_ledger"])
         fields = ("noise_multiplier", "sampling_rate", "delta", "accountant", "target_epsilon")
-        _check_same(
+        check_unchanged(
             {f: getattr(saved, f) for f in fields},
             {f: getattr(self.ledger, f) for f in fields},
             "client-level ledger",
@@ -292,7 +297,7 @@ class SiteLedgers:
 
     def load_state_dict(self, data):
         saved = data["site_budgets"]
-        _check_same(saved.get("settings", {}), self._settings(), "site ledgers")
+        check_unchanged(saved.get("settings", {}), self._settings(), "site ledgers")
         self.steps = np.asarray(saved["steps"], np.int64)
         self.exhausted_at_round = dict(saved["exhausted_at_round"])
 
@@ -381,7 +386,7 @@ class DistributedLedger:
 
     def load_state_dict(self, data):
         saved = data["distributed_dp"]
-        _check_same(saved.get("settings", {}), self.settings, "distributed-DP ledger")
+        check_unchanged(saved.get("settings", {}), self.settings, "distributed-DP ledger")
         self.releases = int(saved["releases"])
         self.rounds = int(saved["rounds"])
 
