@@ -42,6 +42,60 @@ def _audit(audit: dict[str, Any] | None) -> str:
     return f"{_num(audit['epsilon_lower_bound'])} <= {_num(audit['accountant_epsilon'])}"
 
 
+def _claims(settings: dict[str, Any]) -> list[str]:
+    """Each private setting's claim: the guarantee, who is trusted, what is released outside."""
+    lines = ["", "## Privacy claims", ""]
+    for name, e in settings.items():
+        claim = e.get("claim")
+        if claim is None:
+            lines.append(f"- **{name}**: no privacy claim.")
+            continue
+        released = "; ".join(claim["released_outside_guarantee"]) or "nothing"
+        lines.append(f"- **{name}**: {claim['guarantee']}. Released outside it: {released}.")
+    return lines
+
+
+def _audits(report: dict[str, Any]) -> list[str]:
+    """The audit table, and the claims too few trials could not test."""
+    lines = [
+        "",
+        "## Audits",
+        "",
+        "Each audit runs the setting's own clipping and noise code on a batch with and without a",
+        "canary (an example, a patient or a client, as the setting's unit), half the trials",
+        "each, and scores the release's projection on the canary. The accountant's epsilon is",
+        "for that one release (the canary always present or absent, no sampling). Rows marked",
+        "*(whole run)* are one-run audits (Steinke, Nasr, Jagielski 2023): half of many canaries",
+        "join a simulated run of the setting's own steps, sampler and noise code, and the bound",
+        "is compared with the whole run's epsilon.",
+        "",
+        "| audited | mechanism | noise multiplier | clip norm | trials | confidence "
+        "| accountant epsilon | empirical lower bound | consistent |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for a in report["audits"]:
+        lines.append(
+            f"| {a['name']} | {a['mechanism']} | {_num(a['noise_multiplier'])} "
+            f"| {_num(a['clip_norm'])} | {a['trials']} | {_num(a['confidence'])} "
+            f"| {_num(a['accountant_epsilon'])} | {_num(a['epsilon_lower_bound'])} "
+            f"| {_num(a['consistent'])} |"
+        )
+    if not report["audits"]:
+        lines.append("| (no DP setting) | | | | | | | | |")
+    weak = [
+        a["name"]
+        for a in report["audits"]
+        if a["max_detectable_epsilon"] <= a["accountant_epsilon"]
+    ]
+    if weak:
+        lines += [
+            "",
+            f"Too few trials to test the claim of: {', '.join(weak)} (even a perfect attack "
+            "could not certify an epsilon above the accountant's); raise report.audit_trials.",
+        ]
+    return lines
+
+
 def render(report: dict[str, Any]) -> str:
     """The Markdown text of ``report`` (the dict written to ``report.json``)."""
     settings = report["settings"]
@@ -78,6 +132,7 @@ def render(report: dict[str, Any]) -> str:
             f"| {_num(lira['tpr_at_0.1%_fpr']) if lira else 'n/a'} "
             f"| {_inversion(e['inversion'])} | {_audit(e['audit'])} |"
         )
+    lines += _claims(settings)
     lines += ["", "## What the server sees", ""]
     for name, e in settings.items():
         inv = e["inversion"]
@@ -94,42 +149,7 @@ def render(report: dict[str, Any]) -> str:
             elif inv.get("labels_given"):
                 detail += "; labels given to the attacker"
         lines.append(f"- **{name}**: {inv['server_sees']}{detail}.")
-    lines += [
-        "",
-        "## Audits",
-        "",
-        "Each audit runs the setting's own clipping and noise code on a batch with and without a",
-        "canary (an example with a large gradient for DP-SGD, a client sending a one-coordinate",
-        "update for DP-FedAvg), half the trials each, and scores the release's projection on the",
-        "canary. The accountant's epsilon is for that one release (the canary always present or",
-        "absent, no sampling). Rows marked *(whole run)* are one-run audits (Steinke, Nasr,",
-        "Jagielski 2023): half of many canaries join a simulated run of the setting's own steps,",
-        "sampler and noise code, and the bound is compared with the whole run's epsilon.",
-        "",
-        "| audited | mechanism | noise multiplier | clip norm | trials | confidence "
-        "| accountant epsilon | empirical lower bound | consistent |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for a in report["audits"]:
-        lines.append(
-            f"| {a['name']} | {a['mechanism']} | {_num(a['noise_multiplier'])} "
-            f"| {_num(a['clip_norm'])} | {a['trials']} | {_num(a['confidence'])} "
-            f"| {_num(a['accountant_epsilon'])} | {_num(a['epsilon_lower_bound'])} "
-            f"| {_num(a['consistent'])} |"
-        )
-    if not report["audits"]:
-        lines.append("| (no DP setting) | | | | | | | | |")
-    weak = [
-        a["name"]
-        for a in report["audits"]
-        if a["max_detectable_epsilon"] <= a["accountant_epsilon"]
-    ]
-    if weak:
-        lines += [
-            "",
-            f"Too few trials to test the claim of: {', '.join(weak)} (even a perfect attack "
-            "could not certify an epsilon above the accountant's); raise report.audit_trials.",
-        ]
+    lines += _audits(report)
     lines += ["", "## Plots", ""]
     titles = {
         "utility_vs_epsilon": "Utility against epsilon",

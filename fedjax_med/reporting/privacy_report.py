@@ -102,8 +102,9 @@ def _without_curve(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_entry(setting, run_dir, workdir, how, train_seconds, run_report) -> dict[str, Any]:
-    """What the run itself says: defences, utility, epsilon."""
+    """What the run itself says: defences, utility, epsilon, and its claim's threat model."""
     privacy = run_report.get("privacy")
+    claim = claim_lib.PrivacyClaim.from_report(privacy) if privacy else None
     return {
         "description": setting.describe(),
         "defences": list(setting.defences),
@@ -119,6 +120,18 @@ def _run_entry(setting, run_dir, workdir, how, train_seconds, run_report) -> dic
         "delta": privacy.get("delta") if privacy else None,
         "privacy_level": privacy.get("level") if privacy else None,
         "noise_multiplier": privacy.get("noise_multiplier") if privacy else None,
+        "claim": None
+        if claim is None
+        else {
+            "guarantee": claim.guarantee,
+            "mechanism": claim.mechanism,
+            "unit": claim.unit,
+            "neighbouring_relation": claim.relation,
+            "trusted": claim.trusted,
+            "adversary": claim.adversary,
+            "noise_seed_mode": claim.randomness_mode,
+            "released_outside_guarantee": list(claim.released_outside),
+        },
     }
 
 

@@ -30,6 +30,7 @@ SETTING_KEYS = {
     "audit",
     "run_audit",
     "attack_seconds",
+    "claim",
 }
 MIA_KEYS = {"attack", "auc", "tpr_at_0.1%_fpr", "tpr_at_1%_fpr", "members", "nonmembers"}
 
@@ -77,6 +78,20 @@ def test_report_keys_and_settings(report):
         assert MIA_KEYS <= set(entry["membership"]["loss_threshold"])
         assert entry["membership"]["lira"]["shadow_models"] == 2
         assert entry["run"] == "trained"
+
+
+def test_each_private_setting_states_its_threat_model(report_dir, report):
+    text = (report_dir / "report.md").read_text()
+    assert "## Privacy claims" in text
+    for name, entry in report["settings"].items():
+        claim = entry["claim"]
+        if entry["epsilon"] is None:
+            assert claim is None, name
+            continue
+        assert claim["trusted"] and claim["adversary"] and claim["guarantee"] in text, name
+        assert claim["noise_seed_mode"] == "reproducible" and "no guarantee" in claim["guarantee"]
+    assert report["settings"]["local_dp_sgd"]["claim"]["unit"] == "example"
+    assert report["settings"]["dp_sgd_patient"]["claim"]["unit"] == "patient"
 
 
 def test_each_setting_is_attacked_as_its_server_sees_it(report):
