@@ -61,8 +61,8 @@ DP_METHODS = clipping.METHODS  # ("vmap", "ghost")
 DP_UNITS = ("example", "patient")
 
 # Longest local loop that default_unroll unrolls fully on CPU. Compile time grows linearly with
-# the unrolled length (small CNN: 3 s at 5 steps, 5 s at 20, 12 s at 50), while the program is
-# reused by every client and round; past this length the compile stops paying for itself quickly.
+# the unrolled length while the program is reused by every client and round; past this length the
+# compile stops paying for itself (figures in benchmarks/RESULTS.md, "Local loop unrolling").
 CPU_FULL_UNROLL_MAX_STEPS = 64
 
 
@@ -287,11 +287,11 @@ def example_loss(loss_fn: LossFn) -> ExampleLossFn:
 def default_unroll(local_steps: int, platform: str | None = None) -> int | bool:
     """The ``lax.scan`` unroll of the local loop that ran fastest on each platform.
 
-    CPU: fully unrolled (``True``) up to :data:`CPU_FULL_UNROLL_MAX_STEPS` steps, else rolled.
-    On XLA:CPU every step left inside a loop ran about 4x slower (small CNN, 32x32x1, batch 32:
-    33-38 ms per rolled step against 8.5-9.5 ms unrolled), and a partial unroll (8) gained
-    nothing while any loop remained. GPU/TPU: rolled (``1``); unrolling only lengthens compiles
-    there. Measured with ``python benchmarks/federated.py --unroll``.
+    CPU: fully unrolled (``True``) up to :data:`CPU_FULL_UNROLL_MAX_STEPS` steps, else rolled:
+    on XLA:CPU every step left inside a loop ran several times slower, and a partial unroll
+    gained nothing while any loop remained. GPU/TPU: rolled (``1``); unrolling only lengthens
+    compiles there. ``python benchmarks/federated.py --unroll`` measures it (figures in
+    ``benchmarks/RESULTS.md``, "Local loop unrolling").
 
     Args:
       local_steps: number of local steps ``S``.

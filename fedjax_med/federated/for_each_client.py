@@ -18,7 +18,8 @@ Backends (the names of :data:`BACKENDS`):
   debugging backend (errors name the client) and the baseline of the benchmark. It cannot be
   traced inside ``jax.jit``.
 * ``"auto"``: per platform (:func:`auto_backend`): ``"loop"`` on CPU, where vmap measured
-  1.3-2.8x slower; ``"vmap"`` on one GPU/TPU; ``"sharded"`` over several.
+  slower (``benchmarks/RESULTS.md``, "Federated"); ``"vmap"`` on one GPU/TPU; ``"sharded"``
+  over several.
 
 The stacked per-client outputs are the same pytree as one client's output with a leading ``C``
 axis.
