@@ -34,6 +34,7 @@ from fedjax_med.training import checkpoint
 
 
 def register(subparsers) -> None:
+    """Adds the ``attack`` command (subcommands ``membership``, ``audit``, ``inversion``)."""
     attack = subparsers.add_parser(
         "attack",
         help="attack the model of a trained run (membership inference, gradient inversion)",
@@ -114,9 +115,19 @@ def register(subparsers) -> None:
 def membership_attack(
     workdir: str, shadow_models: int = 0, shadow_steps: int = 300, pool_size: int = 600
 ) -> dict[str, Any]:
-    """Loss threshold on the whole splits; LiRA too when ``shadow_models >= 2``.
+    """Loss threshold on the whole splits; LiRA too when ``shadow_models`` is not 0.
 
-    The ROC curves go to ``attack_membership_roc.png`` when matplotlib is installed.
+    Loss threshold: Yeom et al., CSF 2018 (https://arxiv.org/abs/1709.01604); LiRA: Carlini et al.,
+    IEEE S&P 2022 (https://arxiv.org/abs/2112.03570). The ROC curves go to
+    ``attack_membership_roc.png`` when matplotlib is installed.
+
+    Returns:
+      The loss-threshold attack's AUC and TPRs at low FPR, under ``lira`` the same for LiRA, and
+      ``roc_png`` (the file name, or ``None`` without matplotlib).
+
+    Raises:
+      ValueError: if ``shadow_models`` is neither 0 nor >= 2 (LiRA fits IN and OUT Gaussians),
+        or, with LiRA, ``pool_size`` < 4.
     """
     experiment, params = runs.restore(workdir)
     curves = [runs.loss_threshold_attack(experiment, params)]
@@ -213,6 +224,19 @@ def audit_attack(
 
 
 def inversion_attack(workdir: str, index: int, steps: int, restarts: int) -> dict[str, Any]:
+    """Inverting Gradients on the gradient the model would share for training example ``index``.
+
+    Geiping et al., NeurIPS 2020 (https://arxiv.org/abs/2003.14053), with the label first read
+    from the last layer's gradient by iDLG (Zhao et al. 2020, https://arxiv.org/abs/2001.02610).
+    Writes ``attack_inversion.png`` (original above reconstruction) into ``workdir``.
+
+    Returns:
+      ``psnr`` and ``ssim`` of the reconstruction, ``psnr_random_baseline`` (uniform noise in the
+      pixel range), the true and recovered labels, and the attack's settings.
+
+    Raises:
+      ValueError: for a task that is not multiclass, or an ``index`` outside the training split.
+    """
     experiment, params = runs.restore(workdir)
     info = experiment.splits.info
     if info.task != "multiclass":
@@ -304,6 +328,14 @@ def save_gallery(path: str, originals: np.ndarray, guesses: np.ndarray, lo: floa
 
 
 def run(args: argparse.Namespace) -> int:
+    """Executes ``attack membership|audit|inversion``; writes ``attack_<name>.json`` to the workdir.
+
+    Prints the result as JSON and its main number last (``auc``, ``epsilon_lower_bound``, ``psnr``
+    or, when the server sees nothing to attack, ``server_sees``).
+
+    Returns:
+      The exit code, 0.
+    """
     if args.attack_command == "membership":
         result = membership_attack(
             args.workdir, args.shadow_models, args.shadow_steps, args.pool_size

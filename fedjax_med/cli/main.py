@@ -26,6 +26,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """Adds the required ``--config FILE.py[:ARG]`` option to ``parser``."""
     parser.add_argument(
         "--config",
         required=True,
@@ -36,11 +37,17 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--quiet`` (warnings only, no progress bar) and ``--debug`` (tracebacks)."""
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fedjax-med`` parser: train, eval, data describe, privacy, attack and report.
+
+    ``--config.FIELD=VALUE`` overrides are not declared here: :func:`main` collects them from the
+    arguments the parser does not know.
+    """
     parser = argparse.ArgumentParser(
         prog="fedjax-med",
         description="Federated, differentially private training on medical images.",
@@ -98,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(quiet: bool) -> None:
+    """Logs to stderr at INFO (WARNING if ``quiet``); quiets jax, orbax, tfds and absl."""
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -113,6 +121,11 @@ def setup_logging(quiet: bool) -> None:
 
 
 def run_train(args, overrides: Sequence[str]) -> int:
+    """``fedjax-med train``: trains into ``--workdir``, prints the test metrics and the report path.
+
+    Returns:
+      The exit code, 0.
+    """
     config = loading.load_config(args.config, overrides)
     result = registry.train(config, args.workdir, resume=args.resume, quiet=args.quiet)
     print(json.dumps(result.get("metrics", result), indent=2))
@@ -121,11 +134,13 @@ def run_train(args, overrides: Sequence[str]) -> int:
 
 
 def run_eval(args) -> int:
+    """``fedjax-med eval``: prints the latest checkpoint's metrics; writes ``eval_<split>.json``."""
     print(json.dumps(registry.evaluate_workdir(args.workdir, args.split), indent=2))
     return 0
 
 
 def run_data_describe(args, overrides: Sequence[str]) -> int:
+    """``fedjax-med data describe``: prints split sizes, sites, patients and class balance."""
     config = loading.load_config(args.config, overrides)
     summary = describe.summarize(sources.load_splits(config.data, config.seed))
     print(json.dumps(summary, indent=2) if args.json else describe.format_table(summary))
@@ -147,6 +162,7 @@ def report_line(name: str, entry: dict) -> str:
 
 
 def run_report(args, overrides: Sequence[str]) -> int:
+    """``fedjax-med report``: writes the privacy report into ``--workdir``; one line per setting."""
     config = loading.load_config(args.config, overrides)
     result = privacy_report.run(config, args.workdir, quiet=args.quiet)
     for name, entry in result["settings"].items():
@@ -156,6 +172,13 @@ def run_report(args, overrides: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``fedjax-med`` on ``argv`` (default ``sys.argv[1:]``).
+
+    Returns:
+      The exit code: 0, or 2 after printing ``error: <message>`` to stderr for one of
+      :data:`USER_ERRORS` (with ``--debug`` the error is raised instead). Unknown arguments, and
+      ``--config.FIELD`` overrides to a command that takes none, exit 2 through argparse.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -72,6 +72,12 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
 
 
 def init_state(experiment: Experiment) -> state_lib.TrainState:
+    """The step-0 :class:`TrainState` of ``experiment``, a pure function of ``config.seed``.
+
+    With ``root = PRNGKey(config.seed)``: parameters are initialised from
+    ``fold_in(root, STREAM_PARAMS)``, the optimizer state is ``optimizer.init(params)`` and
+    ``rng`` is ``fold_in(root, STREAM_STEPS)``. Restores use it as the template of the checkpoint.
+    """
     root = jax.random.PRNGKey(experiment.config.seed)
     params = experiment.model.init(jax.random.fold_in(root, STREAM_PARAMS))
     return state_lib.TrainState(
@@ -164,6 +170,7 @@ def make_step_runner(experiment: Experiment, devices: parallel.DataParallel) -> 
 
 
 def describe_run(experiment: Experiment, params: Any) -> None:
+    """Logs the devices, the data (task, classes, image shape, sites, split sizes) and the model."""
     info = experiment.splits.info
     devices = jax.devices()
     logger.info("devices: %d x %s (%s)", len(devices), devices[0].platform, devices[0].device_kind)
@@ -188,7 +195,12 @@ def describe_run(experiment: Experiment, params: Any) -> None:
 
 
 def eval_batch_for(batch_size: int, num_devices: int) -> int:
-    """The eval batch size rounded up to a multiple of the device count."""
+    """The eval batch size rounded up to a multiple of the device count.
+
+    Examples:
+      >>> eval_batch_for(100, 8)
+      104
+    """
     return -(-batch_size // num_devices) * num_devices
 
 
@@ -201,11 +213,21 @@ class MetricsWindow:
     seconds: float = 0.0
 
     def add(self, metrics: dict[str, float], seconds: float) -> None:
+        """Adds one step's ``metrics`` and its duration (``seconds``) to the window."""
         for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.steps, self.seconds = self.steps + 1, self.seconds + seconds
 
     def means(self, prefix: str = "") -> dict[str, float]:
+        """Each metric's mean per step since the window opened, its key prefixed by ``prefix``.
+
+        Examples:
+          >>> window = MetricsWindow()
+          >>> window.add({"loss": 1.0}, 0.1)
+          >>> window.add({"loss": 3.0}, 0.1)
+          >>> window.means("train_")
+          {'train_loss': 2.0}
+        """
         return {f"{prefix}{k}": v / max(self.steps, 1) for k, v in self.sums.items()}
 
 
@@ -244,11 +266,26 @@ class CentralRun:
         return state
 
     def save(self, state: state_lib.TrainState, step: int) -> None:
+        """Accounts the ledger up to ``step``, then checkpoints ``state`` with the run's metadata.
+
+        The metadata holds ``step``, the elapsed times and the ledger; in secure mode the noise key
+        is zeroed first (:func:`~fedjax_med.trainers.dp_sgd.secret_free`).
+
+        Raises:
+          BudgetExceededError: if the steps up to ``step`` would pass ``privacy.target_epsilon``.
+        """
         self.ledger.record_to(step)
         meta = {"step": step, "elapsed": dict(self.elapsed), **self.ledger.state_dict()}
         self.checkpointer.save(step, dp_sgd.secret_free(state, self.experiment.plan), meta)
 
     def evaluate(self, params, step: int, split: str, extra: dict[str, Any]) -> dict[str, Any]:
+        """Evaluates ``params`` on ``split`` and logs it to ``metrics.jsonl`` (chief only).
+
+        The record is ``{"step", "split", "<split>_<metric>"..., **extra}``.
+
+        Returns:
+          :func:`fedjax_med.training.evaluate.evaluate`'s dict (overall, per-site, per-subgroup).
+        """
         experiment, devices = self.experiment, self.devices
         predict_fn = evaluate.make_predict_fn(
             experiment.model.apply, experiment.splits.info.task, devices.replicated_sharding
@@ -279,8 +316,14 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` and returns the report (also written to report.json).
 
-    ``stop_at_step`` ends the run early after checkpointing that step, as a preemption would;
-    calling again with ``resume=True`` finishes it exactly.
+    ``stop_at_step`` ends the run early after checkpointing that step, as a preemption would, and
+    returns ``{"stopped_at_step": step}``; calling again with ``resume=True`` finishes it exactly.
+
+    Raises:
+      WorkdirError: if ``workdir`` holds a run and ``resume`` is False, has none to resume, or
+        the resumed config changes a field the run fixed.
+      FloatingPointError: if the training loss (or a private step's gradient norm) stops being
+        finite.
     """
     checkpointer = workdir_lib.prepare_workdir(workdir, resume, config)
     experiment = build_experiment(config)
@@ -374,7 +417,11 @@ def finish(run: CentralRun, state, workdir: str, final_step: int) -> dict[str, A
 
 
 def restore_for_eval(workdir: str) -> tuple[Experiment, state_lib.TrainState]:
-    """Rebuilds the experiment of ``workdir`` from its config.json and its latest checkpoint."""
+    """Rebuilds the experiment of ``workdir`` from its config.json and its latest checkpoint.
+
+    Raises:
+      WorkdirError: if ``workdir`` has no config.json or no checkpoint.
+    """
     config = workdir_lib.load_workdir_config(workdir)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     latest = checkpointer.latest_step()

@@ -58,6 +58,11 @@ class PrivatePlan:
 
 
 def unit_ids(train: dataset_lib.ImageDataset, unit: str) -> np.ndarray:
+    """The unit of privacy of each training example: its index, or one id per (site, patient).
+
+    Raises:
+      ValueError: ``privacy.unit=... must be 'example' or 'patient'``.
+    """
     if unit == "example":
         return np.arange(len(train))
     if unit == "patient":
@@ -69,7 +74,18 @@ def unit_ids(train: dataset_lib.ImageDataset, unit: str) -> np.ndarray:
 def make_plan(
     config: ml_collections.ConfigDict, train: dataset_lib.ImageDataset, num_devices: int
 ) -> PrivatePlan:
-    """Calibrates noise (if asked), builds the sampler and the ledger, checks the budget."""
+    """Calibrates noise (if asked), builds the sampler and the ledger, checks the budget.
+
+    The noise multiplier is ``privacy.noise_multiplier`` when > 0, otherwise the smallest one that
+    reaches ``privacy.target_epsilon`` in ``train.steps`` steps at ``q = train.batch_size / N``
+    under the run's own sampling. Poisson batches are split into chunks whose capacity is a
+    multiple of ``num_devices``.
+
+    Raises:
+      ValueError: if ``train.batch_size`` exceeds the number of units, or ``privacy.delta`` is not
+        in ``(0, 1)`` (:func:`~fedjax_med.privacy.accounting.check_delta`, which only warns when
+        it is ``>= 1 / N``).
+    """
     p = config.privacy
     ids = unit_ids(train, p.unit)
     num_units = int(np.unique(ids).size)
@@ -175,6 +191,7 @@ class StepLedger:
             self.ledger = self.plan.ledger
 
     def allowed(self, start: int, planned: int) -> int:
+        """How many of ``planned`` more steps from ``start`` the budget allows; warns if fewer."""
         self.accounted = start
         if self.ledger is None:
             return max(planned, 0)
@@ -190,6 +207,13 @@ class StepLedger:
         return allowed
 
     def record_to(self, done: int) -> dict[str, Any]:
+        """Accounts every step up to ``done``; returns ``{"epsilon", "delta"}``.
+
+        Returns ``{}`` for a non-private run.
+
+        Raises:
+          BudgetExceededError: if those steps would pass ``privacy.target_epsilon``.
+        """
         if self.ledger is None:
             return {}
         self.ledger = self.ledger.record(done - self.accounted)  # raises past the target
@@ -197,9 +221,11 @@ class StepLedger:
         return {"epsilon": self.ledger.epsilon(), "delta": self.ledger.delta}
 
     def state_dict(self) -> dict[str, Any]:
+        """The ledger as checkpoint metadata: ``{"privacy_ledger": ...}`` (``{}``: not private)."""
         return {} if self.ledger is None else {"privacy_ledger": self.ledger.to_dict()}
 
     def load_state_dict(self, metadata: dict[str, Any]) -> None:
+        """Restores the saved ledger; raises ``ValueError`` if it accounted other settings."""
         if self.ledger is None:
             return
         saved = budget.PrivacyLedger.from_dict(metadata["privacy_ledger"])
@@ -207,6 +233,7 @@ class StepLedger:
         self.ledger = saved
 
     def claim(self, config) -> claim_lib.PrivacyClaim | None:
+        """The run's privacy claim for ``report.json`` (``None``: not private)."""
         if self.plan is None:
             return None
         return privacy_claim(self.plan, self.ledger, config, self.stopped_by_budget)
@@ -276,6 +303,14 @@ def make_apply_fn(optimizer: optax.GradientTransformation) -> Callable:
 
 
 def add_trees(a, b):
+    """``a + b`` leaf by leaf; ``b`` when ``a`` is ``None`` (the first chunk of a step).
+
+    Examples:
+      >>> add_trees(None, {"w": 1.0})
+      {'w': 1.0}
+      >>> add_trees({"w": 1.0}, {"w": 2.0})
+      {'w': 3.0}
+    """
     return b if a is None else jax.tree.map(lambda x, y: x + y, a, b)
 
 
@@ -364,6 +399,15 @@ def check_resumed_ledger(saved: budget.PrivacyLedger, planned: budget.PrivacyLed
 
 
 def finite_or_raise(value: float, what: str, step: int) -> float:
+    """``value`` if it is finite.
+
+    Raises:
+      FloatingPointError: ``<what> became <value> at step <step>`` for NaN or inf.
+
+    Examples:
+      >>> finite_or_raise(0.5, "mean gradient norm", 3)
+      0.5
+    """
     if not math.isfinite(value):
         raise FloatingPointError(f"{what} became {value} at step {step}")
     return value

@@ -91,7 +91,17 @@ class FederatedPlan:
 
 
 def parse_site_targets(text: str, names: tuple[str, ...], default: float) -> np.ndarray:
-    """``"hospital_0=2,hospital_3=4"`` -> per-client targets (``default`` elsewhere)."""
+    """``"hospital_0=2,hospital_3=4"`` -> per-client targets (``default`` elsewhere).
+
+    A ``default`` <= 0 means no budget (``inf``) for the clients the text does not name.
+
+    Raises:
+      ValueError: for an item that is not ``NAME=EPSILON`` with a known name, or an epsilon <= 0.
+
+    Examples:
+      >>> parse_site_targets("b=2", ("a", "b"), 0.0).tolist()
+      [inf, 2.0]
+    """
     targets = np.full(len(names), default if default > 0 else np.inf, np.float64)
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, sep, value = item.partition("=")
@@ -110,7 +120,13 @@ def parse_site_targets(text: str, names: tuple[str, ...], default: float) -> np.
 def build_federation(
     config: ml_collections.ConfigDict, splits: dataset_lib.DatasetSplits
 ) -> partition.FederatedDataset:
-    """Partitions the training split into clients per ``config.federated.partition``."""
+    """Partitions the training split into clients per ``config.federated.partition``.
+
+    The partition always draws from ``config.seed`` (it is the study's layout, not a privacy draw).
+
+    Raises:
+      ValueError: for ``method='by_site'`` when a site has no training images.
+    """
     p = config.federated.partition
     info = splits.info
     num_clients = p.num_clients or len(info.site_names)
@@ -418,6 +434,10 @@ def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
 
 
 def init_server_state(plan: FederatedPlan) -> algorithms.ServerState:
+    """The round-0 server state: parameters from ``fold_in(PRNGKey(seed), PARAMS)``.
+
+    Its key is ``plan.server_key``; restores use it as the template of the checkpoint.
+    """
     params = plan.model.init(
         jax.random.fold_in(jax.random.PRNGKey(plan.config.seed), randomness.PARAMS)
     )
@@ -450,6 +470,7 @@ def with_fresh_secrets(
 
 
 def describe(plan: FederatedPlan, params: Any) -> None:
+    """Logs the federation (clients, sizes, cohort, rounds, mechanism), the model and backend."""
     f = plan.config.federated
     counts = plan.federation.counts
     logger.info(
@@ -485,6 +506,7 @@ class RoundLog:
     elapsed: dict[str, float]
 
     def append(self, record: dict[str, Any]) -> None:
+        """Appends ``record`` to ``metrics.jsonl`` as one JSON line (NaN and inf as ``null``)."""
         workdir_lib.append_metrics(self.path, record)
 
 
@@ -538,7 +560,17 @@ def run_rounds(
     quiet: bool = False,
     stop_at_round: int | None = None,
 ) -> dict[str, Any]:
-    """Runs the federated training of ``config`` in ``workdir``; returns the report."""
+    """Runs the federated training of ``config`` in ``workdir``; returns the report.
+
+    Writes ``config.json``, one ``metrics.jsonl`` record per round and per evaluation,
+    ``checkpoints/`` and, at the end, ``report.json``. ``stop_at_round`` ends the run early after
+    checkpointing that round (returning ``{"stopped_at_step": round}``); calling again with
+    ``resume=True`` finishes it.
+
+    Raises:
+      WorkdirError: if ``workdir`` holds a run and ``resume`` is False, has none to resume, or
+        the resumed config changes a field the run fixed.
+    """
     checkpointer = workdir_lib.prepare_workdir(workdir, resume, config)
     plan = build_plan(config)
     f = config.federated

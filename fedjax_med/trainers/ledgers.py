@@ -99,21 +99,27 @@ class NoPrivacy:
     stopped_by_budget: bool = False
 
     def allowed(self, start: int, planned: int) -> int:
+        """Every planned round: there is no budget."""
         return max(planned, 0)
 
     def admit(self, cohort, round_num):
+        """Every sampled client."""
         return cohort
 
     def record(self, cohort, released):
+        """Accounts nothing; adds no entries to the round's record."""
         return {}
 
     def record_personalization(self, k, steps):
+        """Always True: there is nothing to account."""
         return True  # no per-client ledger: the claim names the fine-tuned metrics as released
 
     def state_dict(self):
+        """Empty: there is nothing to checkpoint."""
         return {}
 
     def load_state_dict(self, data):
+        """Accepts only an empty ledger; raises ``ValueError`` if the checkpoint holds one."""
         if data:
             raise ValueError(
                 "--resume: the checkpoint holds a privacy ledger but the config is "
@@ -121,6 +127,7 @@ class NoPrivacy:
             )
 
     def claim(self, context):
+        """``None``: a non-private run makes no claim."""
         return None
 
 
@@ -132,6 +139,7 @@ class ClientLevelLedger:
     stopped_by_budget: bool = False
 
     def allowed(self, start: int, planned: int) -> int:
+        """The planned rounds the one client-level budget affords; sets ``stopped_by_budget``."""
         if planned <= 0:
             return 0
         allowed = planned if self.ledger.can_take(planned) else self.ledger.steps_remaining()
@@ -140,9 +148,11 @@ class ClientLevelLedger:
         return allowed
 
     def admit(self, cohort, round_num):
+        """Every sampled client: one budget covers the whole population."""
         return cohort
 
     def record(self, cohort, released):
+        """One more step if the round released; returns ``epsilon`` and ``delta`` so far."""
         # A plaintext round always releases (DP-FedAvg noises an empty sum too); a secure round
         # that aborted released nothing.
         if released:
@@ -150,12 +160,18 @@ class ClientLevelLedger:
         return {"epsilon": self.ledger.epsilon(), "delta": self.ledger.delta}
 
     def record_personalization(self, k, steps):
+        """Always True: fine-tuning is outside this ledger (the claim names it as released)."""
         return True  # no per-client ledger: the claim names the fine-tuned metrics as released
 
     def state_dict(self):
+        """``{"privacy_ledger": PrivacyLedger.to_dict()}``."""
         return {"privacy_ledger": self.ledger.to_dict()}
 
     def load_state_dict(self, data):
+        """Restores the ledger; raises ``ValueError`` if it accounted other settings.
+
+        The settings compared: noise multiplier, sampling rate, delta, accountant, target epsilon.
+        """
         saved = budget.PrivacyLedger.from_dict(data["privacy_ledger"])
         fields = ("noise_multiplier", "sampling_rate", "delta", "accountant", "target_epsilon")
         check_unchanged(
@@ -166,6 +182,7 @@ class ClientLevelLedger:
         self.ledger = saved
 
     def claim(self, context):
+        """A client-level ``dp_fedavg`` claim: add/remove one client, Poisson-sampled rounds."""
         eps = self.ledger.epsilon()
         trusted = "the server, which sees each sampled client's clipped update and adds the noise"
         if context.secure_aggregation != "none":
@@ -234,6 +251,7 @@ class SiteLedgers:
             self.steps = np.zeros(len(self.names), np.int64)
 
     def sampling_rate(self, k: int) -> float:
+        """Site ``k``'s Poisson sampling rate ``q_k = min(B, n_k) / n_k``."""
         n = int(self.num_units[k])
         return min(self.batch_size, n) / n
 
@@ -244,12 +262,15 @@ class SiteLedgers:
         return accounting.epsilon(event, self.delta, self.accountant)
 
     def can_take(self, k: int, steps: int) -> bool:
+        """Whether site ``k`` stays within its target after ``steps`` more local steps."""
         return self.epsilon(k, int(self.steps[k]) + steps) <= self.targets[k]
 
     def allowed(self, start, planned):
+        """Every planned round: budgets are per site and act in :meth:`admit`."""
         return max(planned, 0)
 
     def admit(self, cohort, round_num):
+        """Every sampled site whose budget allows one more round; notes when the others ran out."""
         admitted = []
         for k in cohort.sampled():
             if self.can_take(k, self.local_steps):
@@ -259,6 +280,7 @@ class SiteLedgers:
         return cohort_sampling.padded_cohort(np.asarray(admitted, np.int64), cohort.capacity)
 
     def record(self, cohort, released):
+        """Adds ``local_steps`` to each admitted site, released or not; returns site epsilons."""
         # A site's local steps are releases whether or not the server used its delta.
         self.steps[cohort.sampled()] += self.local_steps
         eps = self.per_site_epsilon()
@@ -272,6 +294,7 @@ class SiteLedgers:
         return True
 
     def per_site_epsilon(self) -> dict[str, float]:
+        """Site name -> its epsilon after the local steps it has taken."""
         return {name: self.epsilon(k) for k, name in enumerate(self.names)}
 
     def _settings(self) -> dict[str, Any]:
@@ -287,6 +310,7 @@ class SiteLedgers:
         }
 
     def state_dict(self):
+        """Steps, exhaustion rounds and settings under ``"site_budgets"``."""
         return {
             "site_budgets": {
                 "steps": self.steps.tolist(),
@@ -296,12 +320,14 @@ class SiteLedgers:
         }
 
     def load_state_dict(self, data):
+        """Restores steps and exhaustion rounds; raises ``ValueError`` if the settings changed."""
         saved = data["site_budgets"]
         check_unchanged(saved.get("settings", {}), self._settings(), "site ledgers")
         self.steps = np.asarray(saved["steps"], np.int64)
         self.exhausted_at_round = dict(saved["exhausted_at_round"])
 
     def claim(self, context):
+        """A ``local_dp_sgd`` claim at the worst site's epsilon, listing every site's epsilon."""
         per_site = self.per_site_epsilon()
         worst = max(per_site.values())
         return claim_lib.PrivacyClaim(
@@ -344,6 +370,7 @@ class DistributedLedger:
     Attributes:
       epsilon_fn: ``releases -> epsilon`` of the distributed mechanism (zero-out neighbours).
       delta: its delta.
+      noise_multiplier, clip_norm, accountant: the mechanism, as the claim names it.
       settings: what the mechanism is (kind, noise, clip, threshold), checked on resume.
       claim_details: ``() -> dict``: extra entries of the claim (threshold, ...).
       releases: rounds that released a sum so far.
@@ -362,20 +389,25 @@ class DistributedLedger:
     stopped_by_budget: bool = False
 
     def allowed(self, start, planned):
+        """Every planned round: no target epsilon is enforced, epsilon is only reported."""
         return max(planned, 0)
 
     def admit(self, cohort, round_num):
+        """Every sampled client."""
         return cohort
 
     def record(self, cohort, released):
+        """Counts the round, and a release if it released a sum; returns ``epsilon``, ``delta``."""
         self.rounds += 1
         self.releases += int(released)
         return {"epsilon": self.epsilon_fn(self.releases), "delta": self.delta}
 
     def record_personalization(self, k, steps):
+        """Always True: fine-tuning is outside this ledger (the claim names it as released)."""
         return True  # no per-client ledger: the claim names the fine-tuned metrics as released
 
     def state_dict(self):
+        """Releases, rounds and settings under ``"distributed_dp"``."""
         return {
             "distributed_dp": {
                 "releases": self.releases,
@@ -385,12 +417,14 @@ class DistributedLedger:
         }
 
     def load_state_dict(self, data):
+        """Restores releases and rounds; raises ``ValueError`` if the settings changed."""
         saved = data["distributed_dp"]
         check_unchanged(saved.get("settings", {}), self.settings, "distributed-DP ledger")
         self.releases = int(saved["releases"])
         self.rounds = int(saved["rounds"])
 
     def claim(self, context):
+        """A ``distributed_dp`` claim: zero-out neighbours, released rounds, no amplification."""
         return claim_lib.PrivacyClaim(
             mechanism="distributed_dp",
             epsilon=self.epsilon_fn(self.releases),

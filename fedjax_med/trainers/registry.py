@@ -21,7 +21,11 @@ TRAINERS: dict[str, run_lib.Trainer] = {t.name: t for t in (central.TRAINER, fed
 
 
 def get_trainer(name: str) -> run_lib.Trainer:
-    """The trainer called ``name``; raises naming the known ones."""
+    """The trainer called ``name``.
+
+    Raises:
+      ValueError: ``config field 'trainer'=... must be one of [...]``, naming the known trainers.
+    """
     if name not in TRAINERS:
         raise ValueError(f"config field 'trainer'={name!r} must be one of {sorted(TRAINERS)}")
     return TRAINERS[name]
@@ -47,7 +51,11 @@ def restore(workdir: str) -> run_lib.Run:
 
 
 def evaluate_workdir(workdir: str, split: str = "test") -> dict[str, Any]:
-    """Evaluates the latest checkpoint of ``workdir`` on ``split``; writes eval_<split>.json."""
+    """Evaluates the latest checkpoint of ``workdir`` on ``split``; writes eval_<split>.json.
+
+    Returns:
+      ``{"step", "split", "metrics", "per_site"}`` with metric keys prefixed by ``split``.
+    """
     run = restore(workdir)
     predict_fn = evaluate.make_predict_fn(run.model.apply, run.splits.info.task)
     result = evaluate.evaluate(

@@ -48,6 +48,7 @@ class Run:
 
     @property
     def is_federated(self) -> bool:
+        """Whether the run is federated (it has a ``federation``)."""
         return self.federation is not None
 
 

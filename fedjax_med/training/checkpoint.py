@@ -27,9 +27,14 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
+        """The newest step saved under ``directory``, or ``None`` if there is none."""
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, metadata: dict[str, Any]) -> None:
+        """Saves ``state`` and the JSON ``metadata`` as checkpoint ``step``; returns once written.
+
+        Saves whatever the manager's save interval; beyond ``max_to_keep`` the oldest are deleted.
+        """
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -51,6 +56,7 @@ class Checkpointer:
         return restored.state, dict(restored.metadata)
 
     def close(self) -> None:
+        """Closes orbax's checkpoint manager; the checkpointer cannot be used afterwards."""
         self._manager.close()
 
 

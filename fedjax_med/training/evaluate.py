@@ -91,5 +91,10 @@ def evaluate(
 
 
 def prefixed(values: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """``{"accuracy": .9}`` -> ``{"test_accuracy": .9}``."""
+    """``{"accuracy": .9}`` -> ``{"test_accuracy": .9}``.
+
+    Examples:
+      >>> prefixed({"accuracy": 0.9}, "test")
+      {'test_accuracy': 0.9}
+    """
     return {f"{prefix}_{k}": v for k, v in values.items()}

@@ -7,7 +7,14 @@ import optax
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Constant or cosine-decayed learning rate, with optional linear warmup."""
+    """Constant or cosine-decayed learning rate, with optional linear warmup.
+
+    The warmup rises linearly from 0 to ``learning_rate`` over ``warmup_steps``; the cosine decay
+    then spans the remaining ``total_steps - warmup_steps``.
+
+    Raises:
+      ValueError: ``optimizer.schedule=... must be 'constant' or 'cosine'``.
+    """
     peak = config.learning_rate
     warmup = config.warmup_steps
     if config.schedule == "constant":
@@ -24,7 +31,15 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) 
 def make_optimizer(
     config: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
-    """The optimizer named by ``config.name`` with the configured schedule."""
+    """The optimizer named by ``config.name`` with the configured schedule.
+
+    ``weight_decay > 0`` adds decayed weights before ``sgd``, ``momentum`` and ``adam``; ``adamw``
+    applies it decoupled (Loshchilov and Hutter, ICLR 2019, https://arxiv.org/abs/1711.05101).
+
+    Raises:
+      ValueError: if ``config.name`` is not ``sgd``, ``momentum``, ``adam`` or ``adamw``, or the
+        schedule is unknown.
+    """
     lr = learning_rate_schedule(config, total_steps)
     if config.name == "sgd":
         tx = optax.sgd(lr)

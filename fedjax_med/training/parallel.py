@@ -26,10 +26,12 @@ class DataParallel:
 
     @property
     def size(self) -> int:
+        """The number of devices in the mesh."""
         return self.mesh.devices.size
 
     @property
     def replicated_sharding(self) -> NamedSharding:
+        """A sharding that puts a full copy on every device of the mesh."""
         return NamedSharding(self.mesh, P())
 
     def shard_batch(self, array: np.ndarray) -> jax.Array:
@@ -38,10 +40,16 @@ class DataParallel:
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
     def replicate(self, tree: Any) -> Any:
+        """``tree`` copied onto every device of the mesh (every process must pass equal values)."""
         # Every process holds the same values (same seed), as device_put requires across hosts.
         return jax.device_put(tree, NamedSharding(self.mesh, P()))
 
     def check_batch_size(self, batch_size: int, field: str) -> None:
+        """Checks that ``batch_size`` splits evenly over the devices.
+
+        Raises:
+          ValueError: ``<field>=<batch_size> must be divisible by the number of devices (...)``.
+        """
         if batch_size % self.size:
             raise ValueError(
                 f"{field}={batch_size} must be divisible by the number of devices ({self.size}); "
@@ -50,7 +58,11 @@ class DataParallel:
 
 
 def make_data_parallel(num_devices: int = 0) -> DataParallel:
-    """A mesh over the first ``num_devices`` devices (0 = all)."""
+    """A mesh over the first ``num_devices`` devices (0 = all).
+
+    Raises:
+      ValueError: if ``num_devices`` exceeds the available devices.
+    """
     devices = jax.devices()
     if num_devices > len(devices):
         raise ValueError(

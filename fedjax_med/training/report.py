@@ -43,7 +43,14 @@ def versions() -> dict[str, str]:
 
 
 def json_safe(value: Any) -> Any:
-    """NaN/inf (e.g. AUROC of a one-class site) become None so the file is strict JSON."""
+    """NaN/inf (e.g. AUROC of a one-class site) become None so the file is strict JSON.
+
+    Dicts, lists and tuples are converted recursively (tuples become lists).
+
+    Examples:
+      >>> json_safe({"auroc": float("nan"), "accuracy": [0.5, float("inf")]})
+      {'auroc': None, 'accuracy': [0.5, None]}
+    """
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -64,6 +71,21 @@ def build_report(
     elapsed: dict[str, float],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The ``report.json`` dict of a run (keys in the module docstring), NaN/inf as ``None``.
+
+    Args:
+      config: the run's resolved config (stored under ``config``).
+      info: the dataset's description (``dataset``).
+      test: :func:`~fedjax_med.training.evaluate.evaluate` on the test split.
+      val: the same on the validation split.
+      steps: steps (central) or rounds (federated) trained.
+      num_params: the model's parameter count.
+      elapsed: ``wall_time_s``, ``train_time_s`` and ``examples_seen``.
+      extra: top-level entries added last (e.g. ``privacy``, ``federated``).
+
+    Returns:
+      The report, ready for :func:`~fedjax_med.training.checkpoint.write_json_atomic`.
+    """
     train_time = elapsed["train_time_s"]
     report = {
         "schema_version": SCHEMA_VERSION,

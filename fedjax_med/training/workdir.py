@@ -22,6 +22,7 @@ class WorkdirError(ValueError):
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The records of the ``metrics.jsonl`` at ``path``, in order (``[]`` if it does not exist)."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -29,6 +30,7 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 def rewrite_metrics(path: str, records: list[dict[str, Any]]) -> None:
+    """Replaces the ``metrics.jsonl`` at ``path`` by ``records`` (temporary file, then rename)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         for record in records:
@@ -37,6 +39,7 @@ def rewrite_metrics(path: str, records: list[dict[str, Any]]) -> None:
 
 
 def append_metrics(path: str, record: dict[str, Any]) -> None:
+    """Appends ``record`` to ``path`` as one JSON line (NaN and inf as ``null``) and flushes."""
     with open(path, "a") as f:
         f.write(json.dumps(report.json_safe(record)) + "\n")
         f.flush()
@@ -112,7 +115,17 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
 def prepare_workdir(
     workdir: str, resume: bool, config: ml_collections.ConfigDict | None = None
 ) -> checkpoint.Checkpointer:
-    """Checks ``workdir`` for a new run or a resume (with ``config`` compared to the run's)."""
+    """Checks ``workdir`` for a new run or a resume (with ``config`` compared to the run's).
+
+    Creates ``workdir`` if needed.
+
+    Returns:
+      A :class:`~fedjax_med.training.checkpoint.Checkpointer` on ``workdir/checkpoints``.
+
+    Raises:
+      WorkdirError: if ``workdir`` already holds a checkpoint and ``resume`` is False, has none to
+        resume, or (resume) the config changes a field of :data:`RESUME_FIXED_FIELDS`.
+    """
     ckpt_dir = os.path.join(workdir, "checkpoints")
     has_checkpoint = os.path.isdir(ckpt_dir) and any(
         name.isdigit() for name in os.listdir(ckpt_dir)
@@ -131,7 +144,11 @@ def prepare_workdir(
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    """The validated config a run saved in ``workdir/config.json``."""
+    """The validated config a run saved in ``workdir/config.json``.
+
+    Raises:
+      WorkdirError: if ``workdir`` has no ``config.json``.
+    """
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise WorkdirError(f"workdir '{workdir}' has no config.json (was it trained here?)")
