@@ -63,6 +63,15 @@ SECAGG_KEYS = (1,)  # simulated SecAgg key material (reproducible runs only)
 SECAGG_GRAPH = (2,)  # SecAgg+ neighbour graph and the simulation's routing
 ADDITIVE_SHARES = (3,)  # additive secret shares (reproducible runs only)
 
+# ---- attacks and audits (the attacker's own randomness, always from the seed) -------------------
+REPORT_SHADOWS = 0  # fold_in(key(seed), .): the privacy report's LiRA shadow models
+REPORT_INVERSION = 1  # ... its gradient-inversion restarts (then fold_in the setting's index)
+REPORT_AUDIT = 2  # ... its canary audits (then fold_in the setting's index)
+AUDIT_SPLIT = 1  # fold_in(audit_key, .): the random split that picks an audit's threshold
+MEMBERSHIP_POOL = (1,)  # default_rng([seed, 1]): the LiRA pool and the shadows' halves
+RUN_AUDIT_CANARIES = (2,)  # default_rng([seed, 2]): which canaries a one-run audit includes
+INVERSION_BASELINE = 1  # PRNGKey(.): the random-image baseline of ``attack inversion``
+
 
 def check_mode(mode: str) -> str:
     """Returns ``mode`` if it is one of :data:`MODES`; raises naming the allowed values."""

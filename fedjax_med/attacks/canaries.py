@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from fedjax_med import randomness
 from fedjax_med.attacks import auditing
 from fedjax_med.federated import client, dp_fedavg
 from fedjax_med.privacy import accounting, clipping, noise, sampling
@@ -194,7 +195,9 @@ def _result(
 
 def _split_seed(key: jax.Array) -> int:
     """A seed for the audit's random split of the trials, from the audit's key."""
-    return int(jax.random.randint(jax.random.fold_in(key, 1), (), 0, 2**31 - 1))
+    return int(
+        jax.random.randint(jax.random.fold_in(key, randomness.AUDIT_SPLIT), (), 0, 2**31 - 1)
+    )
 
 
 def audit_dp_sgd_step(
@@ -701,7 +704,7 @@ def audit_dp_sgd_run(
     used_clip, used_sigma = _variant(
         "correct" if broken_sampler else mechanism, clip_norm, noise_multiplier
     )
-    rng = np.random.default_rng([seed, 2])
+    rng = np.random.default_rng([seed, *randomness.RUN_AUDIT_CANARIES])
     included = rng.random(num_canaries) < 0.5
     sampler = sampling.PoissonSampler(num_canaries, sampling_rate, seed=seed)
     sampled = np.full((steps, num_canaries), broken_sampler)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_med import randomness
 from fedjax_med.attacks import gradient_inversion, image_metrics
 from fedjax_med.reporting import runs, settings, threats
 from fedjax_med.training import checkpoint
@@ -263,7 +264,9 @@ def inversion_attack(workdir: str, index: int, steps: int, restarts: int) -> dic
     )
     x = jnp.asarray(image)
     guess = jnp.asarray(result.images)
-    noise = jax.random.uniform(jax.random.PRNGKey(1), x.shape, minval=lo, maxval=hi)
+    noise = jax.random.uniform(
+        jax.random.PRNGKey(randomness.INVERSION_BASELINE), x.shape, minval=lo, maxval=hi
+    )
     save_gallery(
         os.path.join(workdir, "attack_inversion.png"), np.asarray(x), np.asarray(guess), lo, hi
     )

@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from fedjax_med import randomness
 from fedjax_med.config import loading
 from fedjax_med.privacy import claim as claim_lib
 from fedjax_med.reporting import markdown, plots, runs, threats
@@ -51,7 +52,9 @@ PLOTS = {
     "audit": "audit.png",
 }
 # Streams of the report's own randomness, folded into jax.random.key(config.seed).
-STREAM_SHADOWS, STREAM_INVERSION, STREAM_AUDIT = range(3)
+STREAM_SHADOWS = randomness.REPORT_SHADOWS
+STREAM_INVERSION = randomness.REPORT_INVERSION
+STREAM_AUDIT = randomness.REPORT_AUDIT
 
 
 def train_setting(setting: settings_lib.Setting, run_dir: str, quiet: bool) -> tuple[dict, str]:

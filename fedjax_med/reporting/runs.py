@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from fedjax_med import randomness
 from fedjax_med.attacks import membership
 from fedjax_med.models import losses
 from fedjax_med.trainers import registry
@@ -100,7 +101,7 @@ class LiraShadows:
         if pool_size < 4:
             raise ValueError(f"{pool_size=} must be >= 4")
         splits, normalizer = experiment.splits, experiment.normalizer
-        rng = np.random.default_rng([seed, 1])  # the pool and the shadows' halves
+        rng = np.random.default_rng([seed, *randomness.MEMBERSHIP_POOL])
         half = pool_size // 2
         train_idx = rng.permutation(len(splits.train))[: min(half, len(splits.train))]
         test_idx = rng.permutation(len(splits.test))[: min(half, len(splits.test))]
