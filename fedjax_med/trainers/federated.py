@@ -632,6 +632,9 @@ def _federation_summary(plan: FederatedPlan, end: int) -> dict[str, Any]:
         "backend": plan.algorithm.for_each.backend,
         "secure_aggregation": f.secure_aggregation,
         "mechanism": plan.mechanism,
+        # Secure aggregation hides single updates only if its keys are secret: say which mode ran.
+        "randomness": plan.randomness.mode,
+        "randomness_meaning": plan.randomness.describe(),
     }
 
 

@@ -161,6 +161,10 @@ def test_secure_aggregation_equals_plaintext_fedavg(fedavg_run, tmp_path, method
         secure_state.params,
     )
     assert report["federated"]["secure_aggregation"] == method
+    # The secure sum hides single updates only if the protocol's keys are secret: the report
+    # says this reproducible run's keys follow from the seed.
+    assert report["federated"]["randomness"] == "reproducible"
+    assert "no guarantee" in report["federated"]["randomness_meaning"]
     cost = report["aggregation_cost"]
     assert cost["bytes_per_client_per_round"] > cost["plaintext_bytes_per_client_per_round"] * 0.9
     assert cost["seconds_per_round"] > 0
