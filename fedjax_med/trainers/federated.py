@@ -190,6 +190,16 @@ def _fedopt(inputs: AlgorithmInputs) -> algorithms.FederatedAlgorithm:
 
 def _dp_fedavg(inputs: AlgorithmInputs) -> algorithms.FederatedAlgorithm:
     f, p = inputs.config.federated, inputs.config.privacy
+    expected = inputs.sampler.expected_clients
+    if f.adaptive_clipping and not expected > 10 * inputs.noise_multiplier:
+        # The count of unclipped clients gets noise q N / 20, which must exceed z / 2.
+        raise ValueError(
+            f"federated.adaptive_clipping needs more expected clients per round ({expected:g}) "
+            f"than 10 x the noise multiplier ({inputs.noise_multiplier:g}): raise "
+            "federated.clients_per_round (and federated.partition.num_clients), lower "
+            "privacy.noise_multiplier (or raise privacy.target_epsilon), or set "
+            "federated.adaptive_clipping=false"
+        )
     return dp_fedavg.dp_fedavg(
         inputs.local_update,
         inputs.data,
