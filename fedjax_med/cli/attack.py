@@ -32,6 +32,7 @@ from fedjax_med import randomness
 from fedjax_med.attacks import gradient_inversion, image_metrics
 from fedjax_med.reporting import runs, settings, threats
 from fedjax_med.training import checkpoint
+from fedjax_med.training import workdir as workdir_lib
 
 
 def register(subparsers) -> None:
@@ -339,6 +340,7 @@ def run(args: argparse.Namespace) -> int:
     Returns:
       The exit code, 0.
     """
+    workdir_lib.check_writable(args.workdir, inside=(f"attack_{args.attack_command}.json",))
     if args.attack_command == "membership":
         result = membership_attack(
             args.workdir, args.shadow_models, args.shadow_steps, args.pool_size

@@ -22,7 +22,18 @@ from fedjax_med.data import describe, sources
 from fedjax_med.reporting import privacy_report
 from fedjax_med.trainers import registry
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+# OSError covers every filesystem fault (a file where a folder is due, permissions, a full disk):
+# its message names the path, so it is reported like the checks that come before any work.
+USER_ERRORS = (ValueError, OSError, KeyError)
+
+
+def error_line(err: BaseException) -> str:
+    """The one line printed for a user error: its message, with the path for an ``OSError``."""
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.strerror or err}: '{err.filename}'"
+    return " ".join(str(err).split()) or type(err).__name__  # one line, even for a long message
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -206,8 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         if getattr(args, "debug", False):
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -9,7 +9,9 @@ parsed by the type of the field they replace, so ``--config.train.steps=10`` is 
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -44,6 +46,17 @@ def parse_arg(arg: str, allowed: Sequence[str], config_file: str) -> frozenset[s
     return options
 
 
+@contextlib.contextmanager
+def _config_file_errors(path: str):
+    """Turns any error raised while running the user's config file into one naming the file."""
+    try:
+        yield
+    except schema.ConfigError:
+        raise
+    except Exception as err:  # the file is user code: any error is the user's to fix
+        raise schema.ConfigError(f"config file '{path}': {type(err).__name__}: {err}") from err
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Imports ``file.py[:arg]`` and returns its ``get_config(...)`` (not yet validated)."""
     path, _, arg = spec.partition(":")
@@ -51,10 +64,16 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
         raise schema.ConfigError(f"config file '{path}' does not exist")
     module_spec = importlib.util.spec_from_file_location("fedjax_med_user_config", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    with _config_file_errors(path):
+        module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise schema.ConfigError(f"config file '{path}' must define get_config()")
-    config = module.get_config(arg) if arg else module.get_config()
+    if arg and not inspect.signature(module.get_config).parameters:
+        raise schema.ConfigError(
+            f"config file '{path}': get_config() takes no argument, but ':{arg}' was given"
+        )
+    with _config_file_errors(path):
+        config = module.get_config(arg) if arg else module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
         raise schema.ConfigError(
             f"get_config() in '{path}' must return an ml_collections.ConfigDict"

@@ -184,4 +184,24 @@ def split_by_patient(
         example_part = which[rank[inverse]]
         for p in range(len(fractions)):
             parts[p].append(idx[example_part == p])
-    return [data.take(np.sort(np.concatenate(p))) for p in parts]
+    result = [data.take(np.sort(np.concatenate(p))) for p in parts]
+    _check_patient_split(data, fractions, result)
+    return result
+
+
+def _check_patient_split(
+    data: ImageDataset, fractions: tuple[float, ...], parts: list[ImageDataset]
+) -> None:
+    """Names the cause when a part due images got none: too few patients to divide."""
+    names = ("train", "val", "test")[: len(fractions)]
+    empty = [n for n, f, part in zip(names, fractions, parts, strict=False) if f > 0 and not part]
+    if not empty:
+        return
+    patients = len(np.unique(data.patient_ids))
+    sites = len(np.unique(data.sites))
+    raise ValueError(
+        f"{empty[0]} split is empty: splits are drawn by patient (no patient's images are in two "
+        f"splits) and the {len(data)} images belong to only {patients} patient(s) across "
+        f"{sites} site(s), too few to divide into fractions {tuple(float(f) for f in fractions)}; "
+        "give more patients their own patient_id"
+    )

@@ -18,9 +18,26 @@ DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "fedjax_med"
 
 
 def cache_dir(data: ml_collections.ConfigDict) -> str | None:
+    """The synthetic cache folder of ``data`` (``None``: no cache), checked before any work.
+
+    Raises:
+      ValueError: naming ``data.cache_dir`` if it (or a folder above it) is a file, or the nearest
+        existing folder cannot be written.
+    """
     if data.cache_dir == "none":
         return None
-    return data.cache_dir or os.environ.get("FEDJAX_MED_CACHE", DEFAULT_CACHE_DIR)
+    path = data.cache_dir or os.environ.get("FEDJAX_MED_CACHE", DEFAULT_CACHE_DIR)
+    node = os.path.abspath(path)
+    while not os.path.exists(node):
+        node = os.path.dirname(node)
+    field = "data.cache_dir" if data.cache_dir else "FEDJAX_MED_CACHE (data.cache_dir='')"
+    if not os.path.isdir(node):
+        raise ValueError(
+            f"{field}: '{node}' is a file, not a folder; choose another folder or 'none'"
+        )
+    if not os.access(node, os.W_OK | os.X_OK):
+        raise ValueError(f"{field}: cannot write in '{node}' (read-only); choose another or 'none'")
+    return path
 
 
 def load_splits(data: ml_collections.ConfigDict, seed: int) -> dataset_lib.DatasetSplits:
@@ -33,10 +50,19 @@ def load_splits(data: ml_collections.ConfigDict, seed: int) -> dataset_lib.Datas
         from fedjax_med.data import synthetic
 
         s = data.synthetic
+        # data.image_size, when set, overrides data.synthetic.image_size: name the one in use.
+        size_field = "data.image_size" if image_size else "data.synthetic.image_size"
+        size = image_size or s.image_size
+        if not (isinstance(size, int) and 16 <= size <= 1024):
+            raise ValueError(
+                f"config field '{size_field}'={size!r} must be an integer >= 16 and <= 1024 for "
+                "the synthetic data (data.image_size, when set, overrides "
+                "data.synthetic.image_size)"
+            )
         spec = synthetic.SyntheticSpec(
             num_sites=s.num_sites,
             examples_per_site=s.examples_per_site,
-            image_size=image_size or s.image_size,
+            image_size=size,
             num_classes=s.num_classes,
             images_per_patient=s.images_per_patient,
             site_heterogeneity=s.site_heterogeneity,

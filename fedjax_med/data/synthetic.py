@@ -413,14 +413,15 @@ def generate(spec: SyntheticSpec) -> dataset.DatasetSplits:
     everything = dataset.concatenate(sites)
     fractions = (1 - spec.val_fraction - spec.test_fraction, spec.val_fraction, spec.test_fraction)
     split_rng = np.random.default_rng([spec.seed, _SPLIT_STREAM])
-    train, val, test = dataset.split_by_patient(everything, fractions, split_rng)
-    splits = dataset.DatasetSplits(info=dataset_info(spec), train=train, val=val, test=test)
     try:
+        train, val, test = dataset.split_by_patient(everything, fractions, split_rng)
+        splits = dataset.DatasetSplits(info=dataset_info(spec), train=train, val=val, test=test)
         return dataset.validate_splits(splits)
     except ValueError as e:
         raise ValueError(
             f"{e}; the spec is too small to fill every split, increase examples_per_site="
-            f"{spec.examples_per_site} or num_sites={spec.num_sites}"
+            f"{spec.examples_per_site} or num_sites={spec.num_sites}, or lower "
+            f"images_per_patient={spec.images_per_patient}"
         ) from e
 
 

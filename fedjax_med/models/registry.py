@@ -154,6 +154,35 @@ def available_models() -> tuple[str, ...]:
     return tuple(sorted(_FACTORIES))
 
 
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, tuple | list):
+        if not isinstance(value, tuple | list):
+            return False
+        return not default or all(_same_kind(v, default[0]) for v in value)
+    return True  # no default, or None: the factory checks it
+
+
+def _check_kwarg(name: str, key: str, value: Any, default: Any) -> None:
+    """Refuses a ``model.kwargs`` value whose type differs from the factory's default's."""
+    if default is inspect.Parameter.empty or _same_kind(value, default):
+        return
+    kind = type(default).__name__
+    if isinstance(default, tuple | list) and default:
+        kind += f" of {type(default[0]).__name__}"
+    raise ValueError(
+        f"config field 'model.kwargs.{key}'={value!r} of model {name!r} must be like its "
+        f"default {default!r} ({kind})"
+    )
+
+
 def get_model(
     name: str, *, input_shape: tuple[int, int, int], num_outputs: int, **kwargs: Any
 ) -> Model:
@@ -185,12 +214,14 @@ def get_model(
     if name not in _FACTORIES:
         raise ValueError(f"unknown model {name!r}; registered models: {available_models()}")
     factory = _FACTORIES[name]
-    accepted = [p for p in inspect.signature(factory).parameters if p != "num_outputs"]
-    for key in kwargs:
+    parameters = inspect.signature(factory).parameters
+    accepted = [p for p in parameters if p != "num_outputs"]
+    for key, value in kwargs.items():
         if key not in accepted:
             raise ValueError(
                 f"unknown argument {key!r} for model {name!r}; accepted: {tuple(accepted)}"
             )
+        _check_kwarg(name, key, value, parameters[key].default)
     input_shape = tuple(int(d) for d in input_shape)
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise ValueError(f"input_shape={input_shape} must be (H, W, C) with positive sizes")

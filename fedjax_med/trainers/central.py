@@ -206,7 +206,11 @@ def eval_batch_for(batch_size: int, num_devices: int) -> int:
 
 @dataclasses.dataclass
 class MetricsWindow:
-    """Training metrics summed since the last evaluation, for the log and the progress bar."""
+    """Training metrics summed since the last evaluation, for the log and the progress bar.
+
+    It is saved in each checkpoint's metadata (:meth:`to_dict`), so after a resume the ``train_*``
+    means of the next evaluation cover the same steps as in an uninterrupted run.
+    """
 
     sums: dict[str, float] = dataclasses.field(default_factory=dict)
     steps: int = 0
@@ -230,6 +234,10 @@ class MetricsWindow:
         """
         return {f"{prefix}{k}": v / max(self.steps, 1) for k, v in self.sums.items()}
 
+    def to_dict(self) -> dict[str, Any]:
+        """The window as JSON; ``MetricsWindow(**window.to_dict())`` rebuilds it exactly."""
+        return {"sums": dict(self.sums), "steps": self.steps, "seconds": self.seconds}
+
 
 @dataclasses.dataclass
 class CentralRun:
@@ -241,6 +249,7 @@ class CentralRun:
     metrics_path: str
     ledger: dp_sgd.StepLedger
     is_chief: bool
+    window: MetricsWindow = dataclasses.field(default_factory=MetricsWindow)
     elapsed: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"wall_time_s": 0.0, "train_time_s": 0.0, "examples_seen": 0}
     )
@@ -254,10 +263,12 @@ class CentralRun:
             if self.is_chief:
                 workdir_lib.rewrite_metrics(self.metrics_path, [])
             return state
-        latest = self.checkpointer.latest_step()
-        state, metadata = self.checkpointer.restore(latest, dp_sgd.secret_free(state, plan))
+        latest, state, metadata = self.checkpointer.restore_latest(
+            dp_sgd.secret_free(state, plan), discard_damaged=self.is_chief
+        )
         state = dp_sgd.with_fresh_secrets(state, plan)
         self.elapsed.update(metadata["elapsed"])
+        self.window = MetricsWindow(**metadata.get("window", {}))  # older runs saved none
         self.ledger.load_state_dict(metadata)
         if self.is_chief:
             kept = [r for r in workdir_lib.read_metrics(self.metrics_path) if r["step"] <= latest]
@@ -268,14 +279,19 @@ class CentralRun:
     def save(self, state: state_lib.TrainState, step: int) -> None:
         """Accounts the ledger up to ``step``, then checkpoints ``state`` with the run's metadata.
 
-        The metadata holds ``step``, the elapsed times and the ledger; in secure mode the noise key
-        is zeroed first (:func:`~fedjax_med.trainers.dp_sgd.secret_free`).
+        The metadata holds ``step``, the elapsed times, the metrics window and the ledger; in
+        secure mode the noise key is zeroed first (:func:`~fedjax_med.trainers.dp_sgd.secret_free`).
 
         Raises:
           BudgetExceededError: if the steps up to ``step`` would pass ``privacy.target_epsilon``.
         """
         self.ledger.record_to(step)
-        meta = {"step": step, "elapsed": dict(self.elapsed), **self.ledger.state_dict()}
+        meta = {
+            "step": step,
+            "elapsed": dict(self.elapsed),
+            "window": self.window.to_dict(),
+            **self.ledger.state_dict(),
+        }
         self.checkpointer.save(step, dp_sgd.secret_free(state, self.experiment.plan), meta)
 
     def evaluate(self, params, step: int, split: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -347,7 +363,6 @@ def train_and_evaluate(
     start = int(state.step)
     planned = train_cfg.steps if stop_at_step is None else min(stop_at_step, train_cfg.steps)
     end = start + run.ledger.allowed(start, planned - start)
-    window = MetricsWindow()
     bar = tqdm.tqdm(
         total=train_cfg.steps, initial=start, disable=quiet, file=sys.stderr, unit="step"
     )
@@ -358,18 +373,18 @@ def train_and_evaluate(
         dt = time.perf_counter() - t0
         run.elapsed["train_time_s"] += dt
         run.elapsed["examples_seen"] += step_metrics.pop("examples")
-        window.add(step_metrics, dt)
+        run.window.add(step_metrics, dt)
         bar.update(1)
         done = step + 1
         if done % train_cfg.log_every == 0 or done == end:
-            throughput = train_cfg.batch_size * window.steps / max(window.seconds, 1e-9)
+            throughput = train_cfg.batch_size * run.window.steps / max(run.window.seconds, 1e-9)
             bar.set_postfix(
-                **{k: f"{v:.4f}" for k, v in window.means().items()}, ex_s=f"{throughput:.0f}"
+                **{k: f"{v:.4f}" for k, v in run.window.means().items()}, ex_s=f"{throughput:.0f}"
             )
         if done % train_cfg.eval_every == 0 and done != end:
-            extra = {**window.means("train_"), **run.ledger.record_to(done)}
+            extra = {**run.window.means("train_"), **run.ledger.record_to(done)}
             run.evaluate(state.params, done, "val", extra)
-            window = MetricsWindow()
+            run.window = MetricsWindow()
         if done % train_cfg.checkpoint_every == 0 or done == end:
             run.elapsed["wall_time_s"] += time.perf_counter() - run_start
             run_start = time.perf_counter()
@@ -419,16 +434,18 @@ def finish(run: CentralRun, state, workdir: str, final_step: int) -> dict[str, A
 def restore_for_eval(workdir: str) -> tuple[Experiment, state_lib.TrainState]:
     """Rebuilds the experiment of ``workdir`` from its config.json and its latest checkpoint.
 
+    A damaged newest checkpoint is skipped for the newest intact one.
+
     Raises:
       WorkdirError: if ``workdir`` has no config.json or no checkpoint.
+      CheckpointError: if every checkpoint is damaged.
     """
     config = workdir_lib.load_workdir_config(workdir)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-    latest = checkpointer.latest_step()
-    if latest is None:
+    if checkpointer.latest_step() is None:
         raise workdir_lib.WorkdirError(f"workdir '{workdir}' has no checkpoint")
     experiment = build_experiment(config)
-    state, _ = checkpointer.restore(latest, init_state(experiment))
+    _, state, _ = checkpointer.restore_latest(init_state(experiment))
     checkpointer.close()
     return experiment, state
 

@@ -190,6 +190,16 @@ def _fedopt(inputs: AlgorithmInputs) -> algorithms.FederatedAlgorithm:
 
 def _dp_fedavg(inputs: AlgorithmInputs) -> algorithms.FederatedAlgorithm:
     f, p = inputs.config.federated, inputs.config.privacy
+    expected = inputs.sampler.expected_clients
+    if f.adaptive_clipping and not expected > 10 * inputs.noise_multiplier:
+        # The count of unclipped clients gets noise q N / 20, which must exceed z / 2.
+        raise ValueError(
+            f"federated.adaptive_clipping needs more expected clients per round ({expected:g}) "
+            f"than 10 x the noise multiplier ({inputs.noise_multiplier:g}): raise "
+            "federated.clients_per_round (and federated.partition.num_clients), lower "
+            "privacy.noise_multiplier (or raise privacy.target_epsilon), or set "
+            "federated.adaptive_clipping=false"
+        )
     return dp_fedavg.dp_fedavg(
         inputs.local_update,
         inputs.data,
@@ -533,8 +543,9 @@ def _start(plan, workdir, resume, checkpointer, log):
     if not resume:
         workdir_lib.rewrite_metrics(log.path, [])
         return state
-    latest = checkpointer.latest_step()
-    state, metadata = checkpointer.restore(latest, secret_free(state, plan))
+    latest, state, metadata = checkpointer.restore_latest(
+        secret_free(state, plan), discard_damaged=True
+    )
     state = with_fresh_secrets(state, plan)
     log.elapsed.update(metadata["elapsed"])
     plan.ledger.load_state_dict(metadata.get("privacy", {}))
@@ -754,14 +765,13 @@ def personalize(plan: FederatedPlan, params: Any) -> tuple[dict[str, dict[str, f
 
 
 def restore_for_eval(workdir: str) -> tuple[FederatedPlan, algorithms.ServerState]:
-    """Rebuilds the federated run of ``workdir`` and restores its latest server state."""
+    """Rebuilds the federated run of ``workdir`` and restores its newest intact server state."""
     config = workdir_lib.load_workdir_config(workdir)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-    latest = checkpointer.latest_step()
-    if latest is None:
+    if checkpointer.latest_step() is None:
         raise workdir_lib.WorkdirError(f"workdir '{workdir}' has no checkpoint")
     plan = build_plan(config)
-    state, _ = checkpointer.restore(latest, secret_free(init_server_state(plan), plan))
+    _, state, _ = checkpointer.restore_latest(secret_free(init_server_state(plan), plan))
     checkpointer.close()
     return plan, state
 

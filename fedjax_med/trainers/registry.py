@@ -56,6 +56,7 @@ def evaluate_workdir(workdir: str, split: str = "test") -> dict[str, Any]:
     Returns:
       ``{"step", "split", "metrics", "per_site"}`` with metric keys prefixed by ``split``.
     """
+    workdir_lib.check_writable(workdir, inside=(f"eval_{split}.json",))
     run = restore(workdir)
     predict_fn = evaluate.make_predict_fn(run.model.apply, run.splits.info.task)
     result = evaluate.evaluate(

@@ -3,17 +3,54 @@
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a run
 killed mid-save leaves the previous checkpoint intact; :func:`write_json_atomic` does the same for
 single files (write a temporary file in the same folder, then ``os.replace``).
+
+A checkpoint damaged after it was written (truncated or deleted array data, an emptied folder) is
+detected on restore: :meth:`Checkpointer.restore_latest` logs it and falls back to the newest
+intact checkpoint, whose metadata (the privacy ledger) comes with it, so nothing is accounted
+twice or lost.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
 import tempfile
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+logger = logging.getLogger("fedjax_med")
+
+# The entries every complete checkpoint folder holds (orbax's commit marker, the two items).
+_REQUIRED = ("_CHECKPOINT_METADATA", "metadata/metadata", "state/_METADATA")
+
+
+class CheckpointError(ValueError):
+    """No checkpoint of a run can be restored: each is damaged (the paths are named)."""
+
+
+def damage(step_dir: str) -> str | None:
+    """Why the checkpoint folder ``step_dir`` cannot be restored, or ``None`` if it looks whole.
+
+    A cheap look at the files (no array is read): the items orbax writes, and array data under
+    ``state/``. Damage inside the data (a truncated file) shows when it is read.
+    """
+    missing = [name for name in _REQUIRED if not os.path.isfile(os.path.join(step_dir, name))]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    data = [
+        path
+        for pattern in ("state/d/*", "state/ocdbt.process_*/d/*")
+        for path in glob.glob(os.path.join(step_dir, pattern))
+    ]
+    if not data:
+        return "no array data under state/"
+    if any(os.path.getsize(path) == 0 for path in data):
+        return "an empty array data file under state/"
+    return None
 
 
 class Checkpointer:
@@ -55,9 +92,57 @@ class Checkpointer:
         )
         return restored.state, dict(restored.metadata)
 
+    def step_dir(self, step: int) -> str:
+        """The folder of checkpoint ``step``."""
+        return os.path.join(self.directory, str(step))
+
+    def restore_latest(
+        self, template: Any, *, discard_damaged: bool = False
+    ) -> tuple[int, Any, dict[str, Any]]:
+        """The newest checkpoint that restores, as ``(step, state, metadata)``.
+
+        Each damaged checkpoint newer than it is logged (a warning naming its folder) and
+        skipped; with ``discard_damaged`` (a resume, which will write those steps again) it is
+        renamed ``damaged-<step>`` so the run can save that step anew.
+
+        Raises:
+          CheckpointError: if there is no checkpoint, or every one is damaged (naming each).
+        """
+        damaged = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            path = self.step_dir(step)
+            problem = damage(path)
+            if problem is None:
+                try:
+                    state, metadata = self.restore(step, template)
+                except Exception as err:  # orbax/tensorstore raise many types for bad data
+                    problem = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+            if problem is None:
+                if damaged and discard_damaged:
+                    for bad_path, bad_step in damaged:
+                        os.replace(bad_path, _free_name(self.directory, f"damaged-{bad_step}"))
+                    self._manager.reload()
+                return step, state, metadata
+            logger.warning("checkpoint '%s' is damaged (%s); trying the one before", path, problem)
+            damaged.append((path, step))
+        if not damaged:
+            raise CheckpointError(f"'{self.directory}' holds no checkpoint")
+        raise CheckpointError(
+            f"no intact checkpoint in '{self.directory}': "
+            + "; ".join(f"'{path}' is damaged" for path, _ in damaged)
+            + " (see the warnings above for each); train again in a new --workdir"
+        )
+
     def close(self) -> None:
         """Closes orbax's checkpoint manager; the checkpointer cannot be used afterwards."""
         self._manager.close()
+
+
+def _free_name(directory: str, name: str) -> str:
+    path, n = os.path.join(directory, name), 1
+    while os.path.exists(path):
+        path, n = os.path.join(directory, f"{name}.{n}"), n + 1
+    return path
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -21,6 +21,32 @@ class WorkdirError(ValueError):
     """The workdir holds a run that this command would overwrite, or none to resume."""
 
 
+def check_writable(
+    path: str, what: str = "--workdir", inside: tuple[str, ...] = ("checkpoints", "metrics.jsonl")
+) -> None:
+    """Refuses, before any work, a folder ``path`` that cannot be created or written.
+
+    Walks up to the nearest existing ancestor: a file on the way, or a folder without write
+    permission (``os.access``), is named in the error. Inside an existing ``path``, its
+    entries named by ``inside`` (default: ``checkpoints/`` and ``metrics.jsonl``) must be
+    writable too where they exist.
+
+    Raises:
+      WorkdirError: naming ``what`` and the path at fault.
+    """
+    path = os.path.abspath(path)
+    node = path
+    while not os.path.exists(node):
+        node = os.path.dirname(node)
+    if not os.path.isdir(node):
+        raise WorkdirError(f"{what} '{path}': '{node}' is a file, not a folder")
+    entries = [os.path.join(path, name) for name in inside]
+    for target in [node, *(e for e in entries if node == path and os.path.exists(e))]:
+        mode = os.W_OK | (os.X_OK if os.path.isdir(target) else 0)
+        if not os.access(target, mode):
+            raise WorkdirError(f"{what} '{path}': cannot write in '{target}' (read-only)")
+
+
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """The records of the ``metrics.jsonl`` at ``path``, in order (``[]`` if it does not exist)."""
     if not os.path.exists(path):
@@ -123,9 +149,11 @@ def prepare_workdir(
       A :class:`~fedjax_med.training.checkpoint.Checkpointer` on ``workdir/checkpoints``.
 
     Raises:
-      WorkdirError: if ``workdir`` already holds a checkpoint and ``resume`` is False, has none to
-        resume, or (resume) the config changes a field of :data:`RESUME_FIXED_FIELDS`.
+      WorkdirError: if ``workdir`` cannot be written (:func:`check_writable`), already holds a
+        checkpoint and ``resume`` is False, has none to resume, or (resume) the config changes
+        a field of :data:`RESUME_FIXED_FIELDS`.
     """
+    check_writable(workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     has_checkpoint = os.path.isdir(ckpt_dir) and any(
         name.isdigit() for name in os.listdir(ckpt_dir)
@@ -147,10 +175,19 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The validated config a run saved in ``workdir/config.json``.
 
     Raises:
-      WorkdirError: if ``workdir`` has no ``config.json``.
+      WorkdirError: if ``workdir`` has no ``config.json``, or it is not a valid config.
     """
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise WorkdirError(f"workdir '{workdir}' has no config.json (was it trained here?)")
-    with open(config_path) as f:
-        return loading.from_json_dict(json.load(f))
+    try:
+        with open(config_path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WorkdirError(f"'{config_path}' cannot be read as JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise WorkdirError(f"'{config_path}' must hold a JSON object, not {type(data).__name__}")
+    try:
+        return loading.from_json_dict(data)
+    except ValueError as err:
+        raise WorkdirError(f"'{config_path}' is not a valid config: {err}") from err
