@@ -140,6 +140,12 @@ def build_federation(
                 f"federated.partition.method='by_site' needs training images at every site; "
                 f"site {info.site_names[missing[0]]!r} has none"
             )
+        if p.num_clients not in (0, len(info.site_names)):
+            raise ValueError(
+                f"config field 'federated.partition.num_clients'={p.num_clients} must be 0 or "
+                f"the number of sites ({len(info.site_names)}) with method='by_site' (each site "
+                "is one client); use iid, dirichlet or quantity_skew for another number"
+            )
         num_clients = len(info.site_names)
     indices, names = partition.partition(
         splits.train,
