@@ -47,3 +47,30 @@ def test_stray_label_exits_2(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "value 99 on 1 example" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("num_examples", ["0", "-10"])
+def test_privacy_num_examples_must_be_positive(capsys, num_examples):
+    args = ["privacy", "epsilon", "--noise-multiplier", "1", "--sampling-rate", "0.01"]
+    args += ["--steps", "100", "--delta", "1e-5", "--num-examples", num_examples]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--num-examples={num_examples} must be an integer >= 1" in err
+    assert "Traceback" not in err
+
+
+def test_privacy_pld_step_limit_exits_2_at_once(capsys):
+    args = ["privacy", "calibrate", "--target-epsilon", "2", "--sampling-rate", "0.01"]
+    args += ["--steps", str(10**9), "--delta", "1e-5", "--accountant", "pld"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "PLD_MAX_STEPS" in err and err.count("error:") == 1
+
+
+def test_privacy_calibrate_shows_progress(capsys):
+    args = ["privacy", "calibrate", "--target-epsilon", "2", "--sampling-rate", "0.01"]
+    args += ["--steps", "1000", "--delta", "1e-5"]
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    assert "trying noise_multiplier" in captured.err
+    assert captured.out.strip().splitlines()[-1].startswith("noise_multiplier = ")
