@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 from fedjax_med.privacy import accounting
@@ -99,9 +100,32 @@ def _describe(args: argparse.Namespace) -> str:
     )
 
 
+# PLD work of more steps than this takes long enough to announce (RDP answers at once).
+_ANNOUNCE_PLD_STEPS = 10_000
+
+
+def _progress(accountant: str, sigma: float, eps: float) -> None:
+    """One stderr line per epsilon evaluation of a calibration, so long work shows progress."""
+    print(f"  trying noise_multiplier {sigma:.6g}: {accountant} epsilon {eps:.6g}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Executes ``privacy epsilon`` or ``privacy calibrate``; returns the exit code (0)."""
+    """Executes ``privacy epsilon`` or ``privacy calibrate``; returns the exit code (0).
+
+    Calibration prints each tried noise multiplier to stderr; PLD work of many steps is
+    announced first; PLD of more than ``accounting.PLD_MAX_STEPS`` steps is refused up front.
+    """
+    if args.num_examples is not None and args.num_examples < 1:
+        raise ValueError(f"--num-examples={args.num_examples} must be an integer >= 1")
     accounting.check_delta(args.delta, args.num_examples)
+    if args.accountant == "pld":
+        accounting.check_pld_work(args.steps)
+        if args.steps > _ANNOUNCE_PLD_STEPS:
+            print(
+                f"PLD accounting of {args.steps} steps (may take a while; --accountant rdp "
+                "answers at once)...",
+                file=sys.stderr,
+            )
     sampling = args.sampling
     extra = {}
     if sampling == "shuffle":
@@ -131,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
             args.delta,
             args.accountant,
             sampling=sampling,
+            progress=_progress,
             **extra,
         )
         eps = accounting.epsilon(

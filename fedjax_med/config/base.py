@@ -24,9 +24,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.data_dir = ""  # tfds: where prepared datasets live ("" = tfds default)
     config.data.cache_dir = ""  # synthetic: cache folder ("" = ~/.cache/fedjax_med, "none" = off)
     config.data.image_size = 0  # resize to this side length (0 = keep the source's size)
-    config.data.channels = 0  # 1 grayscale, 3 RGB (0 = keep the source's channels)
+    config.data.channels = 0  # 1 grayscale, 3 RGB (0 = keep the source's; image_folder: 1)
     config.data.task = ""  # "" = infer; or multiclass | binary | multilabel
-    config.data.max_examples = 0  # cap per split, for quick runs (0 = all)
+    # The number of classes, declared (0 = infer: class folders, tfds ClassLabel, synthetic
+    # num_classes, or a MedMNIST file's largest label + 1). A label outside it is refused, as is
+    # a source with a different number of classes.
+    config.data.num_classes = 0
+    # MedMNIST only: accept inferred class ids with gaps (e.g. 0, 2, 7). Off, a gap is refused,
+    # since one stray label would silently make a much larger task.
+    config.data.sparse_labels = False
+    config.data.max_examples = 0  # cap per split, for quick runs (0 = all); every source
     config.data.val_fraction = 0.1  # for sources without predefined splits
     config.data.test_fraction = 0.2
     # Normalisation never pools raw statistics across sites: either fixed constants or each

@@ -3,13 +3,17 @@
 A config is valid when (1) every key exists in :func:`fedjax_med.config.base.get_base_config`
 (except under the free-form ``model.kwargs``), (2) every value has the base value's type (an int
 where a float is expected is accepted) and (3) every value lies in its allowed range, listed in
-:data:`CHECKS`. Errors are :class:`ConfigError` naming the field and what is allowed.
+:data:`CHECKS`. Two rules hold for every numeric field, listed or not: a float must be finite
+(also inside the free-form sections), and an int must lie in :data:`INT_RANGE` (or its entry in
+:data:`INT_RANGES`), so nothing overflows a 32-bit JAX integer later. Errors are
+:class:`ConfigError` naming the field and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -55,13 +59,14 @@ def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fal
 MECHANISMS = ("none", "dp_sgd", "local_dp_sgd", "dp_fedavg", "distributed_dp")
 
 CHECKS: dict[str, Check] = {
-    "seed": at_least(0),
+    "seed": in_range(0, 2**32 - 1),
     "trainer": one_of("central", "federated"),
     "data.name": one_of("synthetic", "medmnist", "tfds", "image_folder"),
     "data.image_size": Check(lambda v: v == 0 or v >= 8, "0 (keep) or >= 8"),
     "data.channels": one_of(0, 1, 3),
     "data.task": one_of("", "multiclass", "binary", "multilabel"),
     "data.max_examples": at_least(0),
+    "data.num_classes": Check(lambda v: v == 0 or v >= 2, "0 (infer) or >= 2"),
     "data.val_fraction": in_range(0.0, 1.0, hi_open=True),
     "data.test_fraction": in_range(0.0, 1.0, lo_open=True, hi_open=True),
     "data.normalization": one_of("per_site", "fixed"),
@@ -187,11 +192,50 @@ REPLACED_FIELDS = {
 }
 
 
+# Every int field lies in this range unless INT_RANGES says otherwise: counts, sizes and steps
+# become int32 arrays on device (JAX without x64), so larger values would wrap silently.
+INT_RANGE = (-(2**31), 2**31 - 1)
+INT_RANGES = {
+    # jax.random.PRNGKey keeps only the low 32 bits without x64: larger seeds collide with
+    # small ones (PRNGKey(2**32 + 5) == PRNGKey(5)), so refuse them rather than alias runs.
+    "seed": (0, 2**32 - 1),
+}
+# Float fields that may be +-inf or nan (none today; a field that means "unbounded" goes here).
+NON_FINITE_OK: frozenset[str] = frozenset()
+
+
+def check_number(path: str, value: Any) -> None:
+    """The generic rules for a numeric leaf: floats finite, ints within their int range."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value) and path not in NON_FINITE_OK:
+        raise ConfigError(f"config field '{path}'={value!r} must be a finite number")
+    if isinstance(value, int):
+        lo, hi = INT_RANGES.get(path, INT_RANGE)
+        if not lo <= value <= hi:
+            raise ConfigError(f"config field '{path}'={value!r} must be in [{lo}, {hi}]")
+
+
+def _free_form_leaves(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, Mapping | ml_collections.ConfigDict):
+        for key, sub in value.items():
+            yield from _free_form_leaves(sub, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, sub in enumerate(value):
+            yield from _free_form_leaves(sub, f"{path}[{i}]")
+    else:
+        yield path, value
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every field of ``config``; raises :class:`ConfigError` on the first problem."""
     known = known_fields()
     seen = dict(flatten(config))
     for path, value in seen.items():
+        if path in FREE_FORM:
+            for leaf_path, leaf in _free_form_leaves(value, path):
+                if isinstance(leaf, float):  # ints in free-form sections have no known range
+                    check_number(leaf_path, leaf)
         if path in REPLACED_FIELDS:
             raise ConfigError(f"config field '{path}' was replaced: {REPLACED_FIELDS[path]}")
         if path not in known:
@@ -202,6 +246,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"config field '{path}' must be of type {type(default).__name__}, "
                 f"got {type(value).__name__} {value!r}"
             )
+        check_number(path, value)
         check = CHECKS.get(path)
         if check is not None and not check.ok(value):
             raise ConfigError(f"config field '{path}'={value!r} must be {check.allowed}")
@@ -276,6 +321,37 @@ def _check_mechanism_fields(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _check_data_fields(config: ml_collections.ConfigDict) -> None:
+    """Refuses data and partition fields that the chosen source would ignore or contradict."""
+    data, part = config.data, config.federated.partition
+    if data.sparse_labels and data.name != "medmnist":
+        raise ConfigError(
+            "config field 'data.sparse_labels' applies only to data.name='medmnist' (the other "
+            f"sources name their classes, so their ids are dense); it has no effect with "
+            f"data.name={data.name!r}"
+        )
+    if data.name == "synthetic":
+        s = data.synthetic
+        if data.num_classes not in (0, s.num_classes):
+            raise ConfigError(
+                f"config field 'data.num_classes'={data.num_classes} must be 0 or "
+                f"data.synthetic.num_classes={s.num_classes} (the synthetic benchmark has that "
+                "many classes)"
+            )
+        binary_ok = data.task == "binary" and s.num_classes == 2
+        if data.task not in ("", "multiclass") and not binary_ok:
+            raise ConfigError(
+                f"config field 'data.task'={data.task!r} does not fit the synthetic benchmark "
+                f"(multiclass with data.synthetic.num_classes={s.num_classes}; 'binary' needs 2)"
+            )
+        if part.method == "by_site" and part.num_clients not in (0, s.num_sites):
+            raise ConfigError(
+                f"config field 'federated.partition.num_clients'={part.num_clients} must be 0 or "
+                f"data.synthetic.num_sites={s.num_sites} with partition.method='by_site' (each "
+                "site is one client); use iid, dirichlet or quantity_skew for another number"
+            )
+
+
 def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
     """Rules that involve several fields."""
     data = config.data
@@ -288,6 +364,7 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
             "config fields 'data.val_fraction' + 'data.test_fraction' must be < 1, got "
             f"{data.val_fraction} + {data.test_fraction}"
         )
+    _check_data_fields(config)
     privacy = config.privacy
     if privacy.enabled and privacy.noise_multiplier == 0 and privacy.target_epsilon == 0:
         raise ConfigError(

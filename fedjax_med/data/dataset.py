@@ -129,10 +129,9 @@ def validate_dataset(data: ImageDataset, info: DatasetInfo, split: str) -> None:
             raise ValueError(f"{where}: labels must have shape (N,) = ({n},), got {labels.shape}")
         hi = 2 if info.task == "binary" else info.num_classes
         if labels.min() < 0 or labels.max() >= hi:
-            raise ValueError(
-                f"{where}: labels must lie in [0, {hi}), found range "
-                f"[{labels.min()}, {labels.max()}]"
-            )
+            values, counts = np.unique(labels[(labels < 0) | (labels >= hi)], return_counts=True)
+            found = ", ".join(f"{v} on {c} example(s)" for v, c in zip(values, counts, strict=True))
+            raise ValueError(f"{where}: labels must lie in [0, {hi}), found {found}")
     for field in ("sites", "patient_ids"):
         arr = getattr(data, field)
         if arr.shape != (n,):
@@ -205,3 +204,56 @@ def _check_patient_split(
         f"{sites} site(s), too few to divide into fractions {tuple(float(f) for f in fractions)}; "
         "give more patients their own patient_id"
     )
+
+
+def cap_per_split(splits: DatasetSplits, max_examples: int) -> DatasetSplits:
+    """Keeps at most ``max_examples`` of each split, drawn round-robin over sites.
+
+    Taking each site's first examples in turn keeps every site in a capped split (a federated
+    run on a capped benchmark still has all its clients) and is deterministic.
+    """
+    if max_examples < 1:
+        raise ValueError(f"{max_examples=} must be >= 1")
+
+    def cap(data: ImageDataset) -> ImageDataset:
+        if len(data) <= max_examples:
+            return data
+        rank = np.empty(len(data), np.int64)
+        for site in np.unique(data.sites):
+            idx = np.flatnonzero(data.sites == site)
+            rank[idx] = np.arange(len(idx))
+        keep = np.sort(np.argsort(rank, kind="stable")[:max_examples])
+        return data.take(keep)
+
+    return dataclasses.replace(
+        splits, train=cap(splits.train), val=cap(splits.val), test=cap(splits.test)
+    )
+
+
+def with_task(splits: DatasetSplits, task: str) -> DatasetSplits:
+    """``splits`` under the requested ``task``; only a two-class binary/multiclass switch exists.
+
+    Binary and two-class multiclass labels are the same ids in ``{0, 1}``; only the head differs
+    (one sigmoid logit or two softmax logits). Any other change would need other labels.
+    """
+    info = splits.info
+    if task == info.task:
+        return splits
+    if {task, info.task} == {"binary", "multiclass"} and info.num_classes == 2:
+        return dataclasses.replace(splits, info=dataclasses.replace(info, task=task))
+    raise ValueError(
+        f"data.task={task!r} does not fit {info.name}: its labels are {info.task} with "
+        f"{info.num_classes} classes (only a two-class dataset switches between binary and "
+        "multiclass); leave data.task empty to use the source's task"
+    )
+
+
+def check_num_classes(splits: DatasetSplits, declared: int) -> DatasetSplits:
+    """Refuses ``splits`` whose number of classes differs from the declared ``data.num_classes``."""
+    info = splits.info
+    if declared != info.num_classes:
+        names = ", ".join(info.class_names[:8]) + (", ..." if info.num_classes > 8 else "")
+        raise ValueError(
+            f"data.num_classes={declared} but {info.name} has {info.num_classes} classes ({names})"
+        )
+    return splits

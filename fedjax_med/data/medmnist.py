@@ -25,7 +25,12 @@ SITE_NAME = "medmnist"
 
 
 def load_medmnist(
-    path: str, *, task: str | None = None, max_examples: int | None = None
+    path: str,
+    *,
+    task: str | None = None,
+    max_examples: int | None = None,
+    num_classes: int | None = None,
+    sparse_labels: bool = False,
 ) -> dataset.DatasetSplits:
     """Reads a MedMNIST ``.npz`` file into validated train / val / test splits.
 
@@ -36,6 +41,13 @@ def load_medmnist(
         two-class file with a softmax head.
       max_examples: keep only the first ``max_examples`` of each split (for quick runs). Task and
         ``num_classes`` are inferred from the full file, so they do not change with truncation.
+      num_classes: the declared number of classes (``data.num_classes``): a label outside
+        ``[0, num_classes)`` is refused, naming the value and how many examples carry it; for
+        multi-label files it must equal the label width K. None infers it as the largest label + 1,
+        and then every class id below it must occur (a stray label 99 in a 4-class file would
+        otherwise make a 100-class task) unless ``sparse_labels``.
+      sparse_labels: accept inferred class ids with gaps (the head still has largest id + 1
+        outputs; the unused ones are never a target).
 
     Returns:
       Validated splits named after the file stem; uint8 images ``(N, H, W, C)``, int32 labels
@@ -89,7 +101,9 @@ def load_medmnist(
     if len(set(widths.values())) > 1:
         raise ValueError(f"{path}: label widths differ between splits: {widths}")
 
-    task, num_classes = _infer_task(np.concatenate(list(labels.values())), task, path)
+    if num_classes is not None and num_classes < 2:
+        raise ValueError(f"{num_classes=} must be None (infer) or >= 2")
+    task, num_classes = _infer_task(labels, task, path, num_classes, sparse_labels)
     if task != "multilabel":
         labels = {s: y[:, 0] for s, y in labels.items()}
 
@@ -141,15 +155,32 @@ def _check_labels(labels: np.ndarray, n: int, key: str) -> np.ndarray:
     return labels
 
 
-def _infer_task(labels: np.ndarray, task: str | None, path: str) -> tuple[str, int]:
-    """``(task, num_classes)`` from all labels ``(N, K)`` and the requested ``task``."""
-    width = labels.shape[1]
-    top = int(labels.max()) if labels.size else 0
+def _infer_task(
+    labels: dict[str, np.ndarray],
+    task: str | None,
+    path: str,
+    declared: int | None,
+    sparse_labels: bool,
+) -> tuple[str, int]:
+    """``(task, num_classes)`` from each split's labels ``(N, K)`` and the requested ``task``."""
+    everything = np.concatenate(list(labels.values()))
+    width = everything.shape[1]
+    top = int(everything.max()) if everything.size else 0
     if task is None:
-        task = "multilabel" if width > 1 else ("binary" if top <= 1 else "multiclass")
+        if width > 1:
+            task = "multilabel"
+        elif declared is not None:
+            task = "binary" if declared == 2 else "multiclass"
+        else:
+            task = "binary" if top <= 1 else "multiclass"
     if task == "multilabel":
         if top > 1:
             raise ValueError(f"{path}: task='multilabel' needs 0/1 labels, found value {top}")
+        if declared is not None and declared != width:
+            raise ValueError(
+                f"{path}: data.num_classes={declared} but the multi-label file has {width} "
+                "labels per example"
+            )
         return task, width
     if width != 1:
         raise ValueError(
@@ -157,7 +188,57 @@ def _infer_task(labels: np.ndarray, task: str | None, path: str) -> tuple[str, i
             "use task='multilabel' or None"
         )
     if task == "binary":
+        if declared not in (None, 2):
+            raise ValueError(f"{path}: task='binary' has 2 classes, data.num_classes={declared}")
         if top > 1:
-            raise ValueError(f"{path}: task='binary' needs labels in {{0, 1}}, found {top}")
+            stray = _describe_values(labels, lambda v: v > 1)
+            raise ValueError(f"{path}: task='binary' needs labels in {{0, 1}}, found {stray}")
         return task, 2
-    return task, max(top + 1, 2)
+    if declared is not None:
+        stray = _describe_values(labels, lambda v: v >= declared)
+        if stray:
+            raise ValueError(
+                f"{path}: labels must lie in [0, {declared}) (data.num_classes={declared}); "
+                f"found {stray}"
+            )
+        return task, declared
+    num_classes = max(top + 1, 2)
+    present = np.unique(everything)
+    missing = np.setdiff1d(np.arange(num_classes), present)
+    if missing.size and not sparse_labels and top > 1:
+        first_gap = int(missing[0])
+        stray = _describe_values(labels, lambda v: v > first_gap)
+        raise ValueError(
+            f"{path}: inferring the number of classes as {num_classes} (largest label + 1) leaves "
+            f"class ids {_ranges(missing)} with no example; labels above the gap: {stray}. A "
+            "stray label would make this a "
+            f"{num_classes}-class task: fix the file, declare data.num_classes (labels outside "
+            "it are refused), or set data.sparse_labels=True if the class ids really are sparse"
+        )
+    return task, num_classes
+
+
+def _describe_values(labels: dict[str, np.ndarray], offending) -> str:
+    """``"value 99 (1 example: train 1)"`` for every label value where ``offending(value)``."""
+    parts = []
+    values = np.unique(np.concatenate([y.ravel() for y in labels.values()]))
+    for value in (int(v) for v in values if offending(int(v))):
+        per_split = {s: int((y == value).sum()) for s, y in labels.items()}
+        total = sum(per_split.values())
+        where = ", ".join(f"{s}_labels {c}" for s, c in per_split.items() if c)
+        parts.append(f"value {value} on {total} example{'s' if total != 1 else ''} ({where})")
+    if len(parts) > 5:
+        parts = parts[:5] + [f"and {len(parts) - 5} more values"]
+    return "; ".join(parts)
+
+
+def _ranges(ids: np.ndarray) -> str:
+    """``"4..98"`` style list of runs of consecutive ids."""
+    runs, start = [], int(ids[0])
+    for prev, cur in zip(ids[:-1], ids[1:], strict=True):
+        if cur != prev + 1:
+            runs.append((start, int(prev)))
+            start = int(cur)
+    runs.append((start, int(ids[-1])))
+    text = [f"{a}" if a == b else f"{a}..{b}" for a, b in runs[:5]]
+    return ", ".join(text) + (", ..." if len(runs) > 5 else "")

@@ -4,13 +4,20 @@
 ``.npz``), ``tfds`` (tensorflow-datasets by name, random access) or ``image_folder``
 (``root/<site>/<class>/*.png``). Each loader lives in its own module and is imported lazily so
 that, e.g., tensorflow-datasets is only imported when used.
+
+Every ``data`` field acts on every source it applies to: where a loader does not do it itself,
+:func:`load_splits` caps each split at ``max_examples`` (round-robin over sites), converts to
+``channels`` and resizes to ``image_size`` afterwards, and checks ``num_classes`` and ``task``
+against what the source holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import ml_collections
+import numpy as np
 
 from fedjax_med.data import dataset as dataset_lib
 
@@ -71,10 +78,20 @@ def load_splits(data: ml_collections.ConfigDict, seed: int) -> dataset_lib.Datas
             seed=seed,
         )
         splits = synthetic.load_synthetic(spec, cache_dir(data))
+        splits = convert_images(splits, channels=channels, image_size=None)
+        if max_examples:
+            splits = dataset_lib.cap_per_split(splits, max_examples)
     elif data.name == "medmnist":
         from fedjax_med.data import medmnist
 
-        splits = medmnist.load_medmnist(data.path, task=task, max_examples=max_examples)
+        splits = medmnist.load_medmnist(
+            data.path,
+            task=task,
+            max_examples=max_examples,
+            num_classes=data.num_classes or None,
+            sparse_labels=data.sparse_labels,
+        )
+        splits = convert_images(splits, channels=channels, image_size=image_size)
     elif data.name == "image_folder":
         from fedjax_med.data import image_folder
 
@@ -86,6 +103,8 @@ def load_splits(data: ml_collections.ConfigDict, seed: int) -> dataset_lib.Datas
             test_fraction=data.test_fraction,
             seed=seed,
         )
+        if max_examples:
+            splits = dataset_lib.cap_per_split(splits, max_examples)
     elif data.name == "tfds":
         from fedjax_med.data import tfds_source
 
@@ -104,4 +123,35 @@ def load_splits(data: ml_collections.ConfigDict, seed: int) -> dataset_lib.Datas
             f"data.name={data.name!r} must be one of 'synthetic', 'medmnist', 'tfds', "
             "'image_folder'"
         )
+    if task is not None:
+        splits = dataset_lib.with_task(splits, task)
+    if data.num_classes:
+        splits = dataset_lib.check_num_classes(splits, data.num_classes)
     return dataset_lib.validate_splits(splits)
+
+
+def convert_images(
+    splits: dataset_lib.DatasetSplits, *, channels: int | None, image_size: int | None
+) -> dataset_lib.DatasetSplits:
+    """Every split converted to ``channels`` and resized to ``image_size`` (None: keep).
+
+    The same conversion as an image folder's (Pillow; ITU-R 601 luma for RGB to grayscale,
+    repeated gray for grayscale to RGB, bilinear resizing).
+    """
+    h, w, c = splits.info.image_shape
+    channels = channels or c
+    if channels == c and (image_size is None or (h, w) == (image_size, image_size)):
+        return splits
+    from fedjax_med.data import image_folder
+
+    def convert(d: dataset_lib.ImageDataset) -> dataset_lib.ImageDataset:
+        images = [
+            image_folder.convert_image(x, channels=channels, image_size=image_size)
+            for x in d.images
+        ]
+        return dataclasses.replace(d, images=np.stack(images))
+
+    parts = {name: convert(splits.split(name)) for name in ("train", "val", "test")}
+    shape = tuple(int(v) for v in parts["train"].images.shape[1:])
+    info = dataclasses.replace(splits.info, image_shape=shape)
+    return dataclasses.replace(splits, info=info, **parts)

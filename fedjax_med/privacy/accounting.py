@@ -40,6 +40,7 @@ import functools
 import math
 import numbers
 import warnings
+from collections.abc import Callable
 
 import dp_accounting
 import numpy as np
@@ -70,6 +71,11 @@ PLD_VALUE_DISCRETIZATION_INTERVAL = 1e-3
 # MIN meets is met with less noise too, but such targets are far beyond meaningful privacy).
 MIN_NOISE_MULTIPLIER = 0.1
 MAX_NOISE_MULTIPLIER = 1e4
+# The most compositions the PLD accountant is asked for. Its discretised loss distribution
+# widens with the number of steps, so its cost grows without bound (10^7 steps at sigma 20
+# takes about 30 s, 10^9 minutes), while RDP costs the same for any count; beyond this limit
+# PLD is refused, naming RDP (a valid, slightly looser upper bound) as the way on.
+PLD_MAX_STEPS = 10**6
 
 
 def check_noise_multiplier(noise_multiplier: float) -> None:
@@ -140,6 +146,34 @@ def sensitivity_relation(sampling: str) -> str:
     return _RELATIONS[sampling]
 
 
+def composed_steps(event: dp_accounting.DpEvent) -> int:
+    """How many releases ``event`` composes (self-compositions multiply, compositions add)."""
+    if isinstance(event, dp_accounting.SelfComposedDpEvent):
+        return int(event.count) * composed_steps(event.event)
+    if isinstance(event, dp_accounting.ComposedDpEvent):
+        return sum(composed_steps(e) for e in event.events)
+    return 1
+
+
+def check_pld_work(steps: int) -> None:
+    """Refuses PLD accounting of more than :data:`PLD_MAX_STEPS` steps, naming the limit.
+
+    Examples:
+      >>> check_pld_work(PLD_MAX_STEPS)
+      >>> check_pld_work(10**9)
+      Traceback (most recent call last):
+      ...
+      ValueError: accountant='pld' composes at most PLD_MAX_STEPS=1000000 steps, asked for ...
+    """
+    if steps > PLD_MAX_STEPS:
+        raise ValueError(
+            f"accountant='pld' composes at most PLD_MAX_STEPS={PLD_MAX_STEPS} steps, asked for "
+            f"{steps}: its discretised privacy loss distribution grows with the steps and would "
+            "take minutes or more; use accountant='rdp' (an upper bound on the same epsilon, "
+            "about a second for any number of steps)"
+        )
+
+
 def check_delta(delta: float, num_units: int | None = None) -> None:
     """Validates ``delta``: error unless ``0 < delta < 1``; warning if ``delta >= 1 / N``.
 
@@ -159,6 +193,10 @@ def check_delta(delta: float, num_units: int | None = None) -> None:
     """
     if not (isinstance(delta, numbers.Real) and 0 < delta < 1):
         raise ValueError(f"{delta=} must be in (0, 1)")
+    if num_units is not None and (
+        isinstance(num_units, bool) or not isinstance(num_units, numbers.Integral) or num_units < 1
+    ):
+        raise ValueError(f"{num_units=} (the number of units of privacy) must be an integer >= 1")
     if num_units is not None and delta >= 1 / num_units:
         warnings.warn(
             f"{delta=} >= 1/num_units = {1 / num_units:.3g}: such a delta permits publishing a "
@@ -301,6 +339,8 @@ def epsilon(
     check_accountant(accountant)
     if not value_discretization_interval > 0:
         raise ValueError(f"{value_discretization_interval=} must be > 0")
+    if accountant == "pld":
+        check_pld_work(composed_steps(event))
     return _epsilon(event, float(delta), accountant, float(value_discretization_interval))
 
 
@@ -333,6 +373,7 @@ def calibrate_noise_multiplier(
     sampling: str = "poisson",
     num_examples: int | None = None,
     batch_size: int | None = None,
+    progress: Callable[[str, float, float], None] | None = None,
 ) -> float:
     """The smallest noise multiplier (within ``tolerance``) with epsilon ``<= target_epsilon``.
 
@@ -357,6 +398,8 @@ def calibrate_noise_multiplier(
       sampling: ``"poisson"`` (default) or ``"shuffle"``, as in :func:`dpsgd_event`.
       num_examples: ``N``, required for ``"shuffle"``.
       batch_size: ``b``, required for ``"shuffle"``.
+      progress: called as ``progress(accountant, sigma, epsilon)`` after every epsilon
+        evaluation of the search (for a command line to show long work; also a work count).
 
     Returns:
       ``sigma`` with ``epsilon(dpsgd_event(sigma, q, T, sampling, N, b), delta) <=
@@ -389,13 +432,18 @@ def calibrate_noise_multiplier(
         raise ValueError(f"{tolerance=} must be in (0, 1)")
     # Validates num_examples and batch_size against sampling and sampling_rate before searching.
     dpsgd_event(1.0, sampling_rate, steps, sampling, num_examples, batch_size)
+    if accountant == "pld":
+        check_pld_work(steps)
 
     def eps_fn(acc):
         def fn(sigma):
             event = dpsgd_event(sigma, sampling_rate, steps, sampling, num_examples, batch_size)
-            return epsilon(
+            eps = epsilon(
                 event, delta, acc, value_discretization_interval=value_discretization_interval
             )
+            if progress is not None:
+                progress(acc, sigma, eps)
+            return eps
 
         return fn
 

@@ -201,3 +201,32 @@ def planned_ledger(
         sampling=sampling,
         **extra,
     )
+
+
+def check_affords_one(
+    ledger: PrivacyLedger, *, release: str = "step", field: str = "privacy.target_epsilon"
+) -> PrivacyLedger:
+    """Returns ``ledger`` if it can take one more release; else a ``ValueError`` with the bound.
+
+    A run whose budget cannot afford its first release would train nothing and still report;
+    this is known before anything is compiled, so it is refused with the reachable bound: the
+    epsilon one release spends at the configured noise.
+
+    Examples:
+      >>> ledger = PrivacyLedger(noise_multiplier=0.5, sampling_rate=0.5, delta=1e-5,
+      ...                        target_epsilon=0.01)
+      >>> check_affords_one(ledger)
+      Traceback (most recent call last):
+      ...
+      ValueError: privacy.target_epsilon=0.01 cannot afford one step: ...
+    """
+    if ledger.can_take(1):
+        return ledger
+    one = ledger.epsilon(ledger.steps_taken + 1)
+    raise ValueError(
+        f"{field}={ledger.target_epsilon:g} cannot afford one {release}: one {release} at "
+        f"noise multiplier {ledger.noise_multiplier:g} and sampling rate "
+        f"{ledger.sampling_rate:.4g} already spends epsilon {one:.4g} at delta "
+        f"{ledger.delta:g}; set {field} >= {one:.4g}, or more noise (privacy.noise_multiplier, "
+        "or 0 to calibrate it to the target)"
+    )

@@ -100,7 +100,7 @@ def secure_sum_ring(
     rand = randomness or randomness_lib.Randomness("secure")
     inputs = np.asarray(inputs, np.uint64)
     n, d = inputs.shape
-    gone = set(int(u) for u in dropped)
+    gone = secagg.check_client_ids(dropped, n, "dropped")
     servers = [AggregationServer(range(n), dim=d, bits=bits) for _ in range(num_servers)]
     word = -(-bits // 8)
     sent = dict.fromkeys(range(n), 0)
@@ -169,6 +169,10 @@ def secure_sum(
     rand = secagg._resolve(randomness, seed, deterministic_shares)
     vectors = np.asarray(vectors, np.float64)
     n = vectors.shape[0]
+    dropped = secagg.check_client_ids(dropped, n, "dropped")
+    secagg.check_finite_rows(vectors, dropped)
+    vectors = vectors.copy()
+    vectors[sorted(dropped)] = 0.0  # a dropped client sends nothing; its row is never encoded
     enc = field.FieldEncoder(clip, n, bits, stochastic)
     ring = np.stack(
         [

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Iterable, Mapping
 
@@ -725,6 +726,33 @@ def _resolve(
     return randomness_lib.Randomness("secure")
 
 
+def check_client_ids(ids: Iterable[int], n: int, argument: str) -> set[int]:
+    """``ids`` as a set, refusing any that is not a client id in ``[0, n)`` (naming ``argument``).
+
+    A dropout id that names no client would otherwise be ignored silently, and the round would
+    count a client as surviving that the caller meant to drop.
+    """
+    out = set()
+    for u in ids:
+        if isinstance(u, bool) or not isinstance(u, numbers.Integral) or not 0 <= u < n:
+            raise ValueError(f"{argument} holds {u!r}, which is not a client id in [0, {n})")
+        out.add(int(u))
+    return out
+
+
+def check_finite_rows(vectors: np.ndarray, dropped: set[int]) -> None:
+    """Refuses a non-finite coordinate in a surviving client's row (encoding would make it 0)."""
+    bad = ~np.isfinite(vectors)
+    bad[sorted(dropped)] = False  # a dropped client's row is never sent
+    if bad.any():
+        u, j = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"vectors[{u}, {j}]={vectors[u, j]} (client {u}) is not finite: fixed-point encoding "
+            f"would sum it as a clipped number; {int(bad.any(axis=1).sum())} client(s) hold "
+            "non-finite coordinates; screen or drop them before the secure sum"
+        )
+
+
 def secure_sum_ring(
     inputs: np.ndarray,
     *,
@@ -788,7 +816,8 @@ def secure_sum_ring(
     sent = dict.fromkeys(ids, 0)
     recv = dict.fromkeys(ids, 0)
     seconds = {}
-    drop_mask, drop_unmask = set(dropout_after_masking), set(dropout_before_unmasking)
+    drop_mask = check_client_ids(dropout_after_masking, n, "dropout_after_masking")
+    drop_unmask = check_client_ids(dropout_before_unmasking, n, "dropout_before_unmasking")
 
     def upload(msg):
         sent[msg.sender] += msg.nbytes
@@ -899,6 +928,10 @@ def secure_sum(
         dropped = set(dropped) | set(dropout_after_masking)
     vectors = np.asarray(vectors, np.float64)
     n = vectors.shape[0]
+    dropped = check_client_ids(dropped, n, "dropped")
+    check_finite_rows(vectors, dropped)
+    vectors = vectors.copy()
+    vectors[sorted(dropped)] = 0.0  # a dropped client sends nothing; its row is never encoded
     enc = field.FieldEncoder(clip, n, bits, stochastic)
     ring = np.stack(
         [

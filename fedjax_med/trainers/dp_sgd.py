@@ -133,6 +133,7 @@ def make_plan(
         sampling=sampling_kind,
         **extra,
     )
+    budget.check_affords_one(ledger, release="step")
     # Sampling and noise draw from the same mode: secure runs take both from the OS's entropy.
     rng = randomness.Randomness(p.noise_seed, config.seed)
     capacity = sampling.poisson_batch_capacity(

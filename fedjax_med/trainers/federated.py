@@ -140,6 +140,12 @@ def build_federation(
                 f"federated.partition.method='by_site' needs training images at every site; "
                 f"site {info.site_names[missing[0]]!r} has none"
             )
+        if p.num_clients not in (0, len(info.site_names)):
+            raise ValueError(
+                f"config field 'federated.partition.num_clients'={p.num_clients} must be 0 or "
+                f"the number of sites ({len(info.site_names)}) with method='by_site' (each site "
+                "is one client); use iid, dirichlet or quantity_skew for another number"
+            )
         num_clients = len(info.site_names)
     indices, names = partition.partition(
         splits.train,
@@ -262,18 +268,17 @@ def make_local_update(
 # ---- ledgers, by mechanism -------------------------------------------------------------------
 def _client_level_ledger(config, federation, noise_multiplier):
     p, f = config.privacy, config.federated
-    return ledgers.ClientLevelLedger(
-        budget.planned_ledger(
-            noise_multiplier=noise_multiplier,
-            sampling_rate=(f.clients_per_round or federation.num_clients) / federation.num_clients,
-            planned_steps=f.rounds,
-            delta=p.delta,
-            target_epsilon=p.target_epsilon,
-            accountant=p.accountant,
-            unit="client",
-            num_examples=federation.num_clients,
-        )
+    ledger = budget.planned_ledger(
+        noise_multiplier=noise_multiplier,
+        sampling_rate=(f.clients_per_round or federation.num_clients) / federation.num_clients,
+        planned_steps=f.rounds,
+        delta=p.delta,
+        target_epsilon=p.target_epsilon,
+        accountant=p.accountant,
+        unit="client",
+        num_examples=federation.num_clients,
     )
+    return ledgers.ClientLevelLedger(budget.check_affords_one(ledger, release="round"))
 
 
 def _site_ledgers(config, federation, data, noise_multiplier):
@@ -284,7 +289,7 @@ def _site_ledgers(config, federation, data, noise_multiplier):
         client_lib.num_units(data) if p.unit == "patient" else federation.counts, np.int64
     )
     accounting.check_delta(p.delta, int(counts.min()))
-    return ledgers.SiteLedgers(
+    site_ledgers = ledgers.SiteLedgers(
         names=names,
         num_units=counts,
         unit=p.unit,
@@ -295,6 +300,19 @@ def _site_ledgers(config, federation, data, noise_multiplier):
         delta=p.delta,
         accountant=p.accountant,
     )
+    # A site that cannot afford one round would silently never contribute: refuse it up front.
+    for k, name in enumerate(names):
+        if not site_ledgers.can_take(k, f.local_steps):
+            one = site_ledgers.epsilon(k, f.local_steps)
+            raise ValueError(
+                f"site {name!r}: target epsilon {site_ledgers.targets[k]:g} (privacy."
+                "target_epsilon or federated.site_target_epsilons) cannot afford one round: "
+                f"{f.local_steps} local steps at privacy.noise_multiplier={p.noise_multiplier:g} "
+                f"and sampling rate {site_ledgers.sampling_rate(k):.4g} already spend epsilon "
+                f"{one:.4g} at delta {p.delta:g}; set that site's target >= {one:.4g}, or raise "
+                "the noise or lower federated.local_steps"
+            )
+    return site_ledgers
 
 
 def _distributed_ledger(config, federation, data, noise_multiplier, ddp):

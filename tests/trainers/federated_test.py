@@ -96,24 +96,31 @@ def test_eval_command_reads_federated_checkpoint(fedavg_run):
 
 
 def test_local_dp_sgd_reports_each_site(tmp_path):
-    config = config_of(
-        "fedavg.py",
+    from fedjax_med.data import sources
+    from fedjax_med.federated import client as client_lib
+
+    overrides = (
         "--config.privacy.enabled=True",
         "--config.privacy.noise_multiplier=1.0",
         "--config.privacy.delta=1e-3",
-        "--config.federated.site_target_epsilons=hospital_1=1e-3",
         "--config.data.normalization=fixed",
+    )
+    config = config_of("fedavg.py", *overrides)
+    fed = federated.build_federation(config, sources.load_splits(config.data, config.seed))
+    # hospital_1's budget affords one round (2 local steps) but not a second one.
+    budget_1 = client_lib.local_dp_epsilon(1.0, 8, int(fed.counts[1]), 3, 1e-3)
+    config = config_of(
+        "fedavg.py", *overrides, f"--config.federated.site_target_epsilons=hospital_1={budget_1}"
     )
     report = federated.run_rounds(config, str(tmp_path), quiet=True)
     privacy = report["privacy"]
     eps = privacy["per_site_epsilon"]
     assert set(eps) == {"hospital_0", "hospital_1", "hospital_2"}
-    # hospital_1's tiny budget admits no round: it never trained, and the report says when.
-    assert eps["hospital_1"] == 0.0
-    assert privacy["site_budget_exhausted_at_round"] == {"hospital_1": 0}
+    # hospital_1 trained one round, then its budget kept it out, and the report says when.
+    assert privacy["steps"]["hospital_1"] == 2
+    assert privacy["site_budget_exhausted_at_round"] == {"hospital_1": 1}
     assert privacy["steps"]["hospital_0"] == 3 * 2  # 3 rounds x 2 local steps
     n0 = report["federated"]["client_sizes"][0]
-    from fedjax_med.federated import client as client_lib
 
     assert eps["hospital_0"] == pytest.approx(
         client_lib.local_dp_epsilon(1.0, 8, n0, 6, 1e-3), rel=1e-6
