@@ -31,7 +31,6 @@ import dataclasses
 import logging
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -39,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
 from fedjax_med import randomness
 from fedjax_med.config import loading, schema
@@ -52,7 +50,7 @@ from fedjax_med.privacy import accounting, budget
 from fedjax_med.secure import distributed_dp, secagg
 from fedjax_med.trainers import ledgers
 from fedjax_med.trainers import run as run_lib
-from fedjax_med.training import checkpoint, evaluate, report, setup
+from fedjax_med.training import checkpoint, evaluate, progress, report, setup
 from fedjax_med.training import workdir as workdir_lib
 
 logger = logging.getLogger("fedjax_med")
@@ -607,7 +605,7 @@ def run_rounds(
     start = int(state.round)
     planned = (f.rounds if stop_at_round is None else min(stop_at_round, f.rounds)) - start
     end = start + plan.ledger.allowed(start, planned)
-    bar = tqdm.tqdm(total=f.rounds, initial=start, disable=quiet, file=sys.stderr, unit="round")
+    bar = progress.progress_bar(f.rounds, start, "round", quiet)
     run_start = time.perf_counter()
     for round_num in range(start, end):
         cohort = plan.ledger.admit(plan.sampler.sample(round_num), round_num)
