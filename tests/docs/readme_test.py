@@ -3,15 +3,16 @@
 The ```python blocks run top to bottom in an empty folder. Of the ```bash blocks, every command
 (``&&`` splits a line, ``\\`` continues it, ``#`` starts a comment) runs through
 ``fedjax_med.cli.main.main`` in that folder (``configs/...`` paths taken from the checkout)
-when it is cheap: a ``:tiny`` or ``:smoke`` variant
-(``quickstart:tiny``, ``dp_sgd:patient,tiny``), ``fedjax-med configs``, or ``privacy epsilon`` /
-``privacy calibrate``. The others are skipped, each for a reason of :func:`skip_reason`:
+when it is cheap: a ``:tiny`` or ``:smoke`` variant (``quickstart:tiny``,
+``dp_sgd:patient,tiny``), ``fedjax-med configs``, or ``privacy epsilon`` / ``privacy
+calibrate``. The others are skipped, each for a reason of :func:`skip_reason`:
 
 - installs (``pip install ...``) and the test suite itself (``ruff check .``, ``pytest``);
-- full-size training runs (``configs/quickstart.py``, ``dp_sgd.py``, ``dp_sgd.py:patient``,
-  ``fedavg.py``, ``dp_fedavg.py``, ``fedprox_noniid.py``; 40 s to 4 min each) and the full
-  privacy report (``configs/privacy_report.py``, minutes): the measured numbers next to them
-  are theirs; their ``:tiny`` / ``:smoke`` forms run here and in tests/trainers;
+- full-size training runs (``quickstart``, ``configs/quickstart.py``, ``dp_sgd.py``,
+  ``dp_sgd.py:patient``, ``fedavg.py``, ``dp_fedavg.py``, ``fedprox_noniid.py``; 40 s to 4 min
+  each) and the full privacy report (``configs/privacy_report.py``, minutes): the measured
+  numbers next to them are theirs; their ``:tiny`` / ``:smoke`` forms run here and in
+  tests/trainers;
 - ``fedjax-med attack ...`` lines, which attack those full runs' workdirs
   (``runs/quickstart``, ``runs/dp_sgd``); tests/cli/attack_test.py runs each attack on tiny runs.
 
@@ -59,7 +60,7 @@ def skip_reason(command: str) -> str | None:
         return None
     if command.startswith("fedjax-med attack "):
         return "attacks a full run's workdir"
-    if command.startswith(("fedjax-med train --config configs/", "fedjax-med report --config")):
+    if command.startswith(("fedjax-med train --config ", "fedjax-med report --config ")):
         return "full-size run"
     raise AssertionError(f"README command neither cheap nor skipped for a named reason: {command}")
 
