@@ -1,7 +1,8 @@
 """The ``fedjax-med`` command line: parse arguments, load the config, call the library.
 
 Subcommands: ``train``, ``eval``, ``data describe``, ``privacy`` (epsilon and calibration),
-``attack`` (against one run) and ``report`` (the privacy report over several settings).
+``attack`` (against one run), ``report`` (the privacy report over several settings) and
+``configs`` (the built-in configs).
 User errors (missing file, bad override, invalid value) print one ``error:`` line and exit 2;
 ``--debug`` shows the traceback instead.
 """
@@ -42,8 +43,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         "--config",
         required=True,
         metavar="FILE.py[:ARG]",
-        help="config file defining get_config(); fields can be overridden with "
-        "--config.FIELD=VALUE, e.g. --config.train.steps=100",
+        help="config file defining get_config(), or a built-in config's name (listed by "
+        "fedjax-med configs; a path that exists wins), e.g. quickstart:tiny; fields can be "
+        "overridden with --config.FIELD=VALUE, e.g. --config.train.steps=100",
     )
 
 
@@ -101,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     privacy_cli.register(sub)
     attack_cli.register(sub)
+    sub.add_parser(
+        "configs",
+        help="list the built-in configs",
+        description="List the built-in configs (--config NAME[:ARG]) with their one-line "
+        "docstrings.",
+    )
 
     report = sub.add_parser(
         "report",
@@ -155,6 +163,15 @@ def run_data_describe(args, overrides: Sequence[str]) -> int:
     config = loading.load_config(args.config, overrides)
     summary = describe.summarize(sources.load_splits(config.data, config.seed))
     print(json.dumps(summary, indent=2) if args.json else describe.format_table(summary))
+    return 0
+
+
+def run_configs() -> int:
+    """``fedjax-med configs``: prints each built-in config's name and one-line docstring."""
+    names = loading.builtin_configs()
+    width = max(map(len, names))
+    for name, line in names.items():
+        print(f"{name:<{width}}  {line}")
     return 0
 
 
@@ -213,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return attack_cli.run(args)
         if args.command == "privacy":
             return privacy_cli.run(args)
+        if args.command == "configs":
+            return run_configs()
         parser.error(f"unknown command {args.command}")
     except USER_ERRORS as err:
         if getattr(args, "debug", False):

@@ -102,7 +102,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.federated.local_steps = 5  # minibatch SGD steps per client per round
     config.federated.client_batch_size = 32
     config.federated.client_lr = 0.05
-    config.federated.server_lr = 1.0
+    # 0 = the algorithm's default (trainers/federated.py: DEFAULT_SERVER_LR): 1.0 for fedavg,
+    # fedprox, scaffold, fedavgm and dp_fedavg; 0.01 for fedadam and fedyogi; 0.1 for fedadagrad.
+    config.federated.server_lr = 0.0
     config.federated.server_momentum = 0.9  # fedavgm
     config.federated.server_tau = 1e-3  # fedadam / fedyogi / fedadagrad adaptivity
     config.federated.prox_mu = 0.01  # fedprox

@@ -1,19 +1,22 @@
-"""Loads ``configs/*.py`` files, applies ``--config.a.b=value`` overrides and validates.
+"""Loads config files, applies ``--config.a.b=value`` overrides and validates.
 
 A config file defines ``get_config()`` or ``get_config(arg)`` returning a ``ConfigDict``;
-``path/to/file.py:arg`` passes ``arg`` (e.g. ``configs/quickstart.py:tiny``). Override values are
-parsed by the type of the field they replace, so ``--config.train.steps=10`` is an int and
-``--config.data.name=medmnist`` a string.
+``path/to/file.py:arg`` passes ``arg`` (e.g. ``configs/quickstart.py:tiny``), and a built-in
+name (a module of ``fedjax_med/configs``) stands for its file (``quickstart:tiny``). Override
+values are parsed by the type of the field they replace, so ``--config.train.steps=10`` is an int
+and ``--config.data.name=medmnist`` a string.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import importlib.machinery
 import importlib.util
 import inspect
 import json
 import os
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +25,36 @@ import ml_collections
 from fedjax_med.config import base, schema
 
 OVERRIDE_PREFIX = "--config."
+# The built-in configs: files of the fedjax_med.configs package, found by path (not imported), so
+# the config layer imports nothing above it and an installed wheel needs no checkout.
+BUILTIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def builtin_configs() -> dict[str, str]:
+    """Built-in config name -> the first line of its docstring, sorted by name.
+
+    Examples:
+      >>> "quickstart" in builtin_configs()
+      True
+    """
+    names = {}
+    for path in sorted(BUILTIN_DIR.glob("[!_]*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        names[path.stem] = doc.strip().splitlines()[0] if doc.strip() else ""
+    return names
+
+
+def resolve_config_path(path: str) -> str:
+    """``path`` if it is a file, else the built-in config named ``path`` (``quickstart``)."""
+    if os.path.isfile(path):
+        return path
+    builtin = BUILTIN_DIR / f"{path}.py"
+    if os.sep not in path and "/" not in path and builtin.is_file():
+        return str(builtin)
+    raise schema.ConfigError(
+        f"config file '{path}' does not exist and is no built-in config "
+        f"(built-in: {', '.join(builtin_configs())})"
+    )
 
 
 def parse_arg(arg: str, allowed: Sequence[str], config_file: str) -> frozenset[str]:
@@ -58,11 +91,14 @@ def _config_file_errors(path: str):
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """Imports ``file.py[:arg]`` and returns its ``get_config(...)`` (not yet validated)."""
+    """Imports ``file.py[:arg]`` or ``name[:arg]`` (a built-in) and returns its ``get_config(...)``.
+
+    A path that exists wins over a built-in name; the config is not yet validated.
+    """
     path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise schema.ConfigError(f"config file '{path}' does not exist")
-    module_spec = importlib.util.spec_from_file_location("fedjax_med_user_config", path)
+    path = resolve_config_path(path)
+    loader = importlib.machinery.SourceFileLoader("fedjax_med_user_config", path)  # any suffix
+    module_spec = importlib.util.spec_from_loader(loader.name, loader)
     module = importlib.util.module_from_spec(module_spec)
     with _config_file_errors(path):
         module_spec.loader.exec_module(module)

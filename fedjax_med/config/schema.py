@@ -108,7 +108,7 @@ CHECKS: dict[str, Check] = {
     "federated.local_steps": at_least(1),
     "federated.client_batch_size": at_least(1),
     "federated.client_lr": greater_than(0.0),
-    "federated.server_lr": greater_than(0.0),
+    "federated.server_lr": at_least(0.0),  # 0 = the algorithm's default
     "federated.server_momentum": in_range(0.0, 1.0, hi_open=True),
     "federated.server_tau": greater_than(0.0),
     "federated.prox_mu": at_least(0.0),

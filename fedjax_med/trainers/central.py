@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +28,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 
 from fedjax_med.config import loading
 from fedjax_med.data import dataset as dataset_lib
@@ -37,7 +35,7 @@ from fedjax_med.data import pipeline, preprocess
 from fedjax_med.models import losses, registry
 from fedjax_med.trainers import dp_sgd
 from fedjax_med.trainers import run as run_lib
-from fedjax_med.training import checkpoint, evaluate, optimizers, parallel, report, setup
+from fedjax_med.training import checkpoint, evaluate, optimizers, parallel, progress, report, setup
 from fedjax_med.training import state as state_lib
 from fedjax_med.training import workdir as workdir_lib
 
@@ -363,9 +361,7 @@ def train_and_evaluate(
     start = int(state.step)
     planned = train_cfg.steps if stop_at_step is None else min(stop_at_step, train_cfg.steps)
     end = start + run.ledger.allowed(start, planned - start)
-    bar = tqdm.tqdm(
-        total=train_cfg.steps, initial=start, disable=quiet, file=sys.stderr, unit="step"
-    )
+    bar = progress.progress_bar(train_cfg.steps, start, "step", quiet, train_cfg.log_every)
     run_start = time.perf_counter()
     for step in range(start, end):
         t0 = time.perf_counter()

@@ -31,7 +31,6 @@ import dataclasses
 import logging
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -39,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
 from fedjax_med import randomness
 from fedjax_med.config import loading, schema
@@ -52,7 +50,7 @@ from fedjax_med.privacy import accounting, budget
 from fedjax_med.secure import distributed_dp, secagg
 from fedjax_med.trainers import ledgers
 from fedjax_med.trainers import run as run_lib
-from fedjax_med.training import checkpoint, evaluate, report, setup
+from fedjax_med.training import checkpoint, evaluate, progress, report, setup
 from fedjax_med.training import workdir as workdir_lib
 
 logger = logging.getLogger("fedjax_med")
@@ -160,15 +158,39 @@ def build_federation(
 
 
 # ---- algorithms, by name ---------------------------------------------------------------------
+# federated.algorithm -> the server learning rate ``federated.server_lr = 0`` stands for: each
+# converges on the embedded data (tests/trainers/server_lr_test.py). The adaptive optimizers take
+# steps of about ``server_lr`` per coordinate whatever the update's scale, so they need the small
+# rates Reddi et al. 2021 (arXiv:2003.00295) tune per optimizer: ~1e-2 for Adam and Yogi, 1e-1 for
+# Adagrad (whose steps shrink as squared updates accumulate). The averaging family applies the
+# mean client delta itself (1.0); FedAvgM's momentum 0.9 already scales it up tenfold.
+DEFAULT_SERVER_LR = {
+    "fedavg": 1.0,
+    "fedprox": 1.0,
+    "scaffold": 1.0,
+    "fedavgm": 1.0,
+    "dp_fedavg": 1.0,
+    "fedadam": 1e-2,
+    "fedyogi": 1e-2,
+    "fedadagrad": 1e-1,
+}
+
+
+def server_lr(f: ml_collections.ConfigDict) -> float:
+    """``federated.server_lr``, or the algorithm's :data:`DEFAULT_SERVER_LR` where it is 0."""
+    return float(f.server_lr) or DEFAULT_SERVER_LR[f.algorithm]
+
+
 def _server_optimizer(f: ml_collections.ConfigDict):
     """The server optimizer of ``federated.algorithm`` (Reddi et al. 2021 for the adaptive)."""
+    lr = server_lr(f)
     builders = {
-        "fedavgm": lambda: server_optimizers.fedavgm(f.server_lr, f.server_momentum),
-        "fedadam": lambda: server_optimizers.fedadam(f.server_lr, tau=f.server_tau),
-        "fedyogi": lambda: server_optimizers.fedyogi(f.server_lr, tau=f.server_tau),
-        "fedadagrad": lambda: server_optimizers.fedadagrad(f.server_lr, tau=f.server_tau),
+        "fedavgm": lambda: server_optimizers.fedavgm(lr, f.server_momentum),
+        "fedadam": lambda: server_optimizers.fedadam(lr, tau=f.server_tau),
+        "fedyogi": lambda: server_optimizers.fedyogi(lr, tau=f.server_tau),
+        "fedadagrad": lambda: server_optimizers.fedadagrad(lr, tau=f.server_tau),
     }
-    return builders.get(f.algorithm, lambda: server_optimizers.fedavg(f.server_lr))()
+    return builders.get(f.algorithm, lambda: server_optimizers.fedavg(lr))()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,17 +244,17 @@ def _dp_fedavg(inputs: AlgorithmInputs) -> algorithms.FederatedAlgorithm:
 # federated.algorithm -> builder: the one table of algorithms the trainer runs.
 ALGORITHMS = {
     "fedavg": lambda i: algorithms.fedavg(
-        i.local_update, i.data, server_lr=i.config.federated.server_lr, options=i.options
+        i.local_update, i.data, server_lr=server_lr(i.config.federated), options=i.options
     ),
     "fedprox": lambda i: algorithms.fedprox(
         i.local_update,
         i.data,
         mu=i.config.federated.prox_mu,
-        server_lr=i.config.federated.server_lr,
+        server_lr=server_lr(i.config.federated),
         options=i.options,
     ),
     "scaffold": lambda i: algorithms.scaffold(
-        i.local_update, i.data, server_lr=i.config.federated.server_lr, options=i.options
+        i.local_update, i.data, server_lr=server_lr(i.config.federated), options=i.options
     ),
     "fedavgm": _fedopt,
     "fedadam": _fedopt,
@@ -612,7 +634,7 @@ def run_rounds(
     start = int(state.round)
     planned = (f.rounds if stop_at_round is None else min(stop_at_round, f.rounds)) - start
     end = start + plan.ledger.allowed(start, planned)
-    bar = tqdm.tqdm(total=f.rounds, initial=start, disable=quiet, file=sys.stderr, unit="round")
+    bar = progress.progress_bar(f.rounds, start, "round", quiet)
     run_start = time.perf_counter()
     for round_num in range(start, end):
         cohort = plan.ledger.admit(plan.sampler.sample(round_num), round_num)
@@ -658,6 +680,7 @@ def _federation_summary(plan: FederatedPlan, end: int) -> dict[str, Any]:
         "client_sizes": np.asarray(plan.federation.counts).tolist(),
         "partition": f.partition.method,
         "local_steps": f.local_steps,
+        "server_lr": server_lr(f),
         "backend": plan.algorithm.for_each.backend,
         "secure_aggregation": f.secure_aggregation,
         "mechanism": plan.mechanism,
