@@ -68,7 +68,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.privacy = ml_collections.ConfigDict()
     # What runs: auto (from the fields below) | none | dp_sgd (central trainer, privacy.enabled) |
     # local_dp_sgd (federated, privacy.enabled) | dp_fedavg (federated.algorithm) |
-    # distributed_dp (federated.distributed_dp). An explicit value must agree with those fields.
+    # distributed_dp (secure_aggregation.distributed_dp). An explicit value must agree with those
+    # fields.
     config.privacy.mechanism = "auto"
     config.privacy.enabled = False
     config.privacy.unit = "example"  # example | patient: what one neighbouring dataset differs by
@@ -128,18 +129,21 @@ def get_base_config() -> ml_collections.ConfigDict:
     # steps on its own training images and is evaluated on its own test images (0 = off;
     # needs federated.partition.method = "by_site").
     config.federated.personalization_steps = 0
-    # Secure aggregation of the round's updates: none | secagg | secagg_plus | additive. Deltas
-    # are clipped per coordinate to secagg_clip before fixed-point encoding. The protocol's
-    # neighbours k and Shamir threshold t follow Bell et al. (CCS 2020) from the number of
-    # clients, the fraction that may drop out (secagg_dropout_rate) and the fraction assumed to
-    # collude with the server (secagg_corrupted_fraction).
-    config.federated.secure_aggregation = "none"
-    config.federated.secagg_clip = 0.5
-    config.federated.secagg_dropout_rate = 0.05
-    config.federated.secagg_corrupted_fraction = 0.0
+
+    # ---- secure aggregation of federated rounds (config.trainer = "federated") -------------------
+    config.secure_aggregation = ml_collections.ConfigDict()
+    # none | secagg (Bonawitz et al. 2017) | secagg_plus (Bell et al. 2020) | additive (shares
+    # among non-colluding servers). Deltas are clipped per coordinate to clip before fixed-point
+    # encoding. SecAgg+'s neighbours k and Shamir threshold t follow Bell et al. from the number of
+    # clients, the fraction that may drop out (dropout_rate) and the fraction assumed to collude
+    # with the server (corrupted_fraction).
+    config.secure_aggregation.method = "none"
+    config.secure_aggregation.clip = 0.5
+    config.secure_aggregation.dropout_rate = 0.05
+    config.secure_aggregation.corrupted_fraction = 0.0
     # Distributed DP with secagg / secagg_plus: clients clip to privacy.clip_norm and add integer
     # noise (none | discrete_gaussian | skellam) so the secure sum carries privacy.noise_multiplier.
-    config.federated.distributed_dp = "none"
+    config.secure_aggregation.distributed_dp = "none"
 
     # ---- training loop ---------------------------------------------------------------------
     config.train = ml_collections.ConfigDict()
@@ -156,7 +160,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # ---- privacy report (fedjax-med report; ignored by train) ------------------------------
     config.report = ml_collections.ConfigDict()
     # Free-form: setting name -> nested overrides of this config (e.g. {"trainer": "federated",
-    # "federated": {"secure_aggregation": "secagg"}}); each setting is trained and attacked.
+    # "secure_aggregation": {"method": "secagg"}}); each setting is trained and attacked.
     config.report.settings = ml_collections.ConfigDict()
     config.report.shadow_models = 8  # LiRA shadow models trained together under vmap (0: none)
     config.report.shadow_steps = 300  # full-batch SGD steps of each shadow model

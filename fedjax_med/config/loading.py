@@ -195,11 +195,41 @@ def to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json())
 
 
+# Fields an earlier version kept elsewhere: old path -> (section, field) of the current config.
+_MOVED_FIELDS = {
+    ("federated", "secure_aggregation"): ("secure_aggregation", "method"),
+    ("federated", "secagg_clip"): ("secure_aggregation", "clip"),
+    ("federated", "secagg_dropout_rate"): ("secure_aggregation", "dropout_rate"),
+    ("federated", "secagg_corrupted_fraction"): ("secure_aggregation", "corrupted_fraction"),
+    ("federated", "distributed_dp"): ("secure_aggregation", "distributed_dp"),
+}
+
+
+def _upgraded(data: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by an earlier version in today's layout: moved fields in their new place,
+    fields added since at their defaults (so the run's own values are kept, never changed)."""
+    data = json.loads(json.dumps(data))
+    # Replaced by Bell et al.'s parameters; an old run's value has no place in today's config.
+    data.get("federated", {}).pop("secagg_threshold", None)
+    for (section, name), (new_section, new_name) in _MOVED_FIELDS.items():
+        if name in data.get(section, {}):
+            data.setdefault(new_section, {})[new_name] = data[section].pop(name)
+
+    def fill(saved, defaults):
+        for key, value in defaults.items():
+            if key not in saved:
+                saved[key] = value
+            elif isinstance(value, dict) and isinstance(saved[key], dict) and value:
+                fill(saved[key], value)
+
+    fill(data, to_json_dict(base.get_base_config()))
+    return data
+
+
 def from_json_dict(data: dict[str, Any]) -> ml_collections.ConfigDict:
-    """Rebuilds and validates a config saved with :func:`to_json_dict`."""
-    config = ml_collections.ConfigDict(data)
-    if "report" not in config:  # runs saved before the report section existed
-        config.report = base.get_base_config().report
+    """Rebuilds and validates a config saved with :func:`to_json_dict` (by this or an earlier
+    version: see :func:`_upgraded`)."""
+    config = ml_collections.ConfigDict(_upgraded(data))
     schema.validate(config)
     config.lock()
     return config

@@ -120,12 +120,12 @@ CHECKS: dict[str, Check] = {
     "federated.checkpoint_every": at_least(1),
     "federated.target_quantile": in_range(0.0, 1.0, lo_open=True, hi_open=True),
     "federated.personalization_steps": at_least(0),
-    "federated.secure_aggregation": one_of("none", "secagg", "secagg_plus", "additive"),
-    "federated.secagg_clip": greater_than(0.0),
+    "secure_aggregation.method": one_of("none", "secagg", "secagg_plus", "additive"),
+    "secure_aggregation.clip": greater_than(0.0),
     "privacy.mechanism": one_of("auto", *MECHANISMS),
-    "federated.secagg_dropout_rate": in_range(0.0, 1.0, hi_open=True),
-    "federated.secagg_corrupted_fraction": in_range(0.0, 0.5, hi_open=True),
-    "federated.distributed_dp": one_of("none", "discrete_gaussian", "skellam"),
+    "secure_aggregation.dropout_rate": in_range(0.0, 1.0, hi_open=True),
+    "secure_aggregation.corrupted_fraction": in_range(0.0, 0.5, hi_open=True),
+    "secure_aggregation.distributed_dp": one_of("none", "discrete_gaussian", "skellam"),
     "train.batch_size": at_least(1),
     "train.steps": at_least(1),
     "train.eval_every": at_least(1),
@@ -184,10 +184,20 @@ def type_matches(value: Any, default: Any) -> bool:
 
 # Fields of earlier versions -> what replaced them (an old config fails with this message).
 REPLACED_FIELDS = {
+    **{
+        f"federated.{old}": f"it is now secure_aggregation.{new} (the secure_aggregation section)"
+        for old, new in (
+            ("secure_aggregation", "method"),
+            ("secagg_clip", "clip"),
+            ("secagg_dropout_rate", "dropout_rate"),
+            ("secagg_corrupted_fraction", "corrupted_fraction"),
+            ("distributed_dp", "distributed_dp"),
+        )
+    },
     "federated.secagg_threshold": (
         "the Shamir threshold now follows Bell et al. (CCS 2020) from the cohort size, "
-        "federated.secagg_dropout_rate (the fraction of clients that may drop out) and "
-        "federated.secagg_corrupted_fraction (the fraction assumed to collude with the server)"
+        "secure_aggregation.dropout_rate (the fraction of clients that may drop out) and "
+        "secure_aggregation.corrupted_fraction (the fraction assumed to collude with the server)"
     ),
 }
 
@@ -263,7 +273,7 @@ _SELECTED_BY = {
     "dp_sgd": "trainer='central' and privacy.enabled=True",
     "local_dp_sgd": "trainer='federated', privacy.enabled=True and a non-DP algorithm",
     "dp_fedavg": "trainer='federated' and federated.algorithm='dp_fedavg'",
-    "distributed_dp": "trainer='federated' and federated.distributed_dp != 'none'",
+    "distributed_dp": "trainer='federated' and secure_aggregation.distributed_dp != 'none'",
 }
 
 
@@ -272,8 +282,9 @@ def mechanism(config: ml_collections.ConfigDict) -> str:
 
     ``privacy.enabled`` is DP-SGD under the central trainer and local DP-SGD in every site under
     the federated one; ``federated.algorithm = "dp_fedavg"`` is client-level DP-FedAvg and
-    ``federated.distributed_dp`` distributed DP over secure aggregation. ``privacy.mechanism``
-    states it explicitly (``"auto"``: derive it); :func:`validate` checks the two agree.
+    ``secure_aggregation.distributed_dp`` distributed DP over secure aggregation.
+    ``privacy.mechanism`` states it explicitly (``"auto"``: derive it); :func:`validate` checks
+    the two agree.
     """
     derived = _derived_mechanism(config)
     stated = config.privacy.get("mechanism", "auto")
@@ -289,7 +300,7 @@ def _derived_mechanism(config: ml_collections.ConfigDict) -> str:
     if config.trainer != "federated":
         return "dp_sgd" if config.privacy.enabled else "none"
     f = config.federated
-    if f.distributed_dp != "none":
+    if config.secure_aggregation.distributed_dp != "none":
         return "distributed_dp"
     if f.algorithm == "dp_fedavg":
         return "dp_fedavg"
@@ -403,12 +414,14 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
                 "config field 'privacy.enabled' (local DP-SGD in every site) must be False with "
                 f"federated.algorithm={f.algorithm!r}"
             )
-        if f.distributed_dp != "none" and (
-            f.secure_aggregation not in ("secagg", "secagg_plus") or privacy.noise_multiplier <= 0
+        sa = config.secure_aggregation
+        if sa.distributed_dp != "none" and (
+            sa.method not in ("secagg", "secagg_plus") or privacy.noise_multiplier <= 0
         ):
             raise ConfigError(
-                "config field 'federated.distributed_dp' needs federated.secure_aggregation in "
-                "('secagg', 'secagg_plus') and privacy.noise_multiplier > 0"
+                "config field 'secure_aggregation.distributed_dp' needs "
+                "secure_aggregation.method in ('secagg', 'secagg_plus') and "
+                "privacy.noise_multiplier > 0"
             )
         if privacy.enabled and privacy.noise_multiplier == 0:
             raise ConfigError(

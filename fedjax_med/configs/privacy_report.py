@@ -79,7 +79,8 @@ def get_config(arg: str = ""):
         "fedavg": fedavg,
         "secagg": {
             "trainer": "federated",
-            "federated": {"algorithm": "fedavg", "secure_aggregation": "secagg"},
+            "federated": {"algorithm": "fedavg"},
+            "secure_aggregation": {"method": "secagg"},
         },
         "dp_sgd_eps1": dp_sgd(1.0),
         "dp_sgd_eps4": dp_sgd(4.0),

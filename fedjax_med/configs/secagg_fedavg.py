@@ -6,7 +6,7 @@ Each round every hospital trains locally, clips its model delta per coordinate t
 it in fixed point and submits it masked with pairwise and self masks (X25519 key agreement,
 AES-CTR expansion, Shamir shares of the mask keys for dropout recovery): the server learns only
 the weighted sum. The report's ``aggregation_cost`` compares bytes per client per round with the
-plaintext upload. ``--config.federated.secure_aggregation=secagg_plus`` masks with O(log n)
+plaintext upload. ``--config.secure_aggregation.method=secagg_plus`` masks with O(log n)
 neighbours (Bell et al. 2020); ``additive`` shares among two non-colluding servers.
 ``configs/secagg_fedavg.py:ddp`` adds distributed DP: the clients add the noise, and the server
 sees only the noisy sum.
@@ -28,13 +28,13 @@ def get_config(arg: str = ""):
     config.federated.client_lr = 0.05
     config.federated.eval_every = 10
     config.federated.checkpoint_every = 10
-    config.federated.secure_aggregation = "secagg"
-    config.federated.secagg_clip = 0.5
-    config.federated.secagg_dropout_rate = 0.05  # Bell et al.: t and k tolerate 5% dropouts
+    config.secure_aggregation.method = "secagg"
+    config.secure_aggregation.clip = 0.5
+    config.secure_aggregation.dropout_rate = 0.05  # Bell et al.: t and k tolerate 5% dropouts
     if "ddp" in options:
         # Distributed DP: every hospital adds discrete Gaussian noise to its quantised, L2-clipped
         # update; any 3 survivors together carry noise multiplier 1 (Kairouz et al. 2021).
-        config.federated.distributed_dp = "discrete_gaussian"
+        config.secure_aggregation.distributed_dp = "discrete_gaussian"
         config.privacy.clip_norm = 0.5
         config.privacy.noise_multiplier = 1.0
         config.privacy.delta = 1e-3

@@ -56,7 +56,7 @@ class Setting:
     def defences(self) -> tuple[str, ...]:
         c = self.config
         found = [] if self.mechanism in ("none", "distributed_dp") else [self.mechanism]
-        if self.federated and c.federated.secure_aggregation != "none":
+        if self.federated and c.secure_aggregation.method != "none":
             found.append("secure_aggregation")
         if self.mechanism == "distributed_dp":
             found.append("distributed_dp")

@@ -338,22 +338,22 @@ def _site_ledgers(config, federation, data, noise_multiplier):
 
 
 def _distributed_ledger(config, federation, data, noise_multiplier, ddp):
-    f, p = config.federated, config.privacy
+    sa, p = config.secure_aggregation, config.privacy
     return ledgers.DistributedLedger(
         epsilon_fn=ddp.epsilon,  # counts only rounds that released a sum
         delta=float(p.delta),
         noise_multiplier=float(p.noise_multiplier),
         clip_norm=float(p.clip_norm),
-        accountant=f"rdp ({f.distributed_dp} sum bound)",
+        accountant=f"rdp ({config.secure_aggregation.distributed_dp} sum bound)",
         settings={
-            "kind": f.distributed_dp,
+            "kind": config.secure_aggregation.distributed_dp,
             "noise_multiplier": float(p.noise_multiplier),
             "clip_norm": float(p.clip_norm),
             "delta": float(p.delta),
-            "method": f.secure_aggregation,
+            "method": config.secure_aggregation.method,
         },
         claim_details=lambda: {
-            "mechanism_detail": f"distributed {f.distributed_dp} via {f.secure_aggregation}",
+            "mechanism_detail": f"distributed {sa.distributed_dp} via {sa.method}",
             "min_clients_per_round": ddp.min_noisy_clients,
             "secagg_threshold": ddp.threshold,
         },
@@ -372,22 +372,22 @@ LEDGERS = {
 def _distributed_dp(config, model, sampler, rng) -> distributed_dp.DistributedDP | None:
     """Client-side integer noise summed by secure aggregation, or ``None``."""
     f, p = config.federated, config.privacy
-    if f.distributed_dp == "none":
+    if config.secure_aggregation.distributed_dp == "none":
         return None
     if f.algorithm == "dp_fedavg":
         raise ValueError(
-            "federated.distributed_dp replaces DP-FedAvg's server noise: use "
+            "secure_aggregation.distributed_dp replaces DP-FedAvg's server noise: use "
             "federated.algorithm='fedavg' with it"
         )
     n = sampler.cohort_size
     _, threshold = secagg.secagg_plus_parameters(
         n,
-        f.secagg_dropout_rate,
-        f.secagg_corrupted_fraction,
-        complete=f.secure_aggregation == "secagg",
+        config.secure_aggregation.dropout_rate,
+        config.secure_aggregation.corrupted_fraction,
+        complete=config.secure_aggregation.method == "secagg",
     )
     return distributed_dp.DistributedDP(
-        f.distributed_dp,
+        config.secure_aggregation.distributed_dp,
         num_clients=n,
         dim=model.num_params(model.init(jax.random.PRNGKey(0))),
         clip=p.clip_norm,
@@ -395,20 +395,19 @@ def _distributed_dp(config, model, sampler, rng) -> distributed_dp.DistributedDP
         delta=p.delta,
         threshold=threshold,
         randomness=rng,
-        corrupted_fraction=f.secagg_corrupted_fraction,
+        corrupted_fraction=config.secure_aggregation.corrupted_fraction,
     )
 
 
 def _secure(config, algorithm, rng, ddp) -> algorithms.FederatedAlgorithm:
     """``algorithm`` behind secure aggregation (with distributed DP's client noise, if any)."""
-    f = config.federated
     return secure_rounds.secure_algorithm(
         algorithm,
-        method=f.secure_aggregation,
+        method=config.secure_aggregation.method,
         randomness=rng,
-        secagg_clip=f.secagg_clip,
-        dropout_rate=f.secagg_dropout_rate,
-        corrupted_fraction=f.secagg_corrupted_fraction,
+        secagg_clip=config.secure_aggregation.clip,
+        dropout_rate=config.secure_aggregation.dropout_rate,
+        corrupted_fraction=config.secure_aggregation.corrupted_fraction,
         distributed_dp=ddp,
     )
 
@@ -464,7 +463,7 @@ def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
     inputs = AlgorithmInputs(config, local_update, data, options, sampler, sigma)
     algorithm = ALGORITHMS[f.algorithm](inputs)
     ddp = _distributed_dp(config, model, sampler, rng)
-    if f.secure_aggregation != "none":
+    if config.secure_aggregation.method != "none":
         algorithm = _secure(config, algorithm, rng, ddp)
     ledger = LEDGERS[mechanism](config, federation, data, sigma, ddp)
     return FederatedPlan(
@@ -682,7 +681,7 @@ def _federation_summary(plan: FederatedPlan, end: int) -> dict[str, Any]:
         "local_steps": f.local_steps,
         "server_lr": server_lr(f),
         "backend": plan.algorithm.for_each.backend,
-        "secure_aggregation": f.secure_aggregation,
+        "secure_aggregation": plan.config.secure_aggregation.method,
         "mechanism": plan.mechanism,
         # Secure aggregation hides single updates only if its keys are secret: say which mode ran.
         "randomness": plan.randomness.mode,
@@ -714,7 +713,7 @@ def _claim_context(plan: FederatedPlan, state, released) -> ledgers.ClaimContext
         client_names=tuple(plan.federation.client_names),
         final_clip_norm=float(state.clip_norm) if state.clip_norm is not None else None,
         adaptive_clipping=bool(f.adaptive_clipping),
-        secure_aggregation=f.secure_aggregation,
+        secure_aggregation=plan.config.secure_aggregation.method,
         released_outside=released,
     )
 
@@ -725,8 +724,8 @@ def finish(plan, state, workdir: str, end: int, log: RoundLog) -> dict[str, Any]
     val = _evaluate(plan, state.params, "val", end, log)
     test = _evaluate(plan, state.params, "test", end, log)
     extra: dict[str, Any] = {"federated": _federation_summary(plan, end)}
-    if f.secure_aggregation != "none":
-        extra["aggregation_cost"] = _aggregation_cost(f.secure_aggregation, log.path)
+    if config.secure_aggregation.method != "none":
+        extra["aggregation_cost"] = _aggregation_cost(config.secure_aggregation.method, log.path)
     released = ()
     if f.personalization_steps > 0:
         extra["per_site_personalized"], released = personalize(plan, state.params)

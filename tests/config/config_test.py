@@ -158,7 +158,7 @@ def test_client_level_dp_refuses_fields_it_would_ignore(field, value):
 
 def test_replaced_field_names_its_successor():
     config = base.get_base_config()
-    with pytest.raises(schema.ConfigError, match="secagg_dropout_rate"):
+    with pytest.raises(schema.ConfigError, match="secure_aggregation.dropout_rate"):
         loading.apply_overrides(config, ["--config.federated.secagg_threshold=0.5"])
 
 
@@ -182,3 +182,23 @@ def test_config_variants_combine_and_unknown_ones_name_the_allowed():
     assert config.privacy.unit == "patient" and config.train.steps == 4
     with pytest.raises(ValueError, match="unknown argument 'fast'.*'patient', 'tiny'"):
         loading.load_config(os.path.join(ROOT, "configs", "dp_sgd.py") + ":fast")
+
+
+def test_secure_aggregation_fields_moved_to_their_own_section():
+    config = base.get_base_config()
+    with pytest.raises(schema.ConfigError, match="secure_aggregation.method"):
+        loading.apply_overrides(config, ["--config.federated.secure_aggregation=secagg"])
+    config = loading.apply_overrides(config, ["--config.secure_aggregation.method=secagg"])
+    assert config.secure_aggregation.method == "secagg"
+
+
+def test_a_run_saved_before_the_secure_aggregation_section_still_loads():
+    saved = loading.to_json_dict(base.get_base_config())
+    for name in ("method", "clip", "dropout_rate", "corrupted_fraction", "distributed_dp"):
+        del saved["secure_aggregation"][name]
+    del saved["secure_aggregation"]
+    saved["federated"].update(secure_aggregation="secagg", secagg_clip=0.25, secagg_threshold=0.5)
+    del saved["privacy"]["mechanism"]  # added later too: takes its default
+    config = loading.from_json_dict(saved)
+    assert config.secure_aggregation.method == "secagg" and config.secure_aggregation.clip == 0.25
+    assert config.privacy.mechanism == "auto"

@@ -155,8 +155,8 @@ def test_secure_aggregation_equals_plaintext_fedavg(fedavg_run, tmp_path, method
     workdir, plain = fedavg_run
     config = config_of(
         "fedavg.py",
-        f"--config.federated.secure_aggregation={method}",
-        "--config.federated.secagg_clip=1.0",
+        f"--config.secure_aggregation.method={method}",
+        "--config.secure_aggregation.clip=1.0",
     )
     report = federated.run_rounds(config, str(tmp_path), quiet=True)
     _, plain_state = federated.restore_for_eval(workdir)
@@ -180,9 +180,9 @@ def test_secure_aggregation_equals_plaintext_fedavg(fedavg_run, tmp_path, method
 def test_secure_aggregation_survives_dropouts(tmp_path):
     config = config_of(
         "fedavg.py",
-        "--config.federated.secure_aggregation=secagg",
+        "--config.secure_aggregation.method=secagg",
         "--config.federated.dropout_prob=0.3",
-        "--config.federated.secagg_dropout_rate=0.3",
+        "--config.secure_aggregation.dropout_rate=0.3",
         "--config.federated.rounds=4",
     )
     report = federated.run_rounds(config, str(tmp_path), quiet=True)
@@ -203,8 +203,8 @@ def test_secure_aggregation_survives_dropouts(tmp_path):
 def test_distributed_dp_epsilon_matches_the_published_bound(tmp_path):
     config = config_of(
         "fedavg.py",
-        "--config.federated.secure_aggregation=secagg",
-        "--config.federated.distributed_dp=skellam",
+        "--config.secure_aggregation.method=secagg",
+        "--config.secure_aggregation.distributed_dp=skellam",
         "--config.privacy.noise_multiplier=2.0",
         "--config.privacy.clip_norm=0.5",
         "--config.privacy.delta=1e-3",
@@ -235,7 +235,7 @@ def test_distributed_dp_epsilon_matches_the_published_bound(tmp_path):
 def test_dp_fedavg_with_secagg_equals_plaintext_dp_fedavg(tmp_path):
     plain = federated.run_rounds(config_of("dp_fedavg.py"), str(tmp_path / "plain"), quiet=True)
     secure = federated.run_rounds(
-        config_of("dp_fedavg.py", "--config.federated.secure_aggregation=secagg"),
+        config_of("dp_fedavg.py", "--config.secure_aggregation.method=secagg"),
         str(tmp_path / "secure"),
         quiet=True,
     )
@@ -340,7 +340,7 @@ def test_secagg_plus_run_of_100_clients_trains(tmp_path):
     # needed, so every round of 24 or more clients aborted and the model never trained.
     config = config_of(
         "fedavg.py",
-        "--config.federated.secure_aggregation=secagg_plus",
+        "--config.secure_aggregation.method=secagg_plus",
         "--config.federated.partition.method=iid",
         "--config.federated.partition.num_clients=100",
         "--config.data.synthetic.examples_per_site=300",
