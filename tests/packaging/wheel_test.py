@@ -9,7 +9,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 import zipfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -22,7 +21,6 @@ def _run(args, cwd, env):
 
 
 def test_wheel_in_fresh_venv_runs_builtin_quickstart(tmp_path):
-    start = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     wheels, venv, empty = tmp_path / "wheels", tmp_path / "venv", tmp_path / "empty"
@@ -59,4 +57,3 @@ def test_wheel_in_fresh_venv_runs_builtin_quickstart(tmp_path):
         env,
     )
     assert (empty / "W" / "report.json").is_file()
-    print(f"wheel, venv and tiny quickstart: {time.perf_counter() - start:.1f} s")
