@@ -71,6 +71,34 @@ def unit_ids(train: dataset_lib.ImageDataset, unit: str) -> np.ndarray:
     raise ValueError(f"privacy.unit={unit!r} must be 'example' or 'patient'")
 
 
+def make_sampler(config, ids, q, sampling_kind, num_devices, rng):
+    """The batch sampler the ledger's event assumes: Poisson over examples or patients (padded
+    chunks, a multiple of the device count), or fixed-size batches for ``shuffle``."""
+    p, batch, num_units = config.privacy, config.train.batch_size, int(np.unique(ids).size)
+    capacity = sampling.poisson_batch_capacity(
+        num_units, q, overflow_prob=p.overflow_prob, multiple_of=num_devices
+    )
+    if p.unit == "patient":
+        # Example slots per sampled patient: at most k, fewer if no patient has k images.
+        largest_patient = int(np.unique(ids, return_counts=True)[1].max())
+        per_unit = min(p.max_images_per_patient, largest_patient)
+        sampler = sampling.PoissonUnitSampler(
+            ids,
+            q,
+            p.max_images_per_patient,
+            capacity=-(-capacity * per_unit // num_devices) * num_devices,
+            seed=config.seed,
+            randomness=rng,
+        )
+    elif sampling_kind == "poisson":
+        sampler = sampling.PoissonSampler(
+            num_units, q, capacity=capacity, seed=config.seed, randomness=rng
+        )
+    else:
+        sampler = sampling.ShuffledSampler(num_units, batch, seed=config.seed, randomness=rng)
+    return sampler
+
+
 def make_plan(
     config: ml_collections.ConfigDict, train: dataset_lib.ImageDataset, num_devices: int
 ) -> PrivatePlan:
@@ -136,27 +164,7 @@ def make_plan(
     budget.check_affords_one(ledger, release="step")
     # Sampling and noise draw from the same mode: secure runs take both from the OS's entropy.
     rng = randomness.Randomness(p.noise_seed, config.seed)
-    capacity = sampling.poisson_batch_capacity(
-        num_units, q, overflow_prob=p.overflow_prob, multiple_of=num_devices
-    )
-    if p.unit == "patient":
-        # Example slots per sampled patient: at most k, fewer if no patient has k images.
-        largest_patient = int(np.unique(ids, return_counts=True)[1].max())
-        per_unit = min(p.max_images_per_patient, largest_patient)
-        sampler = sampling.PoissonUnitSampler(
-            ids,
-            q,
-            p.max_images_per_patient,
-            capacity=-(-capacity * per_unit // num_devices) * num_devices,
-            seed=config.seed,
-            randomness=rng,
-        )
-    elif sampling_kind == "poisson":
-        sampler = sampling.PoissonSampler(
-            num_units, q, capacity=capacity, seed=config.seed, randomness=rng
-        )
-    else:
-        sampler = sampling.ShuffledSampler(num_units, batch, seed=config.seed, randomness=rng)
+    sampler = make_sampler(config, ids, q, sampling_kind, num_devices, rng)
     key = rng.key(randomness.NOISE)
     return PrivatePlan(
         noise_multiplier=sigma,
