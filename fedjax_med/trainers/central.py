@@ -437,13 +437,12 @@ def restore_for_eval(workdir: str) -> tuple[Experiment, state_lib.TrainState]:
       CheckpointError: if every checkpoint is damaged.
     """
     config = workdir_lib.load_workdir_config(workdir)
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-    if checkpointer.latest_step() is None:
-        raise workdir_lib.WorkdirError(f"workdir '{workdir}' has no checkpoint")
-    experiment = build_experiment(config)
-    _, state, _ = checkpointer.restore_latest(init_state(experiment))
-    checkpointer.close()
-    return experiment, state
+
+    def build():
+        experiment = build_experiment(config)
+        return experiment, init_state(experiment)
+
+    return workdir_lib.restore_checkpoint(workdir, build)
 
 
 def restore(workdir: str) -> run_lib.Run:

@@ -807,13 +807,12 @@ def personalize(plan: FederatedPlan, params: Any) -> tuple[dict[str, dict[str, f
 def restore_for_eval(workdir: str) -> tuple[FederatedPlan, algorithms.ServerState]:
     """Rebuilds the federated run of ``workdir`` and restores its newest intact server state."""
     config = workdir_lib.load_workdir_config(workdir)
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-    if checkpointer.latest_step() is None:
-        raise workdir_lib.WorkdirError(f"workdir '{workdir}' has no checkpoint")
-    plan = build_plan(config)
-    _, state, _ = checkpointer.restore_latest(secret_free(init_server_state(plan), plan))
-    checkpointer.close()
-    return plan, state
+
+    def build():
+        plan = build_plan(config)
+        return plan, secret_free(init_server_state(plan), plan)
+
+    return workdir_lib.restore_checkpoint(workdir, build)
 
 
 def restore(workdir: str) -> run_lib.Run:

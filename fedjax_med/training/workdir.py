@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -191,3 +192,22 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
         return loading.from_json_dict(data)
     except ValueError as err:
         raise WorkdirError(f"'{config_path}' is not a valid config: {err}") from err
+
+
+def restore_checkpoint(workdir: str, build: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """``(run, state)``: ``build() -> (run, template)``, then the newest intact checkpoint of
+    ``workdir`` restored into ``template``; ``build`` runs only once a checkpoint is known to exist.
+
+    Raises:
+      WorkdirError: the workdir has no checkpoint (a damaged one raises
+        :class:`~fedjax_med.training.checkpoint.CheckpointError` naming every path).
+    """
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        if checkpointer.latest_step() is None:
+            raise WorkdirError(f"workdir '{workdir}' has no checkpoint")
+        run, template = build()
+        _, state, _ = checkpointer.restore_latest(template)
+    finally:
+        checkpointer.close()
+    return run, state
