@@ -20,7 +20,7 @@ from fedjax_med.cli import attack as attack_cli
 from fedjax_med.cli import privacy as privacy_cli
 from fedjax_med.config import loading
 from fedjax_med.data import describe, sources
-from fedjax_med.reporting import privacy_report
+from fedjax_med.reporting import plots, privacy_report
 from fedjax_med.trainers import registry
 
 # OSError covers every filesystem fault (a file where a folder is due, permissions, a full disk):
@@ -99,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(describe)
     describe.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    describe.add_argument(
+        "--png",
+        metavar="PATH",
+        help="also write a grid of training images, one row per site and a block per class "
+        "(needs matplotlib: pip install 'fedjax_med[report]')",
+    )
+    describe.add_argument(
+        "--per-class",
+        type=int,
+        default=3,
+        metavar="N",
+        help="images per site and class in the --png grid (default 3)",
+    )
     add_common_args(describe)
 
     privacy_cli.register(sub)
@@ -161,8 +174,25 @@ def run_eval(args) -> int:
 def run_data_describe(args, overrides: Sequence[str]) -> int:
     """``fedjax-med data describe``: prints split sizes, sites, patients and class balance."""
     config = loading.load_config(args.config, overrides)
-    summary = describe.summarize(sources.load_splits(config.data, config.seed))
+    if args.png and args.per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
+    if args.png:
+        plots.require_matplotlib()  # before the data is loaded
+    splits = sources.load_splits(config.data, config.seed)
+    summary = describe.summarize(splits)
     print(json.dumps(summary, indent=2) if args.json else describe.format_table(summary))
+    if args.png:
+        train, info = splits.train, splits.info
+        path = plots.sample_grid(
+            args.png,
+            train.images,
+            train.labels,
+            train.sites,
+            site_names=info.site_names,
+            class_names=info.class_names,
+            per_cell=args.per_class,
+        )
+        print(f"samples: {path}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

@@ -1,10 +1,10 @@
-"""PNG figures of a privacy report: utility against epsilon, attack ROCs, audits, reconstructions.
+"""PNG figures of a privacy report (utility against epsilon, attack ROCs, audits, reconstructions)
+and of a dataset (sample images per site and class).
 
-Each function draws one figure on a fresh ``matplotlib.figure.Figure`` rendered by the Agg
-canvas, writes it to ``path`` at 150 dpi and returns the path. Nothing goes through
-``matplotlib.pyplot``, so no global figure state is created or leaked between calls, and the
-functions work on machines without a display. matplotlib is imported only when a figure is drawn;
-install it with ``pip install 'fedjax_med[report]'``.
+Each function draws one figure with :mod:`fedjax_med.training.figures` (a fresh Agg canvas,
+no ``pyplot`` state, no display needed), writes it to ``path`` at 150 dpi and returns the path.
+matplotlib is imported only when a figure is drawn; install it with
+``pip install 'fedjax_med[report]'``.
 
 The membership ROC is drawn on log-log axes as recommended by Carlini, Chien, Nasr, Song, Terzis,
 Tramer, "Membership Inference Attacks From First Principles", IEEE S&P 2022
@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import math
 import os
-import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-DPI = 150
-_INSTALL_HINT = "the privacy report's plots need matplotlib: pip install 'fedjax_med[report]'"
+from fedjax_med.training import figures
+
 # Dash patterns for non-private reference lines of one group, so several stay distinguishable.
 _DASHES = ("--", "-.", (0, (8, 3)), (0, (5, 2, 1, 2, 1, 2)))
 
@@ -66,8 +65,8 @@ def utility_vs_epsilon(
     points = _check_points(points)
     if chance is not None:
         chance = _finite(chance, "chance")
-    mpl = _matplotlib()
-    fig = _new_figure(mpl, (7.0, 4.5))
+    mpl = figures.load_matplotlib()
+    fig = figures.new_figure(mpl, (7.0, 4.5))
     ax = fig.add_subplot()
 
     groups = list(dict.fromkeys(p["group"] for p in points))
@@ -134,7 +133,7 @@ def utility_vs_epsilon(
     ax.set_title(f"{metric} vs privacy budget")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize="small", loc="best")
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def roc_curves(path: str | os.PathLike, curves: Sequence[Mapping[str, Any]]) -> str:
@@ -165,8 +164,8 @@ def roc_curves(path: str | os.PathLike, curves: Sequence[Mapping[str, Any]]) -> 
     positive = [c["fpr"][c["fpr"] > 0].min() for c in curves if np.any(c["fpr"] > 0)]
     floor = min([1e-3, *positive])
     floor = 10.0 ** math.floor(math.log10(floor))  # start on a decade so the ticks read well
-    mpl = _matplotlib()
-    fig = _new_figure(mpl, (8.0, 4.4))
+    mpl = figures.load_matplotlib()
+    fig = figures.new_figure(mpl, (8.0, 4.4))
     log_ax, lin_ax = fig.subplots(1, 2)
     for i, c in enumerate(curves):
         label = c["name"] if c["auc"] is None else f"{c['name']} (AUC {c['auc']:.2f})"
@@ -194,7 +193,7 @@ def roc_curves(path: str | os.PathLike, curves: Sequence[Mapping[str, Any]]) -> 
     fig.suptitle("Membership inference ROC")
     # Below the diagonal of the linear panel is where no useful attack's curve goes.
     lin_ax.legend(*log_ax.get_legend_handles_labels(), loc="lower right", fontsize="small")
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def audit_vs_accountant(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> str:
@@ -227,8 +226,8 @@ def audit_vs_accountant(path: str | os.PathLike, rows: Sequence[Mapping[str, Any
     xmax = 1.3 * max(finite) if max(finite) > 0 else 1.0
     pad = 0.01 * xmax
 
-    mpl = _matplotlib()
-    fig = _new_figure(mpl, (7.0, max(3.0, 0.75 * len(rows) + 2.0)))
+    mpl = figures.load_matplotlib()
+    fig = figures.new_figure(mpl, (7.0, max(3.0, 0.75 * len(rows) + 2.0)))
     ax = fig.add_subplot()
     height = 0.38
     broken = False
@@ -264,7 +263,7 @@ def audit_vs_accountant(path: str | os.PathLike, rows: Sequence[Mapping[str, Any
         fontsize="small",
         style="italic",
     )
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def reconstruction_gallery(
@@ -307,16 +306,17 @@ def reconstruction_gallery(
     widths = [len(r["originals"]) for r in rows]
     # Few images in all: blocks side by side (one column block per row); else stacked.
     side_by_side = sum(widths) <= 12
-    mpl = _matplotlib()
+    mpl = figures.load_matplotlib()
     if side_by_side:
         panel = 1.3
-        fig = _new_figure(mpl, (max(5.0, panel * sum(widths) + 0.4 * len(rows)), 2 * panel + 1.0))
+        size = (max(5.0, panel * sum(widths) + 0.4 * len(rows)), 2 * panel + 1.0)
+        fig = figures.new_figure(mpl, size)
         subfigs = fig.subfigures(1, len(rows), squeeze=False, width_ratios=widths)[0]
     else:
         ncols = max(widths)
         panel = min(1.3, 6.5 / ncols)
         width = max(5.0, panel * ncols + 1.0)
-        fig = _new_figure(mpl, (width, len(rows) * (2 * panel + 0.5) + 0.2))
+        fig = figures.new_figure(mpl, (width, len(rows) * (2 * panel + 0.5) + 0.2))
         subfigs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
     for sub, r in zip(subfigs, rows, strict=True):
         psnr = "" if r["psnr"] is None else f"PSNR {r['psnr']:.1f} dB"
@@ -326,7 +326,7 @@ def reconstruction_gallery(
         batch = len(r["originals"])
         for j in range(batch):
             ax = sub.add_subplot(grid[0, j])
-            _show_image(ax, r["originals"][j], low, high)
+            figures.show_image(ax, r["originals"][j], low, high)
             if j == 0:
                 ax.set_ylabel("original", fontsize="small")
         if r["reconstructions"] is None:
@@ -340,59 +340,116 @@ def reconstruction_gallery(
         else:
             for j in range(batch):
                 ax = sub.add_subplot(grid[1, j])
-                _show_image(ax, r["reconstructions"][j], low, high)
+                figures.show_image(ax, r["reconstructions"][j], low, high)
                 if j == 0:
                     ax.set_ylabel("reconstructed", fontsize="small")
-    return _save(fig, path)
+    return figures.save(fig, path)
+
+
+def sample_grid(
+    path: str | os.PathLike,
+    images: np.ndarray,
+    labels: np.ndarray,
+    sites: np.ndarray,
+    *,
+    site_names: Sequence[str],
+    class_names: Sequence[str],
+    per_cell: int = 2,
+    value_range: tuple[float, float] | None = None,
+) -> str:
+    """A grid of sample images: one row per site, one block of ``per_cell`` columns per class.
+
+    The first ``per_cell`` images of each (site, class) pair in the given order are shown, so a
+    reader sees each scanner's look (contrast, noise, blur) before any model is trained. A class
+    a site does not have leaves its cells blank and says so. Multilabel ``labels`` (one column per
+    class) place an image under every class it carries.
+
+    Args:
+      path: where to write the PNG; missing parent folders are created.
+      images: ``(N, H, W, C)`` with ``C`` 1 or 3, in ``value_range``.
+      labels: ``(N,)`` class ids, or ``(N, K)`` multi-hot for a multilabel task.
+      sites: ``(N,)`` site ids indexing ``site_names``.
+      site_names, class_names: the row and column labels.
+      per_cell: images per (site, class) pair, at least 1.
+      value_range: ``(low, high)`` pixel values shown as black and white; ``None``: ``(0, 255)``
+        for integer images (the sources' ``uint8``), else ``(0, 1)``.
+
+    Returns:
+      ``path`` as a string.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> x = np.random.default_rng(0).uniform(size=(8, 8, 8, 1))
+      >>> y, s = np.array([0, 1] * 4), np.array([0] * 4 + [1] * 4)
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     out = os.path.join(tmp, "samples.png")
+      ...     sample_grid(out, x, y, s, site_names=["a", "b"], class_names=["no", "yes"]) == out
+      True
+    """
+    path = os.fspath(path)
+    images, labels, sites = np.asarray(images), np.asarray(labels), np.asarray(sites)
+    if value_range is None:
+        value_range = (0.0, 255.0) if np.issubdtype(images.dtype, np.integer) else (0.0, 1.0)
+    low, high = _check_value_range(value_range)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must be (N, H, W, C) with C 1 or 3, got shape {images.shape}")
+    if len(labels) != len(images) or len(sites) != len(images):
+        raise ValueError(
+            f"images, labels and sites must have one row per image, got {len(images)}, "
+            f"{len(labels)} and {len(sites)}"
+        )
+    if not isinstance(per_cell, int) or per_cell < 1:
+        raise ValueError(f"per_cell must be an integer >= 1, got {per_cell!r}")
+    num_sites, num_classes = len(site_names), len(class_names)
+    if num_sites == 0 or num_classes == 0:
+        raise ValueError("site_names and class_names must not be empty")
+    has_class = (
+        labels.astype(bool)
+        if labels.ndim == 2
+        else labels[:, None] == np.arange(num_classes)[None, :]
+    )
+    mpl = figures.load_matplotlib()
+    panel = min(1.0, 9.0 / (num_classes * per_cell))
+    fig = figures.new_figure(
+        mpl, (panel * num_classes * per_cell + 1.6, panel * num_sites + 0.9)
+    )
+    grid = fig.add_gridspec(num_sites, num_classes * per_cell)
+    for s, site in enumerate(site_names):
+        for k, name in enumerate(class_names):
+            chosen = np.flatnonzero((sites == s) & has_class[:, k])[:per_cell]
+            for j in range(per_cell):
+                ax = fig.add_subplot(grid[s, k * per_cell + j])
+                if j < len(chosen):
+                    figures.show_image(ax, images[chosen[j]], low, high)
+                else:
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    ax.text(0.5, 0.5, "none", ha="center", va="center", color="grey",
+                            fontsize="x-small", transform=ax.transAxes)
+                    for spine in ax.spines.values():
+                        spine.set_color("lightgrey")
+                if s == 0 and j == 0:
+                    ax.set_title(name, fontsize="small", loc="left")
+                if k == 0 and j == 0:
+                    ax.set_ylabel(site, fontsize="small")
+    fig.suptitle("Sample images per site (rows) and class (columns)", fontsize="medium")
+    return figures.save(fig, path)
 
 
 def require_matplotlib() -> None:
     """Raises the install hint now, before hours of work that end in a plot."""
-    _matplotlib()
+    figures.load_matplotlib()
 
 
 def message_figure(path: str | os.PathLike, message: str) -> str:
     """A small PNG that only says ``message`` (a plot with nothing to show)."""
-    mpl = _matplotlib()
-    fig = _new_figure(mpl, (6.0, 1.5))
+    mpl = figures.load_matplotlib()
+    fig = figures.new_figure(mpl, (6.0, 1.5))
     ax = fig.add_subplot()
     ax.axis("off")
     ax.text(0.5, 0.5, message, ha="center", va="center", fontsize="large")
-    return _save(fig, os.fspath(path))
-
-
-def _matplotlib() -> types.SimpleNamespace:
-    try:
-        from matplotlib import figure, patches
-        from matplotlib.backends import backend_agg
-    except ImportError as e:
-        raise ImportError(_INSTALL_HINT) from e
-    return types.SimpleNamespace(figure=figure, patches=patches, backend_agg=backend_agg)
-
-
-def _new_figure(mpl: types.SimpleNamespace, figsize: tuple[float, float]):
-    fig = mpl.figure.Figure(figsize=figsize, dpi=DPI, layout="constrained")
-    mpl.backend_agg.FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str) -> str:
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
-    return path
-
-
-def _show_image(ax, image: np.ndarray, low: float, high: float) -> None:
-    # A diverged reconstruction may hold NaN or inf; show it as black/white instead of failing.
-    image = np.nan_to_num(image, nan=low, posinf=high, neginf=low)
-    if image.shape[-1] == 1:
-        ax.imshow(image[..., 0], cmap="gray", vmin=low, vmax=high)
-    else:
-        ax.imshow(np.clip((image - low) / (high - low), 0.0, 1.0))
-    ax.set_xticks([])
-    ax.set_yticks([])
+    return figures.save(fig, path)
 
 
 def _check_items(items: Any, arg: str, keys: tuple[str, ...]) -> list[Mapping[str, Any]]:

@@ -35,7 +35,16 @@ from fedjax_med.data import pipeline, preprocess
 from fedjax_med.models import losses, registry
 from fedjax_med.trainers import dp_sgd
 from fedjax_med.trainers import run as run_lib
-from fedjax_med.training import checkpoint, evaluate, optimizers, parallel, progress, report, setup
+from fedjax_med.training import (
+    checkpoint,
+    curves,
+    evaluate,
+    optimizers,
+    parallel,
+    progress,
+    report,
+    setup,
+)
 from fedjax_med.training import state as state_lib
 from fedjax_med.training import workdir as workdir_lib
 
@@ -398,7 +407,8 @@ def finish(run: CentralRun, state, workdir: str, final_step: int) -> dict[str, A
     """Final evaluation, the privacy claim, report.json."""
     experiment = run.experiment
     config = experiment.config
-    val = run.evaluate(state.params, final_step, "val", run.ledger.record_to(final_step))
+    extra = {**run.window.means("train_"), **run.ledger.record_to(final_step)}
+    val = run.evaluate(state.params, final_step, "val", extra)
     test = run.evaluate(state.params, final_step, "test", {})
     claim = run.ledger.claim(config)
     result = report.build_report(
@@ -413,6 +423,7 @@ def finish(run: CentralRun, state, workdir: str, final_step: int) -> dict[str, A
     )
     if run.is_chief:
         checkpoint.write_json_atomic(os.path.join(workdir, "report.json"), result)
+        curves.write_curves(workdir, run.metrics_path, unit="step")
     m = result["metrics"]
     logger.info(
         "test accuracy %.4f, AUROC %.4f, balanced accuracy %.4f, ECE %.4f (%d steps, %.1f s)%s",

@@ -50,7 +50,7 @@ from fedjax_med.privacy import accounting, budget
 from fedjax_med.secure import distributed_dp, secagg
 from fedjax_med.trainers import ledgers
 from fedjax_med.trainers import run as run_lib
-from fedjax_med.training import checkpoint, evaluate, progress, report, setup
+from fedjax_med.training import checkpoint, curves, evaluate, progress, report, setup
 from fedjax_med.training import workdir as workdir_lib
 
 logger = logging.getLogger("fedjax_med")
@@ -571,6 +571,8 @@ def _evaluate(plan, params, split: str, round_num: int, log: RoundLog) -> dict[s
     )
     record = {"step": round_num, "split": split, **evaluate.prefixed(result["metrics"], split)}
     record.update(result["site_summary"])
+    if len(result["per_site"]) > 1:
+        record["site_accuracy"] = {s: m["accuracy"] for s, m in result["per_site"].items()}
     log.append(record)
     return result
 
@@ -743,6 +745,7 @@ def finish(plan, state, workdir: str, end: int, log: RoundLog) -> dict[str, Any]
         extra=extra,
     )
     checkpoint.write_json_atomic(os.path.join(workdir, "report.json"), result)
+    curves.write_curves(workdir, log.path, unit="round")
     m = result["metrics"]
     logger.info(
         "test accuracy %.4f (worst site %.4f), AUROC %.4f after %d rounds (%.1f s)%s",

@@ -94,6 +94,24 @@ def test_data_describe(capsys):
     assert "hospital_0" in capsys.readouterr().out
 
 
+def test_data_describe_png_shows_every_site_and_class(tmp_path, capsys):
+    out = tmp_path / "samples.png"
+    args = ["data", "describe", "--config", QUICK, *TINY[:1], "--png", str(out)]
+    assert cli.main([*args, "--per-class", "2"]) == 0
+    assert f"samples: {out}" in capsys.readouterr().out
+    with Image.open(out) as image:
+        wide, grey = image.size, np.asarray(image.convert("L"), dtype=float)
+    # The scans are drawn, not blank panels: most of the figure is image pixels, mid-grey.
+    assert grey.mean() < 200
+    # Three sites (rows) and four classes of two images (columns): wider than tall.
+    assert image.format == "PNG" and wide[0] > wide[1] > 300
+    assert cli.main([*args, "--per-class", "1"]) == 0
+    with Image.open(out) as image:
+        assert image.size[0] < wide[0]  # fewer images per class, a narrower grid
+    assert cli.main([*args, "--per-class", "0"]) == 2
+    assert "--per-class must be >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

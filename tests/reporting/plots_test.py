@@ -146,3 +146,20 @@ def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"fedjax_med\[report\]"):
         plots.audit_vs_accountant(tmp_path / "x.png", AUDIT_ROWS)
+
+
+def test_sample_grid_leaves_a_missing_class_blank(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(6, 8, 8, 3))
+    labels, sites = np.array([0, 0, 1, 0, 0, 0]), np.array([0, 0, 0, 1, 1, 1])  # site b: no "1"
+    out = plots.sample_grid(
+        tmp_path / "g.png", images, labels, sites, site_names=["a", "b"], class_names=["0", "1"]
+    )
+    assert Image.open(out).format == "PNG"
+    multi = np.array([[1, 1], [0, 1], [1, 0], [1, 0], [0, 0], [1, 1]])
+    assert plots.sample_grid(
+        tmp_path / "m.png", images, multi, sites, site_names=["a", "b"], class_names=["x", "y"]
+    )
+    with pytest.raises(ValueError, match="one row per image, got 6, 5 and 6"):
+        plots.sample_grid(tmp_path / "e.png", images, labels[:5], sites, site_names=["a", "b"],
+                          class_names=["0", "1"])
