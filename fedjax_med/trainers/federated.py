@@ -409,6 +409,7 @@ def _secure(config, algorithm, rng, ddp) -> algorithms.FederatedAlgorithm:
         dropout_rate=config.secure_aggregation.dropout_rate,
         corrupted_fraction=config.secure_aggregation.corrupted_fraction,
         distributed_dp=ddp,
+        he_poly_modulus_degree=config.secure_aggregation.he_poly_modulus_degree,
     )
 
 
@@ -702,6 +703,8 @@ def _aggregation_cost(method: str, metrics_path: str) -> dict[str, float]:
         "seconds_per_round": mean("secure_aggregation_seconds"),
         "bytes_received_per_client_per_round": mean("secure_bytes_received_per_client"),
         "plaintext_seconds_per_round": mean("plaintext_aggregation_seconds"),
+        # he_ckks: ciphertext bytes, encrypt / aggregate / decrypt seconds (secure.he_ckks)
+        **{key: mean(key) for key in rounds[-1] if key.startswith("he_")},
     }
 
 
