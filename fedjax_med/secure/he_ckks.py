@@ -83,6 +83,12 @@ import numpy as np
 from fedjax_med.secure import secagg
 
 INSTALL_HINT = "pip install 'fedjax_med[he]'"
+# Who is trusted with what, as report.json's aggregation_cost states it.
+TRUST = (
+    "a separate key holder, not colluding with the server, holds the CKKS secret key and "
+    "decrypts only the per-round aggregate; the server (public key only) cannot decrypt; "
+    "a malicious server forwarding one client's ciphertext as the aggregate is not covered"
+)
 # 128-bit security limits on the total coefficient modulus (HomomorphicEncryption.org standard,
 # SEAL's CoeffModulus::MaxBitCount for a ternary secret).
 MAX_COEFF_BITS = {4096: 109, 8192: 218, 16384: 438}

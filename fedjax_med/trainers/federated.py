@@ -47,7 +47,7 @@ from fedjax_med.federated import algorithms, dp_fedavg, sampling, secure_rounds,
 from fedjax_med.federated import client as client_lib
 from fedjax_med.models import registry
 from fedjax_med.privacy import accounting, budget
-from fedjax_med.secure import distributed_dp, secagg
+from fedjax_med.secure import distributed_dp, he_ckks, secagg
 from fedjax_med.trainers import ledgers
 from fedjax_med.trainers import run as run_lib
 from fedjax_med.training import checkpoint, evaluate, progress, report, setup
@@ -690,7 +690,7 @@ def _federation_summary(plan: FederatedPlan, end: int) -> dict[str, Any]:
     }
 
 
-def _aggregation_cost(method: str, metrics_path: str) -> dict[str, float]:
+def _aggregation_cost(method: str, metrics_path: str) -> dict[str, Any]:
     rounds = [r for r in workdir_lib.read_metrics(metrics_path) if r.get("split") == "round"]
 
     def mean(key):
@@ -705,7 +705,7 @@ def _aggregation_cost(method: str, metrics_path: str) -> dict[str, float]:
         "plaintext_seconds_per_round": mean("plaintext_aggregation_seconds"),
         # he_ckks: ciphertext bytes, encrypt / aggregate / decrypt seconds (secure.he_ckks)
         **{key: mean(key) for key in rounds[-1] if key.startswith("he_")},
-    }
+    } | ({"trusted": he_ckks.TRUST} if method == "he_ckks" else {})
 
 
 def _claim_context(plan: FederatedPlan, state, released) -> ledgers.ClaimContext:

@@ -179,6 +179,7 @@ def test_secure_aggregation_equals_plaintext_fedavg(fedavg_run, tmp_path, method
         assert cost["he_ciphertext_bytes_per_client"] == cost["bytes_per_client_per_round"]
         steps = ("he_encrypt_seconds_per_client", "he_aggregate_seconds", "he_decrypt_seconds")
         assert all(cost[key] > 0 for key in steps)
+        assert "key holder" in cost["trusted"]
 
 
 def test_secure_aggregation_survives_dropouts(tmp_path):
