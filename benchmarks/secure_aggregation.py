@@ -17,6 +17,13 @@ For n clients (default 10, 100, 500) each holding a float vector of d parameters
   cost benchmark; the parameters a deployment needs for a dropout rate and a corrupted fraction
   are :func:`fedjax_med.secure.secagg.secagg_plus_parameters`.)
 * ``additive``: :func:`fedjax_med.secure.additive.secure_sum` with 2 servers.
+* ``he_ckks``: :func:`fedjax_med.secure.he_ckks.secure_sum`, CKKS with ring degree N
+  (``--he-poly-modulus-degree``, default 4096: 2,048 coordinates packed per ciphertext); each
+  client encrypts, the server adds ciphertexts, the key holder decrypts the sum. Its rows add
+  ``ciphertexts_per_client``, ``poly_modulus_degree``, ``encrypt_seconds_per_client``,
+  ``aggregate_seconds``, ``decrypt_seconds`` and ``error_bound`` (the worst-case CKKS bound,
+  :func:`fedjax_med.secure.he_ckks.error_bound`; ``max_abs_error`` must stay below it). Needs
+  ``pip install 'fedjax_med[he]'``; the key generation is not counted (once per run).
 
 The ring has 32 bits, no client drops out. All parties run in this one process, one after the
 other, so ``seconds`` is the total work of all clients and the server(s) for the round (the
@@ -49,16 +56,23 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_med.secure import additive, crypto, field, secagg, shamir
+from fedjax_med.secure import additive, crypto, field, he_ckks, secagg, shamir
 
-METHODS = ("plaintext", "secagg", "secagg_plus", "additive")
+METHODS = ("plaintext", "secagg", "secagg_plus", "additive", "he_ckks")
 CLIP = 1.0
 BITS = 32
 NUM_SERVERS = 2
 # Bytes of live arrays per input coordinate, from the code paths: float32 input, float64 copy,
 # uint64 ring rows, each client's uint64 copy, the server's stored masked inputs (secagg); float32
 # input, float64 copy and one uint64 share per server (additive).
-MEMORY_BYTES_PER_WORD = {"plaintext": 4, "secagg": 36, "secagg_plus": 36, "additive": 28}
+# he_ckks: float32 input and float64 copy; ciphertexts are built one client at a time.
+MEMORY_BYTES_PER_WORD = {
+    "plaintext": 4,
+    "secagg": 36,
+    "secagg_plus": 36,
+    "additive": 28,
+    "he_ckks": 12,
+}
 
 
 def neighbours_of(method: str, n: int) -> str | int:
@@ -73,6 +87,17 @@ def degree_and_threshold(method: str, n: int) -> tuple[int, int]:
     if method == "secagg":
         return deg, min(n, math.ceil(n / 2) + 1)
     return deg, min(deg + 1, math.ceil((deg + 1) / 2) + 1)
+
+
+def he_rate(params: he_ckks.CKKSParameters) -> float:
+    """Seconds per ciphertext of one client (encrypt, serialise, load and add at the server)."""
+    holder = he_ckks.KeyHolder(params)
+    ctx = he_ckks.public_context(holder.public_context)
+    x = np.random.default_rng(0).uniform(-CLIP, CLIP, 4 * params.slots)
+    server = he_ckks.AggregationServer(holder.public_context, 4)
+    tic = time.perf_counter()
+    server.receive(0, he_ckks.encrypt_update(ctx, x, params))
+    return (time.perf_counter() - tic) / 4
 
 
 def measure_rates(d: int = 200_000) -> dict[str, float]:
@@ -110,6 +135,8 @@ def estimate_seconds(method: str, n: int, d: int, rates: dict[str, float]) -> fl
     """Rough work of all parties for one round, from the measured unit rates."""
     if method == "plaintext":
         return n * d * 1e-9
+    if method == "he_ckks":
+        return (n + 1) * math.ceil(d / rates["he_slots"]) * rates["he_ciphertext"]
     if method == "additive":
         words = n * d * (2 * (NUM_SERVERS - 1) + NUM_SERVERS)
         return words * rates["word"] + n * d * rates["encode"]
@@ -124,6 +151,25 @@ def estimate_seconds(method: str, n: int, d: int, rates: dict[str, float]) -> fl
         + horner * rates["horner"]
         + n * deg * rates["pair"]
     )
+
+
+def run_he_case(x: np.ndarray, params: he_ckks.CKKSParameters) -> tuple[float, np.ndarray, dict]:
+    """(seconds, sum, row fields) of one CKKS round; key generation is outside the timing."""
+    n, d = x.shape
+    holder = he_ckks.KeyHolder(params)
+    tic = time.perf_counter()
+    total, stats = he_ckks.secure_sum(x, clip=CLIP, key_holder=holder)
+    seconds = time.perf_counter() - tic
+    fields = {
+        "bytes_per_client": stats.mean_bytes_sent,
+        "ciphertexts_per_client": params.num_ciphertexts(d),
+        "poly_modulus_degree": params.poly_modulus_degree,
+        "encrypt_seconds_per_client": stats.seconds["encrypt"],
+        "aggregate_seconds": stats.seconds["aggregate"],
+        "decrypt_seconds": stats.seconds["decrypt"],
+        "error_bound": he_ckks.error_bound(params, n, CLIP),
+    }
+    return seconds, total, fields
 
 
 def run_case(method: str, x: np.ndarray) -> tuple[float, np.ndarray, float]:
@@ -149,6 +195,9 @@ def run_case(method: str, x: np.ndarray) -> tuple[float, np.ndarray, float]:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rates = measure_rates(1000 if args.quick else 200_000)
+    he_params = he_ckks.CKKSParameters(args.he_poly_modulus_degree)
+    if "he_ckks" in args.methods:
+        rates.update(he_ciphertext=he_rate(he_params), he_slots=he_params.slots)
     print("unit rates (s): " + ", ".join(f"{k}={v:.3g}" for k, v in rates.items()), flush=True)
     rows = []
     for n in args.clients:
@@ -175,8 +224,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         estimated_seconds=est,
                     )
                 else:
+                    extra: dict[str, Any] = {}
                     if method == "plaintext":
                         seconds, total, nbytes = plain_s, np.sum(x, axis=0), 4.0 * d
+                    elif method == "he_ckks":
+                        seconds, total, extra = run_he_case(x, he_params)
+                        nbytes = extra["bytes_per_client"]
                     else:
                         seconds, total, nbytes = run_case(method, x)
                     row.update(
@@ -185,6 +238,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         over_plaintext=seconds / plain_s,
                         max_abs_error=float(np.max(np.abs(total - exact))),
                     )
+                    row.update(extra)
                 rows.append(row)
                 print(format_row(row, d), flush=True)
             del x, exact
@@ -215,6 +269,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--max-gb", type=float, default=8.0, help="skip a case whose estimated memory exceeds this"
+    )
+    parser.add_argument(
+        "--he-poly-modulus-degree",
+        type=int,
+        default=4096,
+        choices=he_ckks.POLY_MODULUS_DEGREES,
+        help="CKKS ring degree N of he_ckks (N / 2 coordinates per ciphertext)",
     )
     parser.add_argument("--quick", action="store_true", help="n = 4, 6 and d = 1000: a smoke test")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")

@@ -1,8 +1,8 @@
 """The ``fedjax-med`` command line: parse arguments, load the config, call the library.
 
-Subcommands: ``train``, ``eval``, ``data describe``, ``privacy`` (epsilon and calibration),
-``attack`` (against one run), ``report`` (the privacy report over several settings) and
-``configs`` (the built-in configs).
+Subcommands: ``train``, ``eval``, ``infer`` (plaintext or encrypted), ``data describe``,
+``privacy`` (epsilon and calibration), ``attack`` (against one run), ``report`` (the privacy
+report over several settings) and ``configs`` (the built-in configs).
 User errors (missing file, bad override, invalid value) print one ``error:`` line and exit 2;
 ``--debug`` shows the traceback instead.
 """
@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from fedjax_med.cli import attack as attack_cli
+from fedjax_med.cli import infer as infer_cli
 from fedjax_med.cli import privacy as privacy_cli
 from fedjax_med.config import loading
 from fedjax_med.data import describe, sources
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common_args(describe)
 
+    infer_cli.register(sub)
     privacy_cli.register(sub)
     attack_cli.register(sub)
     sub.add_parser(
@@ -258,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_report(args, overrides)
         if args.command == "attack":
             return attack_cli.run(args)
+        if args.command == "infer":
+            return infer_cli.run(args)
         if args.command == "privacy":
             return privacy_cli.run(args)
         if args.command == "configs":

@@ -136,11 +136,15 @@ def get_base_config() -> ml_collections.ConfigDict:
     # among non-colluding servers). Deltas are clipped per coordinate to clip before fixed-point
     # encoding. SecAgg+'s neighbours k and Shamir threshold t follow Bell et al. from the number of
     # clients, the fraction that may drop out (dropout_rate) and the fraction assumed to collude
-    # with the server (corrupted_fraction).
+    # with the server (corrupted_fraction). he_ckks (CKKS homomorphic encryption, needs
+    # pip install 'fedjax_med[he]'): the server adds ciphertexts, a separate key holder (not
+    # colluding with it) decrypts only the sum; see fedjax_med/secure/he_ckks.py.
     config.secure_aggregation.method = "none"
     config.secure_aggregation.clip = 0.5
     config.secure_aggregation.dropout_rate = 0.05
     config.secure_aggregation.corrupted_fraction = 0.0
+    # he_ckks: CKKS ring degree N (4096 | 8192 | 16384; N / 2 coordinates per ciphertext).
+    config.secure_aggregation.he_poly_modulus_degree = 4096
     # Distributed DP with secagg / secagg_plus: clients clip to privacy.clip_norm and add integer
     # noise (none | discrete_gaussian | skellam) so the secure sum carries privacy.noise_multiplier.
     config.secure_aggregation.distributed_dp = "none"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -120,7 +121,8 @@ CHECKS: dict[str, Check] = {
     "federated.checkpoint_every": at_least(1),
     "federated.target_quantile": in_range(0.0, 1.0, lo_open=True, hi_open=True),
     "federated.personalization_steps": at_least(0),
-    "secure_aggregation.method": one_of("none", "secagg", "secagg_plus", "additive"),
+    "secure_aggregation.method": one_of("none", "secagg", "secagg_plus", "additive", "he_ckks"),
+    "secure_aggregation.he_poly_modulus_degree": one_of(4096, 8192, 16384),
     "secure_aggregation.clip": greater_than(0.0),
     "privacy.mechanism": one_of("auto", *MECHANISMS),
     "secure_aggregation.dropout_rate": in_range(0.0, 1.0, hi_open=True),
@@ -422,6 +424,11 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
                 "config field 'secure_aggregation.distributed_dp' needs "
                 "secure_aggregation.method in ('secagg', 'secagg_plus') and "
                 "privacy.noise_multiplier > 0"
+            )
+        if sa.method == "he_ckks" and importlib.util.find_spec("tenseal") is None:
+            raise ConfigError(
+                "config field 'secure_aggregation.method'='he_ckks' needs TenSEAL: "
+                "pip install 'fedjax_med[he]'"
             )
         if privacy.enabled and privacy.noise_multiplier == 0:
             raise ConfigError(

@@ -18,7 +18,8 @@ cohort) -> (state, metrics)``. Each round is a sequence of steps, one function e
    (Bonawitz et al., CCS 2017, https://eprint.iacr.org/2017/281), SecAgg+ on a secret random
    k-regular graph with Bell et al.'s (k, t) (CCS 2020, https://eprint.iacr.org/2020/704;
    :func:`fedjax_med.secure.secagg.secagg_plus_parameters`) or additive sharing among
-   non-colluding servers;
+   non-colluding servers, or CKKS homomorphic encryption (:mod:`fedjax_med.secure.he_ckks`:
+   the server adds ciphertexts, a separate key holder decrypts only the sum);
 5. ``_server_update``: the server decodes only the sum and takes the base algorithm's step from
    it (:attr:`MessageSpec.server_update`; DP-FedAvg adds its Gaussian noise there with
    :func:`fedjax_med.federated.dp_fedavg.noised_mean`); with distributed DP (Kairouz, Liu,
@@ -74,11 +75,12 @@ import numpy as np
 from fedjax_med import randomness as randomness_lib
 from fedjax_med.federated import algorithms, sampling
 from fedjax_med.federated import client as client_lib
-from fedjax_med.secure import additive, distributed_dp, secagg
+from fedjax_med.secure import additive, distributed_dp, he_ckks, secagg
 
 logger = logging.getLogger("fedjax_med")
 
-METHODS = ("secagg", "secagg_plus", "additive")
+METHODS = ("secagg", "secagg_plus", "additive", "he_ckks")
+_NO_SHAMIR = ("additive", "he_ckks")  # methods without neighbours or a threshold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,7 @@ class SecureSum:
     stats: secagg.SecureSumStats
     neighbours: int
     threshold: int
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)  # method's own metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +107,7 @@ class _Setup:
     ddp: distributed_dp.DistributedDP | None
     num_servers: int
     bits: int
+    key_holder: he_ckks.KeyHolder | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,12 +133,13 @@ def secure_algorithm(
     distributed_dp: distributed_dp.DistributedDP | None = None,
     num_servers: int = 2,
     bits: int = 32,
+    he_poly_modulus_degree: int = 4096,
 ) -> algorithms.FederatedAlgorithm:
     """``base`` with its aggregate computed by secure aggregation (see the module docstring).
 
     Args:
       base: an algorithm with ``base.secure`` (built with a ``MessageSpec``).
-      method: ``"secagg"`` (complete graph), ``"secagg_plus"`` or ``"additive"``.
+      method: ``"secagg"`` (complete graph), ``"secagg_plus"``, ``"additive"`` or ``"he_ckks"``.
       randomness: where every key, mask, share, graph and client noise comes from; use
         ``Randomness("secure")`` for any claim (OS-keyed CSPRNGs, nothing from the seed).
       secagg_clip: per-coordinate clip ``c`` of FedAvg-style messages (DP-FedAvg's L2 clip
@@ -148,6 +153,8 @@ def secure_algorithm(
         it would duplicate).
       num_servers: servers of additive sharing.
       bits: ring size ``2^bits`` (``distributed_dp.bits`` when given).
+      he_poly_modulus_degree: CKKS ring degree ``N`` of ``"he_ckks"``
+        (:class:`fedjax_med.secure.he_ckks.CKKSParameters`).
 
     Returns:
       A :class:`~fedjax_med.federated.algorithms.FederatedAlgorithm` named
@@ -169,6 +176,7 @@ def secure_algorithm(
         ddp=distributed_dp,
         num_servers=num_servers,
         bits=bits,
+        he_poly_modulus_degree=he_poly_modulus_degree,
     )
 
     def apply_round(state, cohort):
@@ -197,6 +205,7 @@ def _setup(
     ddp: distributed_dp.DistributedDP | None,
     num_servers: int,
     bits: int,
+    he_poly_modulus_degree: int = 4096,
 ) -> _Setup:
     """Validates :func:`secure_algorithm`'s arguments into the record every step reads."""
     parts = base.secure
@@ -213,6 +222,12 @@ def _setup(
         if base.name.startswith("dp_fedavg"):
             raise ValueError("distributed_dp replaces DP-FedAvg's server noise: wrap fedavg")
         bits = ddp.bits
+    key_holder = None
+    if method == "he_ckks":
+        if ddp is not None:
+            raise ValueError("distributed_dp sums ring vectors: use secagg or secagg_plus")
+        # The key holder is a separate party; its keys live for the whole run.
+        key_holder = he_ckks.KeyHolder(he_ckks.CKKSParameters(he_poly_modulus_degree))
     return _Setup(
         parts=parts,
         method=method,
@@ -223,6 +238,7 @@ def _setup(
         ddp=ddp,
         num_servers=num_servers,
         bits=bits,
+        key_holder=key_holder,
     )
 
 
@@ -286,7 +302,7 @@ def _timed_sum(setup: _Setup, state, subs: _Submissions) -> tuple[SecureSum, flo
 
 def _protocol(setup: _Setup, n: int) -> tuple[int, int]:
     """(neighbours k, threshold t) for n clients; additive sharing has neither."""
-    if setup.method == "additive":
+    if setup.method in _NO_SHAMIR:
         return 0, 0
     k, t = secagg.secagg_plus_parameters(
         n, setup.dropout_rate, setup.corrupted_fraction, complete=setup.method == "secagg"
@@ -308,10 +324,12 @@ def _secure_sum(setup: _Setup, state, subs: _Submissions) -> SecureSum:
     if n < 2:  # a "sum" of one client is its update
         return _aborted(setup, subs.rows, 0, 0)
     k, t = _protocol(setup, n)
-    if setup.method != "additive" and t > k + 1:
+    if setup.method not in _NO_SHAMIR and t > k + 1:
         logger.warning("round %d: threshold %d > %d holders: aborted", subs.round_index, t, k + 1)
         return _aborted(setup, subs.rows, k, t)
     try:
+        if setup.key_holder is not None:
+            return _he_sum(setup, state, subs)
         if setup.ddp is not None:
             return _ring_sum(setup, subs, k, t)
         return _float_sum(setup, state, subs, k, t)
@@ -383,6 +401,18 @@ def _float_sum(setup: _Setup, state, subs: _Submissions, k: int, t: int) -> Secu
     return SecureSum(total, stats, k, t)
 
 
+def _he_sum(setup: _Setup, state, subs: _Submissions) -> SecureSum:
+    """Step 4 with CKKS: the server adds encrypted rows, the key holder decrypts only the sum."""
+    total, stats = he_ckks.secure_sum(
+        subs.rows,
+        clip=setup.parts.bound(state, setup.secagg_clip),
+        key_holder=setup.key_holder,
+        dropped=subs.dropped,
+        round_index=subs.round_index,
+    )
+    return SecureSum(total, stats, 0, 0, he_ckks.round_metrics(stats, setup.key_holder))
+
+
 def _released(result: SecureSum) -> bool:
     """Whether the round released a sum (the protocol finished with survivors)."""
     return result.stats.released and bool(result.stats.survivors)
@@ -421,4 +451,5 @@ def _metrics(
         secagg_neighbours=result.neighbours,
         secagg_threshold=result.threshold,
     )
+    metrics.update(result.extra)
     return metrics

@@ -2,7 +2,7 @@
 
 >>> from fedjax_med import models
 >>> models.available_models()
-('linear', 'mlp', 'resnet_gn', 'small_cnn', 'wide_resnet', 'wrn_16_4')
+('cryptonets', 'linear', 'mlp', 'resnet_gn', 'small_cnn', 'wide_resnet', 'wrn_16_4')
 
 No model has BatchNorm or dropout: normalisation is GroupNorm (per example), so one example's
 logits never depend on the rest of the batch and per-example gradients can be taken by
@@ -10,7 +10,7 @@ logits never depend on the rest of the batch and per-example gradients can be ta
 """
 
 # Importing the architecture modules registers their factories.
-from fedjax_med.models import cnn, mlp, registry, resnet
+from fedjax_med.models import cnn, cryptonets, mlp, registry, resnet
 from fedjax_med.models.registry import (
     Model,
     Params,
@@ -25,6 +25,7 @@ __all__ = [
     "Params",
     "available_models",
     "cnn",
+    "cryptonets",
     "get_activation",
     "get_model",
     "mlp",

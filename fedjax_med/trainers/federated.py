@@ -47,7 +47,7 @@ from fedjax_med.federated import algorithms, dp_fedavg, sampling, secure_rounds,
 from fedjax_med.federated import client as client_lib
 from fedjax_med.models import registry
 from fedjax_med.privacy import accounting, budget
-from fedjax_med.secure import distributed_dp, secagg
+from fedjax_med.secure import distributed_dp, he_ckks, secagg
 from fedjax_med.trainers import ledgers
 from fedjax_med.trainers import run as run_lib
 from fedjax_med.training import checkpoint, curves, evaluate, progress, report, setup
@@ -409,6 +409,7 @@ def _secure(config, algorithm, rng, ddp) -> algorithms.FederatedAlgorithm:
         dropout_rate=config.secure_aggregation.dropout_rate,
         corrupted_fraction=config.secure_aggregation.corrupted_fraction,
         distributed_dp=ddp,
+        he_poly_modulus_degree=config.secure_aggregation.he_poly_modulus_degree,
     )
 
 
@@ -691,7 +692,7 @@ def _federation_summary(plan: FederatedPlan, end: int) -> dict[str, Any]:
     }
 
 
-def _aggregation_cost(method: str, metrics_path: str) -> dict[str, float]:
+def _aggregation_cost(method: str, metrics_path: str) -> dict[str, Any]:
     rounds = [r for r in workdir_lib.read_metrics(metrics_path) if r.get("split") == "round"]
 
     def mean(key):
@@ -704,7 +705,9 @@ def _aggregation_cost(method: str, metrics_path: str) -> dict[str, float]:
         "seconds_per_round": mean("secure_aggregation_seconds"),
         "bytes_received_per_client_per_round": mean("secure_bytes_received_per_client"),
         "plaintext_seconds_per_round": mean("plaintext_aggregation_seconds"),
-    }
+        # he_ckks: ciphertext bytes, encrypt / aggregate / decrypt seconds (secure.he_ckks)
+        **{key: mean(key) for key in rounds[-1] if key.startswith("he_")},
+    } | ({"trusted": he_ckks.TRUST} if method == "he_ckks" else {})
 
 
 def _claim_context(plan: FederatedPlan, state, released) -> ledgers.ClaimContext:

@@ -18,6 +18,14 @@ MEASURED_KEYS = {
     "over_plaintext",
     "max_abs_error",
 }
+HE_KEYS = {
+    "ciphertexts_per_client",
+    "poly_modulus_degree",
+    "encrypt_seconds_per_client",
+    "aggregate_seconds",
+    "decrypt_seconds",
+    "error_bound",
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +47,13 @@ def test_quick_run_writes_rows_and_secure_sums_match_plaintext(bench, tmp_path):
     cases = {(r["n"], r["params"], r["method"]) for r in rows}
     assert cases == {(n, 1000, m) for n in (4, 6) for m in bench.METHODS}
     for row in rows:
-        assert set(row) == MEASURED_KEYS, row
+        assert set(row) == MEASURED_KEYS | (HE_KEYS if row["method"] == "he_ckks" else set()), row
         assert row["seconds"] > 0 and row["over_plaintext"] > 0
         # Inputs lie in [-1, 1], so the only error is the ring's rounding: n / (2 scale).
         bound = bench.field.FieldEncoder(bench.CLIP, row["n"], bench.BITS).error_bound(row["n"])
+        if row["method"] == "he_ckks":  # CKKS: its own worst-case bound, recomputed here
+            bound = bench.he_ckks.error_bound(bench.he_ckks.CKKSParameters(4096), row["n"], 1.0)
+            assert row["error_bound"] == bound and row["ciphertexts_per_client"] == 1
         if row["method"] != "plaintext":
             assert row["max_abs_error"] <= bound
         else:
@@ -53,6 +64,8 @@ def test_quick_run_writes_rows_and_secure_sums_match_plaintext(bench, tmp_path):
         # Masked ring words are 4 bytes, plus keys and shares; additive sends one word per server.
         assert by_case[n, "secagg"]["bytes_per_client"] > 4 * 1000
         assert by_case[n, "additive"]["bytes_per_client"] == bench.NUM_SERVERS * 4 * 1000
+        # One ciphertext of two 4096-coefficient polynomials mod a 60-bit prime: > 8 bytes each.
+        assert by_case[n, "he_ckks"]["bytes_per_client"] > 2 * 4096 * 7.5
 
 
 def test_over_budget_case_is_recorded_as_skipped(bench, tmp_path):

@@ -14,7 +14,9 @@ calibrate``. The others are skipped, each for a reason of :func:`skip_reason`:
   numbers next to them are theirs; their ``:tiny`` / ``:smoke`` forms run here and in
   tests/trainers;
 - ``fedjax-med attack ...`` lines, which attack those full runs' workdirs
-  (``runs/quickstart``, ``runs/dp_sgd``); tests/cli/attack_test.py runs each attack on tiny runs.
+  (``runs/quickstart``, ``runs/dp_sgd``); tests/cli/attack_test.py runs each attack on tiny runs;
+- ``fedjax-med infer ...`` lines, which serve a full run's model (``runs/cryptonets``);
+  tests/cli/infer_test.py runs plaintext and encrypted inference on a tiny CryptoNets run.
 
 A command that is neither run nor skipped for one of these reasons fails the test, so a new
 README line is either cheap enough to run or named here.
@@ -60,6 +62,8 @@ def skip_reason(command: str) -> str | None:
         return None
     if command.startswith("fedjax-med attack "):
         return "attacks a full run's workdir"
+    if command.startswith("fedjax-med infer "):
+        return "serves a full run's model"
     if command.startswith(("fedjax-med train --config ", "fedjax-med report --config ")):
         return "full-size run"
     raise AssertionError(f"README command neither cheap nor skipped for a named reason: {command}")

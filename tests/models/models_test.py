@@ -14,6 +14,7 @@ from fedjax_med.models import resnet
 # abstractly (eval_shape) below. wrn_16_4 takes no size options: its numerics are covered by the
 # identical wide_resnet module at small depth (see test_wrn_16_4_is_wide_resnet_16_4).
 SMALL = {
+    "cryptonets": {"maps": 2, "kernel": 4, "stride": 3, "hidden": 8},
     "linear": {},
     "mlp": {"hidden": (16, 8), "activation": "tanh"},
     "small_cnn": {"width": 0.5},
@@ -36,6 +37,7 @@ def _small(name, num_outputs=4, shape=SHAPE):
 
 def test_available_models():
     assert models.available_models() == (
+        "cryptonets",
         "linear",
         "mlp",
         "resnet_gn",

@@ -150,7 +150,7 @@ def test_personalization_reports_each_site(tmp_path):
         assert 0.0 <= metrics["test_accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("method", ["secagg", "secagg_plus", "additive"])
+@pytest.mark.parametrize("method", ["secagg", "secagg_plus", "additive", "he_ckks"])
 def test_secure_aggregation_equals_plaintext_fedavg(fedavg_run, tmp_path, method):
     workdir, plain = fedavg_run
     config = config_of(
@@ -175,6 +175,11 @@ def test_secure_aggregation_equals_plaintext_fedavg(fedavg_run, tmp_path, method
     cost = report["aggregation_cost"]
     assert cost["bytes_per_client_per_round"] > cost["plaintext_bytes_per_client_per_round"] * 0.9
     assert cost["seconds_per_round"] > 0
+    if method == "he_ckks":  # CKKS figures: ciphertext bytes and the three steps' seconds
+        assert cost["he_ciphertext_bytes_per_client"] == cost["bytes_per_client_per_round"]
+        steps = ("he_encrypt_seconds_per_client", "he_aggregate_seconds", "he_decrypt_seconds")
+        assert all(cost[key] > 0 for key in steps)
+        assert "key holder" in cost["trusted"]
 
 
 def test_secure_aggregation_survives_dropouts(tmp_path):
