@@ -33,9 +33,13 @@ def _records(**records: Any) -> Any:
     return flower.require().app.RecordDict(records)
 
 
-def query_message(grid: Any, node: int) -> Any:
+def _message(content: Any, node: int, message_type: str, group: str) -> Any:
+    return flower.require().app.Message(content, node, message_type, group_id=group)
+
+
+def query_message(node: int) -> Any:
     """The ``query`` asking a node for its site's public metadata."""
-    return grid.create_message(_records(), "query", node, "roster")
+    return _message(_records(), node, "query", "roster")
 
 
 def metadata_reply(meta: dict[str, Any]) -> Any:
@@ -48,7 +52,7 @@ def read_metadata(content: Any) -> dict[str, Any]:
     return json.loads(content["meta"]["json"])
 
 
-def train_message(grid: Any, node: int, state: Any, inputs: Any, slot: int, padded: int) -> Any:
+def train_message(node: int, state: Any, inputs: Any, slot: int, padded: int) -> Any:
     """The ``train`` message of cohort slot ``slot`` (its key and SCAFFOLD control)."""
     key, typed = arrays.key_to_array(inputs.keys[slot])
     records = {
@@ -62,7 +66,7 @@ def train_message(grid: Any, node: int, state: Any, inputs: Any, slot: int, padd
         records["server_control"] = arrays.to_record(state.server_control)
         control = jax.tree.map(lambda c: c[slot], inputs.client_controls)
         records["client_control"] = arrays.to_record(control)
-    return grid.create_message(_records(**records), "train", node, f"round-{int(state.round)}")
+    return _message(_records(**records), node, "train", f"round-{int(state.round)}")
 
 
 def read_train(content: Any, template: Any) -> dict[str, Any]:
@@ -102,12 +106,12 @@ def refusal(reason: str) -> Any:
     return _records(refused=_config({"reason": reason}))
 
 
-def evaluate_message(grid: Any, node: int, params: Any, splits: tuple[str, ...]) -> Any:
+def evaluate_message(node: int, params: Any, splits: tuple[str, ...]) -> Any:
     """The ``evaluate`` message: the model and which of the site's splits to measure."""
     content = _records(
         params=arrays.to_record(params), splits=_config({"splits": list(splits)})
     )
-    return grid.create_message(content, "evaluate", node, "evaluate")
+    return _message(content, node, "evaluate", "evaluate")
 
 
 def _metrics(values: dict[str, float]) -> Any:

@@ -161,7 +161,7 @@ def discover(
     deadline = time.monotonic() + timeout
     while len(found) < len(sites):
         new = [n for n in grid.get_node_ids() if n not in asked]
-        messages = [protocol.query_message(grid, n) for n in new]
+        messages = [protocol.query_message(n) for n in new]
         asked.update(new)
         for reply in grid.send_and_receive(messages, timeout=timeout) if messages else ():
             node = reply.metadata.src_node_id
@@ -274,7 +274,7 @@ def deployed_round(
     padded = int(plan.client_data.mask.shape[1])
     slots = {nodes[int(indices[i])]: i for i in np.flatnonzero(mask)}
     messages = [
-        protocol.train_message(grid, node, state, inputs, i, padded) for node, i in slots.items()
+        protocol.train_message(node, state, inputs, i, padded) for node, i in slots.items()
     ]
     zeros = client_lib.ClientOutput(
         delta=jax.tree.map(jnp.zeros_like, state.params),
@@ -327,7 +327,7 @@ def federated_evaluate(
     :func:`fedjax_med.training.evaluate.evaluate`), ``metrics`` the example-weighted means.
     """
     names = dict(zip(plan.federation.node_ids, plan.federation.client_names, strict=True))
-    messages = [protocol.evaluate_message(grid, n, params, splits) for n in names]
+    messages = [protocol.evaluate_message(n, params, splits) for n in names]
     per_site: dict[str, dict[str, float]] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
