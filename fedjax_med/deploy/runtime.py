@@ -213,6 +213,10 @@ def run_command(app: str, run_config: Mapping[str, object]) -> list[str]:
 def environment(home: str) -> dict[str, str]:
     """This process's environment with ``FLWR_HOME`` set and this fedjax_med importable."""
     env = dict(os.environ, FLWR_HOME=os.path.abspath(home))
+    # Flower starts a fresh ClientApp process per message: a persistent compilation cache lets
+    # every round after the first reuse the compiled local update.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(env["FLWR_HOME"], "jax_cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
     return env

@@ -187,9 +187,54 @@ def test_keys_travel_unchanged(key):
     assert np.array_equal(jax.random.uniform(back, (4,)), jax.random.uniform(key, (4,)))
 
 
-def test_a_site_with_its_own_budget_refuses_the_round_it_cannot_afford(fedavg):
-    overrides = _overrides(fedavg["tmp"], DP)
-    site = flower_app.site_of({"config": SPEC, "overrides": overrides, "site": "hospital_0",
-                               "data": "synthetic", "target-epsilon": 1e-3})
-    assert not site.ledger(0).can_take(0, site.config.federated.local_steps)
-    assert protocol.reply_problem(None) == "no reply within the round's timeout"
+def test_a_site_with_its_own_budget_refuses_the_round_it_cannot_afford(tmp_path, local_grid):
+    from flwr.app import Context, RecordDict
+
+    from fedjax_med.federated import algorithms
+
+    local_grid({})  # the server's task identity, which Flower messages carry
+    overrides = _overrides(tmp_path, DP)
+    config = flower_app.load_config(SPEC, overrides)
+    plan = federated.build_plan(config)
+    state = federated.init_server_state(plan)
+    inputs = algorithms.gather_cohort(state, plan.client_data, np.arange(3), np.ones(3, bool), 0.0)
+    node_config = {
+        "config": SPEC,
+        "overrides": overrides,
+        "site": "hospital_0",
+        "data": "synthetic",
+        "target-epsilon": 1e-3,
+    }
+    context = Context(
+        run_id=1, node_id=100, node_config=node_config, state=RecordDict(), run_config={}
+    )
+    message = protocol.train_message(100, state, inputs, 0, int(plan.client_data.mask.shape[1]))
+    reply = flower_app.client_app(message, context)
+    problem = protocol.reply_problem(reply)
+    assert problem.startswith("refused: budget") and "delta" not in reply.content
+    assert "fedjax_med_site" not in context.state  # nothing spent
+
+
+def test_a_restarted_server_resumes_from_its_checkpoint(fedavg, tmp_path, local_grid):
+    overrides = fedavg["overrides"] + " federated.checkpoint_every=1"
+    config = flower_app.load_config(SPEC, overrides)
+
+    class LinkLostInRound2(local_grid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if any(m.metadata.group_id == "round-1" for m in messages):
+                raise ConnectionError("link lost")
+            return super().send_and_receive(messages, timeout=timeout)
+
+    workdir = str(tmp_path / "w")
+    with pytest.raises(ConnectionError):
+        server.serve(LinkLostInRound2(_nodes(overrides)), config, workdir)
+    assert len(_rounds(workdir)) == 1
+    server.serve(local_grid(_nodes(overrides)), config, workdir, resume=True)
+    assert [r["step"] for r in _rounds(workdir)] == [1, 2]
+    template = federated.init_server_state(federated.build_plan(config))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        _final_params(workdir, template),
+        fedavg["deployed_params"],
+    )
