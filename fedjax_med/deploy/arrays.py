@@ -37,7 +37,7 @@ def to_record(tree: Any) -> Any:
     Examples:
       >>> record = to_record({"w": np.ones((2, 3), np.float32)})
       >>> list(record.keys()), record["['w']"].shape
-      (["['w']"], [2, 3])
+      (["['w']"], (2, 3))
     """
     fl = flower.require()
     arrays = {name: fl.app.Array(np.asarray(leaf)) for name, leaf in _paths(tree)}
