@@ -238,3 +238,38 @@ def test_a_restarted_server_resumes_from_its_checkpoint(fedavg, tmp_path, local_
         _final_params(workdir, template),
         fedavg["deployed_params"],
     )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("FEDJAX_MED_LOOPBACK"),
+    reason="10 s each (two more algorithms compiled); FEDJAX_MED_LOOPBACK=1 runs them",
+)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "federated.algorithm=scaffold",
+        "federated.algorithm=dp_fedavg federated.adaptive_clipping=true data.normalization=fixed "
+        "privacy.noise_multiplier=0.1 privacy.clip_norm=0.5 privacy.delta=0.01",
+    ],
+    ids=["scaffold", "dp_fedavg_adaptive"],
+)
+def test_deployed_server_steps_equal_the_simulation(extra, tmp_path, local_grid):
+    overrides = _overrides(tmp_path, extra + " federated.rounds=1")
+    config = flower_app.load_config(SPEC, overrides)
+    sim = federated.run_rounds(config, str(tmp_path / "sim"), quiet=True)
+    dep = server.serve(local_grid(_nodes(overrides)), config, str(tmp_path / "deploy"))
+    template = federated.init_server_state(federated.build_plan(config))
+    states = []
+    for run in ("sim", "deploy"):
+        ckpt = checkpoint.Checkpointer(str(tmp_path / run / "checkpoints"))
+        states.append(ckpt.restore_latest(template)[1])
+        ckpt.close()
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # noqa: E731
+    jax.tree.map(close, states[0].params, states[1].params)
+    if states[0].client_controls is not None:  # SCAFFOLD's c and every c_k
+        jax.tree.map(close, states[0].client_controls, states[1].client_controls)
+        jax.tree.map(close, states[0].server_control, states[1].server_control)
+    if states[0].clip_norm is not None:  # adaptive clipping's S after its noised count
+        close(states[0].clip_norm, states[1].clip_norm)
+        assert dep["privacy"]["epsilon"] == pytest.approx(sim["privacy"]["epsilon"])
