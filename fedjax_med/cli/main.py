@@ -2,7 +2,8 @@
 
 Subcommands: ``train``, ``eval``, ``infer`` (plaintext or encrypted), ``data describe``,
 ``privacy`` (epsilon and calibration), ``attack`` (against one run), ``report`` (the privacy
-report over several settings) and ``configs`` (the built-in configs).
+report over several settings), ``configs`` (the built-in configs) and ``deploy`` (a config
+across real hospitals on Flower).
 User errors (missing file, bad override, invalid value) print one ``error:`` line and exit 2;
 ``--debug`` shows the traceback instead.
 """
@@ -21,6 +22,7 @@ from fedjax_med.cli import infer as infer_cli
 from fedjax_med.cli import privacy as privacy_cli
 from fedjax_med.config import loading
 from fedjax_med.data import describe, sources
+from fedjax_med.deploy import cli as deploy_cli
 from fedjax_med.reporting import plots, privacy_report
 from fedjax_med.trainers import registry
 
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer_cli.register(sub)
     privacy_cli.register(sub)
     attack_cli.register(sub)
+    deploy_cli.register(sub)
     sub.add_parser(
         "configs",
         help="list the built-in configs",
@@ -246,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [a for a in extra if not a.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides and args.command not in ("train", "data", "report"):
+    if overrides and args.command not in ("train", "data", "report", "deploy"):
         parser.error(f"{args.command} takes no --config.FIELD overrides")
     setup_logging(getattr(args, "quiet", False))
     try:
@@ -266,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return privacy_cli.run(args)
         if args.command == "configs":
             return run_configs()
+        if args.command == "deploy":
+            return deploy_cli.run(args, overrides)
         parser.error(f"unknown command {args.command}")
     except USER_ERRORS as err:
         if getattr(args, "debug", False):

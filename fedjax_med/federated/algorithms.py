@@ -199,6 +199,10 @@ class FederatedAlgorithm:
         whose rate its accounting assumes); ``None`` when any cohort will do.
       secure: the round's pieces for secure aggregation (:class:`SecureParts`); ``None`` when
         the server step needs more than a sum of client vectors.
+      finish: the server half of a round, jitted: ``finish(state, indices, cohort_mask, inputs,
+        outputs) -> (state, metrics)`` screens the outputs of the slots ``inputs.reporting``
+        marks, combines the rest and advances the round (steps 4-5 of the module doc), for
+        clients whose local updates ran elsewhere (``fedjax_med.deploy``).
     """
 
     name: str
@@ -208,6 +212,7 @@ class FederatedAlgorithm:
     jitted: tuple[Any, ...]
     sampler: Any = None
     secure: SecureParts | None = None
+    finish: Callable[..., tuple[ServerState, Metrics]] | None = None
 
 
 @flax.struct.dataclass
@@ -364,6 +369,7 @@ def build_algorithm(
             return jitted_round(state, data, indices, mask)
 
         jitted = (jitted_round,)
+        jitted_finish = jax.jit(finish)
     else:
         jitted_prepare = jax.jit(prepare)
         jitted_finish = jax.jit(finish)
@@ -381,7 +387,9 @@ def build_algorithm(
         secure = _secure_parts(
             data, options, server_optimizer, message_spec, check, prepare, run_clients, for_each
         )
-    return FederatedAlgorithm(name, init, apply_round, for_each, jitted, sampler, secure)
+    return FederatedAlgorithm(
+        name, init, apply_round, for_each, jitted, sampler, secure, finish=jitted_finish
+    )
 
 
 def _secure_parts(

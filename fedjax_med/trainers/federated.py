@@ -59,13 +59,10 @@ CohortSampler = sampling.UniformSampler | sampling.PoissonCohortSampler
 
 
 @dataclasses.dataclass(frozen=True)
-class FederatedPlan:
-    """Everything built from a config before the first round.
+class RoundParts:
+    """What the rounds of a run need besides the data (:func:`build_round_parts`).
 
     Attributes:
-      config: the validated config.
-      splits, normalizer, model: the data, its per-site normaliser and the model.
-      federation: the clients' examples (host), and ``client_data`` the same on device.
       algorithm: the round (secure aggregation included when configured).
       sampler: the cohort sampler.
       ledger: the privacy ledger of the mechanism (:class:`~ledgers.NoPrivacy` if none).
@@ -74,18 +71,33 @@ class FederatedPlan:
       mechanism: :func:`fedjax_med.config.schema.mechanism` of the config.
     """
 
-    config: ml_collections.ConfigDict
-    splits: dataset_lib.DatasetSplits
-    normalizer: preprocess.Normalizer
-    model: registry.Model
-    federation: partition.FederatedDataset
-    client_data: client_lib.ClientData
     algorithm: algorithms.FederatedAlgorithm
     sampler: CohortSampler
     ledger: ledgers.PrivacyAccountant
     randomness: randomness.Randomness
     server_key: jax.Array
     mechanism: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FederatedPlan(RoundParts):
+    """Everything built from a config before the first round.
+
+    The :class:`RoundParts` (algorithm, sampler, ledger, randomness, server key, mechanism) and
+    the data and model they run on.
+
+    Attributes:
+      config: the validated config.
+      splits, normalizer, model: the data, its per-site normaliser and the model.
+      federation: the clients' examples (host), and ``client_data`` the same on device.
+    """
+
+    config: ml_collections.ConfigDict
+    splits: dataset_lib.DatasetSplits
+    normalizer: preprocess.Normalizer
+    model: registry.Model
+    federation: partition.FederatedDataset
+    client_data: client_lib.ClientData
 
 
 def parse_site_targets(text: str, names: tuple[str, ...], default: float) -> np.ndarray:
@@ -448,6 +460,30 @@ def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
     splits, normalizer, model = setup.build_data_and_model(config)
     federation = build_federation(config, splits)
     data = client_lib.from_federated_dataset(federation, normalizer)
+    parts = build_round_parts(config, model, splits.info.task, federation, data)
+    return FederatedPlan(
+        config=config,
+        splits=splits,
+        normalizer=normalizer,
+        model=model,
+        federation=federation,
+        client_data=data,
+        **{f.name: getattr(parts, f.name) for f in dataclasses.fields(parts)},
+    )
+
+
+def build_round_parts(
+    config: ml_collections.ConfigDict,
+    model: registry.Model,
+    task: str,
+    federation: partition.FederatedDataset,
+    data: client_lib.ClientData,
+) -> RoundParts:
+    """The algorithm, sampler, ledger and keys of ``config`` for a federation of clients.
+
+    ``federation`` is read for ``num_clients``, ``counts`` and ``client_names`` only, and
+    ``data`` for its shapes and ``unit_ids`` (server-side uses pass the clients' metadata).
+    """
     f = config.federated
     mechanism = schema.mechanism(config)
     rng = randomness.Randomness(config.privacy.noise_seed, config.seed)
@@ -460,20 +496,14 @@ def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
         backend=f.backend,
         chunk_size=f.chunk_size or None,
     )
-    local_update = make_local_update(config, model, splits.info.task, f.local_steps)
+    local_update = make_local_update(config, model, task, f.local_steps)
     inputs = AlgorithmInputs(config, local_update, data, options, sampler, sigma)
     algorithm = ALGORITHMS[f.algorithm](inputs)
     ddp = _distributed_dp(config, model, sampler, rng)
     if config.secure_aggregation.method != "none":
         algorithm = _secure(config, algorithm, rng, ddp)
     ledger = LEDGERS[mechanism](config, federation, data, sigma, ddp)
-    return FederatedPlan(
-        config=config,
-        splits=splits,
-        normalizer=normalizer,
-        model=model,
-        federation=federation,
-        client_data=data,
+    return RoundParts(
         algorithm=algorithm,
         sampler=sampler,
         ledger=ledger,

@@ -1,4 +1,4 @@
-"""Dependencies point down: cli/reporting -> trainers -> training -> library packages -> nothing.
+"""Dependencies point down: cli/reporting/deploy -> trainers -> training -> library -> nothing.
 
 An AST walk over every module of the package (function-local imports included) builds the import
 graph; the library packages must not import the layers above them, and the graph has no cycle.
@@ -14,12 +14,13 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "fedjax_med"
 LIBRARY = ("privacy", "federated", "secure", "attacks", "models", "data", "randomness", "config")
-UPPER = ("trainers", "training", "reporting", "cli")
+UPPER = ("trainers", "training", "reporting", "deploy", "cli")
 # Who may import whom (by top-level subpackage); anything not listed is a violation.
 ALLOWED_ABOVE = {
-    "training": ("trainers", "reporting", "cli"),
-    "trainers": ("reporting", "cli"),
+    "training": ("trainers", "reporting", "deploy", "cli"),
+    "trainers": ("reporting", "deploy", "cli"),
     "reporting": ("cli",),
+    "deploy": ("cli",),
     "cli": (),
 }
 

@@ -17,6 +17,8 @@ calibrate``. The others are skipped, each for a reason of :func:`skip_reason`:
   (``runs/quickstart``, ``runs/dp_sgd``); tests/cli/attack_test.py runs each attack on tiny runs;
 - ``fedjax-med infer ...`` lines, which serve a full run's model (``runs/cryptonets``);
   tests/cli/infer_test.py runs plaintext and encrypted inference on a tiny CryptoNets run.
+- ``fedjax-med deploy server`` / ``client`` lines, which start Flower's long-running processes
+  (tests/deploy/loopback_test.py starts and stops them).
 
 A command that is neither run nor skipped for one of these reasons fails the test, so a new
 README line is either cheap enough to run or named here.
@@ -58,6 +60,10 @@ def skip_reason(command: str) -> str | None:
         return "install"
     if command.startswith(("ruff ", "pytest")):
         return "the test suite itself"
+    if command.startswith("fedjax-med deploy certificates "):
+        return None  # makes keys, cheap
+    if command.startswith(("fedjax-med deploy server ", "fedjax-med deploy client ")):
+        return "starts Flower's SuperLink / a SuperNode; tests/deploy/loopback_test.py runs them"
     if CHEAP.search(command):
         return None
     if command.startswith("fedjax-med attack "):

@@ -1,0 +1,65 @@
+"""``fedjax-med deploy``: bad input fails before any process starts; the commands it runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedjax_med.cli import main as cli
+from fedjax_med.deploy import runtime
+
+
+def test_a_config_the_deployment_cannot_run_fails_naming_the_field(tmp_path, capsys):
+    code = cli.main(
+        [
+            "deploy",
+            "server",
+            "--config",
+            "fedavg:tiny",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--config.federated.partition.method=iid",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "federated.partition.method='by_site'" in err
+    assert not (tmp_path / "w").exists()  # nothing started, nothing written
+
+
+def test_a_bad_server_address_is_refused(tmp_path, capsys):
+    code = cli.main(
+        [
+            "deploy",
+            "client",
+            "--config",
+            "fedavg:tiny",
+            "--site",
+            "hospital_0",
+            "--data",
+            "synthetic",
+            "--server",
+            "no-port",
+            "--home",
+            str(tmp_path),
+        ]
+    )
+    assert code == 2
+    assert "must be HOST:PORT" in capsys.readouterr().err
+
+
+def test_tls_and_authentication_are_on_exactly_when_certificates_are_given(tmp_path):
+    pytest.importorskip("flwr")
+    certs = runtime.Certificates(str(tmp_path))
+    for path in (certs.ca, certs.server_cert, certs.server_key):
+        open(path, "w").close()
+    secure = runtime.superlink_command("127.0.0.1:9093", certs)
+    assert "--enable-supernode-auth" in secure and "--insecure" not in secure
+    assert secure[secure.index("--ssl-certfile") + 1] == certs.server_cert
+    assert "--insecure" in runtime.superlink_command("127.0.0.1:9093", None)
+    node = runtime.supernode_command(
+        "127.0.0.1:9093", {"site": "a"}, port=9100, ca=certs.ca, key=certs.site_key("a")
+    )
+    assert node[node.index("--auth-supernode-private-key") + 1] == certs.site_key("a")
+    assert node[node.index("--node-config") + 1] == "site='a'"
+    with pytest.raises(FileNotFoundError, match="ca.crt"):
+        runtime.superlink_command("127.0.0.1:9093", runtime.Certificates(str(tmp_path / "x")))

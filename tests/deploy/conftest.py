@@ -1,0 +1,67 @@
+"""An in-process stand-in for Flower's Grid: messages go straight to ``ClientApp`` s.
+
+Each node keeps its own ``Context`` (node config and persistent state) as a SuperNode does; a
+node's ClientApp can be wrapped to tamper with its replies.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+flwr = pytest.importorskip("flwr")
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+SERVER_NODE = 0
+
+
+class LocalGrid(Grid):
+    """Routes every message to the node's app and returns its reply (no network)."""
+
+    def __init__(self, nodes):
+        # nodes: node_id -> (client_app, node_config)
+        self.nodes = dict(nodes)
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config=cfg, state=RecordDict(), run_config={})
+            for n, (_, cfg) in self.nodes.items()
+        }
+        self._ids = itertools.count(1)
+        self._run = None
+        # The identity a ServerApp process has under the deployment runtime.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE, 1
+
+    def set_run(self, run):
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        raise NotImplementedError("LocalGrid answers in send_and_receive")
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError("LocalGrid answers in send_and_receive")
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            app, _ = self.nodes[node]
+            replies.append(app(message, self.contexts[node]))
+        return replies
+
+
+@pytest.fixture(scope="session")
+def local_grid():
+    """The :class:`LocalGrid` class (test modules cannot import conftest by name)."""
+    return LocalGrid

@@ -1,0 +1,275 @@
+"""The Flower app against the simulation: same parameters, same per-site epsilon, faults handled.
+
+The ServerApp's ``serve`` and the ClientApp run in this process over ``LocalGrid`` (conftest),
+which delivers Flower messages to the ClientApp as a SuperNode would; the processes, TLS and
+authentication of the deployment runtime are in loopback_test.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from fedjax_med.deploy import arrays, flower_app, protocol, server  # noqa: E402
+from fedjax_med.trainers import federated  # noqa: E402
+from fedjax_med.training import checkpoint  # noqa: E402
+
+SPEC = "fedavg:tiny"
+BASE = (
+    "model.name=linear data.synthetic.image_size=16 data.synthetic.examples_per_site=30 "
+    "federated.rounds=2 federated.eval_every=2 federated.checkpoint_every=2"
+)
+DP = (
+    "data.normalization=fixed privacy.enabled=true privacy.noise_multiplier=1.0 "
+    "privacy.clip_norm=1.0 privacy.method=vmap"
+)
+
+
+def _overrides(tmp, extra=""):
+    return f"{BASE} data.cache_dir={tmp}/cache {extra}".strip()
+
+
+def _nodes(overrides, sites=3, app=flower_app.client_app, **extra):
+    nodes = {}
+    for k in range(sites):
+        cfg = {"config": SPEC, "overrides": overrides, "site": f"hospital_{k}", "data": "synthetic"}
+        nodes[100 + k] = (app, {**cfg, **extra.get(k, {})})
+    return nodes
+
+
+def _final_params(workdir, template):
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    _, state, _ = ckpt.restore_latest(template)
+    ckpt.close()
+    return state.params
+
+
+def _rounds(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == "round"]
+
+
+@pytest.fixture(scope="module")
+def fedavg(tmp_path_factory, local_grid):
+    tmp = tmp_path_factory.mktemp("fedavg")
+    overrides = _overrides(tmp)
+    config = flower_app.load_config(SPEC, overrides)
+    sim = federated.run_rounds(config, str(tmp / "sim"), quiet=True)
+    deployed = server.serve(local_grid(_nodes(overrides)), config, str(tmp / "deploy"))
+    plan = federated.build_plan(config)
+    template = federated.init_server_state(plan)
+    return {
+        "sim": sim,
+        "deployed": deployed,
+        "initial_params": template.params,
+        "sim_params": _final_params(str(tmp / "sim"), template),
+        "deployed_params": _final_params(str(tmp / "deploy"), template),
+        "tmp": tmp,
+        "overrides": overrides,
+    }
+
+
+def test_deployed_fedavg_equals_the_simulation(fedavg):
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        fedavg["deployed_params"],
+        fedavg["sim_params"],
+    )
+    moved = jax.tree.map(
+        lambda a, b: float(np.abs(a - b).max()), fedavg["sim_params"], fedavg["initial_params"]
+    )
+    assert max(jax.tree.leaves(moved)) > 1e-4  # training moved the model: the equality is real
+    sim, dep = fedavg["sim"], fedavg["deployed"]
+    assert dep["federated"]["client_sizes"] == sim["federated"]["client_sizes"]
+    assert dep["metrics"]["test_accuracy"] == pytest.approx(sim["metrics"]["test_accuracy"])
+    assert set(dep["per_site"]) == set(sim["per_site"])
+    for site, values in sim["per_site"].items():
+        assert dep["per_site"][site]["test_accuracy"] == pytest.approx(values["test_accuracy"])
+
+
+def test_deployed_round_records_match_the_simulation(fedavg):
+    sim = _rounds(str(fedavg["tmp"] / "sim"))
+    dep = _rounds(str(fedavg["tmp"] / "deploy"))
+    assert len(sim) == len(dep) == 2
+    for s, d in zip(sim, dep, strict=True):
+        assert d["loss"] == pytest.approx(s["loss"], rel=1e-5)
+        assert d["num_clients"] == s["num_clients"] == 3
+        assert d["num_malformed"] == 0
+
+
+def _simulated_epsilons(config) -> dict[str, float]:
+    """The simulation's per-site epsilons after ``federated.rounds`` full rounds.
+
+    The ledger run_rounds builds (build_plan) admits and records each round's cohort exactly as
+    run_rounds does; training is not needed for the accounting.
+    """
+    plan = federated.build_plan(config)
+    for t in range(config.federated.rounds):
+        plan.ledger.record(plan.ledger.admit(plan.sampler.sample(t), t), True)
+    return plan.ledger.per_site_epsilon()
+
+
+def test_local_dp_epsilon_per_site_equals_the_simulation(tmp_path, local_grid):
+    overrides = _overrides(tmp_path, DP + " federated.rounds=1")
+    config = flower_app.load_config(SPEC, overrides)
+    grid = local_grid(_nodes(overrides))
+    dep = server.serve(grid, config, str(tmp_path / "deploy"))
+    sim_eps = _simulated_epsilons(config)
+    assert dep["privacy"]["per_site_epsilon"] == pytest.approx(sim_eps, rel=1e-9)
+    assert all(0 < e < np.inf for e in sim_eps.values())
+    assert dep["privacy"]["mechanism"] == "local_dp_sgd"
+    # Each site's own ledger (kept on its node, never sent) says the same.
+    for context in grid.contexts.values():
+        site = flower_app.site_of(context.node_config)
+        steps = int(context.state["fedjax_med_site"]["steps"])
+        assert site.ledger(steps).epsilon(0) == pytest.approx(sim_eps[site.name], rel=1e-9)
+
+
+def _tampering(corrupt):
+    def app(message, context):
+        reply = flower_app.client_app(message, context)
+        if message.metadata.message_type == "train":
+            delta = reply.content["delta"]
+            name = next(iter(delta.keys()))
+            delta[name] = corrupt(delta[name].numpy())
+        return reply
+
+    return app
+
+
+def test_a_malformed_update_is_excluded_and_counted(tmp_path, caplog, local_grid):
+    from flwr.app import Array
+
+    overrides = _overrides(tmp_path, "federated.rounds=1")
+    config = flower_app.load_config(SPEC, overrides)
+    nodes = _nodes(overrides)
+    nodes[101] = (_tampering(lambda a: Array(np.full_like(a, np.nan))), nodes[101][1])
+    nodes[102] = (_tampering(lambda a: Array(a[..., :1].copy())), nodes[102][1])
+    # An unlisted hospital: refused at the roster, the run goes on without it.
+    nodes[103] = (flower_app.client_app, {**nodes[100][1], "site": "hospital_0"})
+    with caplog.at_level(logging.WARNING, logger="fedjax_med"):
+        server.serve(local_grid(nodes), config, str(tmp_path / "w"))
+    (record,) = _rounds(str(tmp_path / "w"))
+    assert record["num_malformed"] == 2 and record["num_excluded"] == 2
+    assert record["num_clients"] == 1
+    text = caplog.text
+    assert "site hospital_1 excluded: malformed update" in text and "non-finite" in text
+    assert "site hospital_2 excluded: malformed update" in text and "shape" in text
+    assert "joined twice" in text
+
+
+def test_received_trees_are_checked_leaf_by_leaf():
+    template = {"b": np.zeros(2, np.float32), "w": np.zeros((2, 3), np.float32)}
+    good = arrays.to_record(template)
+    tree = arrays.from_record(good, template, what="delta")
+    assert jax.tree.map(np.shape, tree) == jax.tree.map(np.shape, template)
+    with pytest.raises(arrays.MalformedUpdate, match="do not match"):
+        arrays.from_record(arrays.to_record({"w": template["w"]}), template, what="delta")
+    with pytest.raises(arrays.MalformedUpdate, match=r"\['w'\]: shape"):
+        bad = dict(template, w=np.zeros((3, 2), np.float32))
+        arrays.from_record(arrays.to_record(bad), template, what="delta")
+    with pytest.raises(arrays.MalformedUpdate, match="dtype"):
+        bad = dict(template, b=np.zeros(2, np.float64))
+        arrays.from_record(arrays.to_record(bad), template, what="delta")
+
+
+@pytest.mark.parametrize("key", [jax.random.key(3), jax.random.PRNGKey(3)])
+def test_keys_travel_unchanged(key):
+    data, typed = arrays.key_to_array(key)
+    back = arrays.array_to_key(data, typed)
+    assert np.array_equal(jax.random.uniform(back, (4,)), jax.random.uniform(key, (4,)))
+
+
+def test_a_site_with_its_own_budget_refuses_the_round_it_cannot_afford(tmp_path, local_grid):
+    from flwr.app import Context, RecordDict
+
+    from fedjax_med.federated import algorithms
+
+    local_grid({})  # the server's task identity, which Flower messages carry
+    overrides = _overrides(tmp_path, DP)
+    config = flower_app.load_config(SPEC, overrides)
+    plan = federated.build_plan(config)
+    state = federated.init_server_state(plan)
+    inputs = algorithms.gather_cohort(state, plan.client_data, np.arange(3), np.ones(3, bool), 0.0)
+    node_config = {
+        "config": SPEC,
+        "overrides": overrides,
+        "site": "hospital_0",
+        "data": "synthetic",
+        "target-epsilon": 1e-3,
+    }
+    context = Context(
+        run_id=1, node_id=100, node_config=node_config, state=RecordDict(), run_config={}
+    )
+    message = protocol.train_message(100, state, inputs, 0, int(plan.client_data.mask.shape[1]))
+    reply = flower_app.client_app(message, context)
+    problem = protocol.reply_problem(reply)
+    assert problem.startswith("refused: budget") and "delta" not in reply.content
+    assert "fedjax_med_site" not in context.state  # nothing spent
+
+
+def test_a_restarted_server_resumes_from_its_checkpoint(fedavg, tmp_path, local_grid):
+    overrides = fedavg["overrides"] + " federated.checkpoint_every=1"
+    config = flower_app.load_config(SPEC, overrides)
+
+    class LinkLostInRound2(local_grid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if any(m.metadata.group_id == "round-1" for m in messages):
+                raise ConnectionError("link lost")
+            return super().send_and_receive(messages, timeout=timeout)
+
+    workdir = str(tmp_path / "w")
+    with pytest.raises(ConnectionError):
+        server.serve(LinkLostInRound2(_nodes(overrides)), config, workdir)
+    assert len(_rounds(workdir)) == 1
+    server.serve(local_grid(_nodes(overrides)), config, workdir, resume=True)
+    assert [r["step"] for r in _rounds(workdir)] == [1, 2]
+    template = federated.init_server_state(federated.build_plan(config))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        _final_params(workdir, template),
+        fedavg["deployed_params"],
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("FEDJAX_MED_LOOPBACK"),
+    reason="10 s each (two more algorithms compiled); FEDJAX_MED_LOOPBACK=1 runs them",
+)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "federated.algorithm=scaffold",
+        "federated.algorithm=dp_fedavg federated.adaptive_clipping=true data.normalization=fixed "
+        "privacy.noise_multiplier=0.1 privacy.clip_norm=0.5 privacy.delta=0.01",
+    ],
+    ids=["scaffold", "dp_fedavg_adaptive"],
+)
+def test_deployed_server_steps_equal_the_simulation(extra, tmp_path, local_grid):
+    overrides = _overrides(tmp_path, extra + " federated.rounds=1")
+    config = flower_app.load_config(SPEC, overrides)
+    sim = federated.run_rounds(config, str(tmp_path / "sim"), quiet=True)
+    dep = server.serve(local_grid(_nodes(overrides)), config, str(tmp_path / "deploy"))
+    template = federated.init_server_state(federated.build_plan(config))
+    states = []
+    for run in ("sim", "deploy"):
+        ckpt = checkpoint.Checkpointer(str(tmp_path / run / "checkpoints"))
+        states.append(ckpt.restore_latest(template)[1])
+        ckpt.close()
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # noqa: E731
+    jax.tree.map(close, states[0].params, states[1].params)
+    if states[0].client_controls is not None:  # SCAFFOLD's c and every c_k
+        jax.tree.map(close, states[0].client_controls, states[1].client_controls)
+        jax.tree.map(close, states[0].server_control, states[1].server_control)
+    if states[0].clip_norm is not None:  # adaptive clipping's S after its noised count
+        close(states[0].clip_norm, states[1].clip_norm)
+        assert dep["privacy"]["epsilon"] == pytest.approx(sim["privacy"]["epsilon"])
