@@ -49,6 +49,7 @@ from fedjax_med.models import registry
 from fedjax_med.privacy import accounting, budget
 from fedjax_med.secure import distributed_dp, secagg
 from fedjax_med.trainers import ledgers
+from fedjax_med.trainers import poisoning as poisoning_lib
 from fedjax_med.trainers import run as run_lib
 from fedjax_med.training import checkpoint, evaluate, progress, report, setup
 from fedjax_med.training import workdir as workdir_lib
@@ -72,6 +73,8 @@ class FederatedPlan:
       randomness: where the server key and the cohorts come from.
       server_key: root of every round key (``fold_in(server_key, round)``).
       mechanism: :func:`fedjax_med.config.schema.mechanism` of the config.
+      threat: the malicious clients and the server's aggregation rule
+        (:mod:`fedjax_med.trainers.poisoning`).
     """
 
     config: ml_collections.ConfigDict
@@ -86,6 +89,7 @@ class FederatedPlan:
     randomness: randomness.Randomness
     server_key: jax.Array
     mechanism: str
+    threat: poisoning_lib.Threat
 
 
 def parse_site_targets(text: str, names: tuple[str, ...], default: float) -> np.ndarray:
@@ -445,9 +449,12 @@ def _server_key(config, mechanism, rng) -> jax.Array:
 def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
     """Data, federation, algorithm, sampler, ledger and keys of a federated run."""
     splits, normalizer, model = setup.build_data_and_model(config)
-    federation = build_federation(config, splits)
-    data = client_lib.from_federated_dataset(federation, normalizer)
     f = config.federated
+    federation = build_federation(config, splits)
+    cohort = f.clients_per_round or federation.num_clients
+    threat = poisoning_lib.build(config, splits, federation, cohort=cohort, server_lr=server_lr(f))
+    federation = threat.federation
+    data = client_lib.from_federated_dataset(federation, normalizer)
     mechanism = schema.mechanism(config)
     rng = randomness.Randomness(config.privacy.noise_seed, config.seed)
     sampler = _cohort_sampler(config, mechanism, federation.num_clients, rng)
@@ -458,6 +465,8 @@ def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
         dropout_rate=f.dropout_prob,
         backend=f.backend,
         chunk_size=f.chunk_size or None,
+        aggregator=threat.aggregator,
+        tamper=threat.tamper,
     )
     local_update = make_local_update(config, model, splits.info.task, f.local_steps)
     inputs = AlgorithmInputs(config, local_update, data, options, sampler, sigma)
@@ -479,6 +488,7 @@ def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
         randomness=rng,
         server_key=_server_key(config, mechanism, rng),
         mechanism=mechanism,
+        threat=threat,
     )
 
 
@@ -570,6 +580,8 @@ def _evaluate(plan, params, split: str, round_num: int, log: RoundLog) -> dict[s
         plan.config.train.eval_batch_size,
     )
     record = {"step": round_num, "split": split, **evaluate.prefixed(result["metrics"], split)}
+    batch_size = plan.config.train.eval_batch_size
+    record.update(plan.threat.evaluate(predict_fn, params, plan.normalizer, batch_size, split))
     record.update(result["site_summary"])
     log.append(record)
     return result
@@ -724,6 +736,7 @@ def finish(plan, state, workdir: str, end: int, log: RoundLog) -> dict[str, Any]
     val = _evaluate(plan, state.params, "val", end, log)
     test = _evaluate(plan, state.params, "test", end, log)
     extra: dict[str, Any] = {"federated": _federation_summary(plan, end)}
+    extra.update(plan.threat.report(log.path))
     if config.secure_aggregation.method != "none":
         extra["aggregation_cost"] = _aggregation_cost(config.secure_aggregation.method, log.path)
     released = ()
