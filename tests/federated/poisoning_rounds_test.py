@@ -1,4 +1,4 @@
-"""A backdoor through real FedAvg rounds: it wins against the mean, Krum and norm bounding cut it.
+"""A backdoor through real FedAvg rounds: it wins against the mean, and Krum cuts it down.
 
 A tiny federation of five clients with a linear softmax model on 8 features; the last feature
 is the trigger, zero in every honest example. Client 0 labels half its examples as class 0 with
@@ -63,16 +63,13 @@ def _train(setup, aggregator):
     return clean, success, metrics
 
 
-def test_backdoor_beats_the_mean_and_is_cut_by_krum_and_norm_bounding(setup):
+def test_backdoor_beats_the_mean_and_is_cut_by_krum(setup):
     _, mean_success, _ = _train(setup, robust_aggregation.MEAN)
     assert mean_success > 0.8
     krum = robust_aggregation.make_aggregator("krum", num_byzantine=1)
     clean, krum_success, metrics = _train(setup, krum)
     assert krum_success < 0.2 and clean > 0.8
     assert int(metrics["below_breakdown"]) == 0 and int(metrics["num_clients"]) == K
-    bounded = robust_aggregation.make_aggregator("norm_bound", norm_bound=0.3)
-    clean, bounded_success, _ = _train(setup, bounded)
-    assert bounded_success < mean_success / 2 and clean > 0.8
 
 
 def test_robust_rule_has_no_secure_form(setup):
