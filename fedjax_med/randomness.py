@@ -49,6 +49,7 @@ PERSONALIZATION = 10_000_019  # under the server key: per-site fine-tuning after
 ROUND_CLIENTS = 0  # each client's local-training key: fold_in(fold_in(round_key, 0), k)
 ROUND_DROPOUT = 1  # simulated client failures
 ROUND_SERVER_NOISE = 2  # DP-FedAvg's server noise
+ROUND_AGGREGATOR_NOISE = 3  # the weak-DP noise of norm-bounded aggregation (Sun et al. 2019)
 
 # ---- local step streams: fold_in(step_key, STREAM) ---------------------------------------------
 STEP_BATCH = 0  # which rows a local step samples
@@ -71,6 +72,7 @@ AUDIT_SPLIT = 1  # fold_in(audit_key, .): the random split that picks an audit's
 MEMBERSHIP_POOL = (1,)  # default_rng([seed, 1]): the LiRA pool and the shadows' halves
 RUN_AUDIT_CANARIES = (2,)  # default_rng([seed, 2]): which canaries a one-run audit includes
 INVERSION_BASELINE = 1  # PRNGKey(.): the random-image baseline of ``attack inversion``
+POISONING = (11,)  # default_rng([seed, 11]): which clients are malicious, which images they poison
 
 
 def check_mode(mode: str) -> str:

@@ -149,6 +149,36 @@ def get_base_config() -> ml_collections.ConfigDict:
     # noise (none | discrete_gaussian | skellam) so the secure sum carries privacy.noise_multiplier.
     config.secure_aggregation.distributed_dp = "none"
 
+    # ---- robust aggregation of federated rounds (config.trainer = "federated") --------------
+    config.robust_aggregation = ml_collections.ConfigDict()
+    # The FedAvg family's server rule: mean | median | trimmed_mean (Yin et al. 2018) | krum |
+    # multi_krum (Blanchard et al. 2017) | bulyan (El Mhamdi et al. 2018) | norm_bound (clip every
+    # update, then the mean; Sun et al. 2019). The robust rules need every individual update, so
+    # none runs with secure aggregation; DP-FedAvg and SCAFFOLD keep their own sums.
+    config.robust_aggregation.method = "mean"
+    # f: the arbitrary clients a rule is built to tolerate (trimmed_mean drops f per side); the
+    # cohort must exceed the rule's breakdown point (krum: n > 2f + 2, bulyan: n >= 4f + 3).
+    config.robust_aggregation.num_byzantine = 1
+    config.robust_aggregation.num_selected = 0  # multi_krum's m (0 = n - f)
+    config.robust_aggregation.norm_bound = 1.0  # norm_bound: the L2 bound M of every update
+    config.robust_aggregation.noise_std = 0.0  # norm_bound: weak-DP noise per coordinate (0: off)
+
+    # ---- poisoning: malicious clients of the simulated federation ----------------------------
+    config.poisoning = ml_collections.ConfigDict()
+    # none | label_flip (their labels y -> K-1-y) | backdoor (Bagdasaryan et al. 2020: trigger
+    # + target label on poison_fraction of their images, update boosted for model replacement)
+    # | scale | sign_flip (their update times boost / -boost) | little_is_enough (Baruch et al.
+    # 2019: mean - z std of the honest updates, per coordinate).
+    config.poisoning.kind = "none"
+    config.poisoning.fraction = 0.0  # of the clients, malicious for the whole run (at least 1)
+    # gamma; 0 = the kind's default: n / server_lr (n clients per round: model replacement) for
+    # backdoor and scale, 1 for sign_flip.
+    config.poisoning.boost = 0.0
+    config.poisoning.z = 0.0  # little_is_enough; 0 = Baruch et al.'s z_max from n and m
+    config.poisoning.target_label = 0  # backdoor: the class triggered images should read as
+    config.poisoning.trigger_size = 3  # backdoor: side of the checkerboard in the corner (pixels)
+    config.poisoning.poison_fraction = 0.5  # backdoor: of each malicious client's images
+
     # ---- training loop ---------------------------------------------------------------------
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 64
@@ -166,6 +196,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Free-form: setting name -> nested overrides of this config (e.g. {"trainer": "federated",
     # "secure_aggregation": {"method": "secagg"}}); each setting is trained and attacked.
     config.report.settings = ml_collections.ConfigDict()
+    # Free-form like settings: poisoning setting name -> overrides of a federated run with
+    # malicious clients (poisoning.*) and a defence (robust_aggregation.*, dp_fedavg); each is
+    # trained and its clean accuracy and attack success tabulated (no privacy attacks).
+    config.report.poisoning = ml_collections.ConfigDict()
     config.report.shadow_models = 8  # LiRA shadow models trained together under vmap (0: none)
     config.report.shadow_steps = 300  # full-batch SGD steps of each shadow model
     config.report.shadow_lr = 0.05

@@ -22,7 +22,7 @@ import ml_collections
 
 from fedjax_med.config import base
 
-FREE_FORM = ("model.kwargs", "report.settings")
+FREE_FORM = ("model.kwargs", "report.settings", "report.poisoning")
 
 
 class ConfigError(ValueError):
@@ -128,6 +128,22 @@ CHECKS: dict[str, Check] = {
     "secure_aggregation.dropout_rate": in_range(0.0, 1.0, hi_open=True),
     "secure_aggregation.corrupted_fraction": in_range(0.0, 0.5, hi_open=True),
     "secure_aggregation.distributed_dp": one_of("none", "discrete_gaussian", "skellam"),
+    "robust_aggregation.method": one_of(
+        "mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "norm_bound"
+    ),
+    "robust_aggregation.num_byzantine": at_least(0),
+    "robust_aggregation.num_selected": at_least(0),
+    "robust_aggregation.norm_bound": greater_than(0.0),
+    "robust_aggregation.noise_std": at_least(0.0),
+    "poisoning.kind": one_of(
+        "none", "label_flip", "backdoor", "scale", "sign_flip", "little_is_enough"
+    ),
+    "poisoning.fraction": in_range(0.0, 1.0, hi_open=True),
+    "poisoning.boost": at_least(0.0),
+    "poisoning.z": at_least(0.0),
+    "poisoning.target_label": at_least(0),
+    "poisoning.trigger_size": at_least(1),
+    "poisoning.poison_fraction": in_range(0.0, 1.0, lo_open=True),
     "train.batch_size": at_least(1),
     "train.steps": at_least(1),
     "train.eval_every": at_least(1),
@@ -435,6 +451,7 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
                 "config field 'privacy.noise_multiplier' must be > 0 for local DP-SGD "
                 "(privacy.target_epsilon is each site's budget)"
             )
+    _check_poisoning_fields(config)
     broken = [m for m in config.report.broken_mechanisms.split(",") if m.strip()]
     allowed = ("no_noise", "wrong_scale", "no_clipping")
     if any(m.strip() not in allowed for m in broken):
@@ -446,4 +463,36 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config field 'optimizer.warmup_steps'={config.optimizer.warmup_steps} must be < "
             f"train.steps={config.train.steps}"
+        )
+
+
+def _check_poisoning_fields(config: ml_collections.ConfigDict) -> None:
+    """Refuses robust aggregation and poisoning where they cannot run as asked."""
+    robust, attack = config.robust_aggregation.method, config.poisoning
+    if config.trainer != "federated" and (robust != "mean" or attack.kind != "none"):
+        raise ConfigError(
+            "config fields 'robust_aggregation.method' and 'poisoning.kind' need "
+            "trainer='federated' (they are about the clients of a federation)"
+        )
+    if (attack.kind == "none") != (attack.fraction == 0):
+        raise ConfigError(
+            f"config field 'poisoning.fraction'={attack.fraction} must be > 0 exactly when "
+            f"poisoning.kind != 'none' (got kind={attack.kind!r})"
+        )
+    if robust == "mean":
+        return
+    if config.secure_aggregation.method != "none":
+        raise ConfigError(
+            f"config field 'robust_aggregation.method'={robust!r} cannot run with "
+            f"secure_aggregation.method={config.secure_aggregation.method!r}: a robust rule "
+            "needs every client's individual update, and secure aggregation shows the server "
+            "only their sum. Use robust_aggregation.method='mean' with secure aggregation, or "
+            "federated.algorithm='dp_fedavg', whose clipping and noise compose with a secure sum"
+        )
+    if config.federated.algorithm in ("dp_fedavg", "scaffold"):
+        raise ConfigError(
+            f"config field 'robust_aggregation.method'={robust!r} needs a FedAvg-family "
+            f"algorithm; federated.algorithm={config.federated.algorithm!r} keeps its own sum "
+            "(DP-FedAvg's noise is calibrated to a clipped sum; SCAFFOLD's control variates are "
+            "averaged beside the deltas)"
         )

@@ -121,6 +121,16 @@ def check_deployable(config: ml_collections.ConfigDict) -> None:
         )
     if config.federated.personalization_steps:
         raise ValueError("deployment does not run federated.personalization_steps (set it to 0)")
+    if config.robust_aggregation.method != "mean":
+        raise ValueError(
+            "deployment runs robust_aggregation.method='mean' only (the robust rules are wired "
+            f"into the simulation), not {config.robust_aggregation.method!r}"
+        )
+    if config.poisoning.kind != "none":
+        raise ValueError(
+            "config field 'poisoning.kind' simulates malicious clients and has no meaning in a "
+            "deployment; set it to 'none'"
+        )
 
 
 def default_sites(config: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -9,6 +9,11 @@ One round, for a cohort drawn on the host (:mod:`fedjax_med.federated.sampling`)
 4. exclude non-finite or out-of-range updates (``max_update_norm``) and count them;
 5. combine the rest and take the server step.
 
+Two hooks of :class:`RoundOptions` change a round without a new algorithm: ``tamper`` rewrites
+what the cohort submits after step 3 (malicious clients, :mod:`fedjax_med.attacks.poisoning`),
+and ``aggregator`` replaces the mean of the FedAvg family's step 5 by a robust rule
+(:mod:`~fedjax_med.federated.robust_aggregation`).
+
 Algorithms:
 
 * FedAvg (McMahan et al., AISTATS 2017, https://arxiv.org/abs/1602.05629): example-weighted mean
@@ -52,7 +57,8 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 
-from fedjax_med.federated import aggregation, sampling, server_optimizers
+from fedjax_med import randomness
+from fedjax_med.federated import aggregation, robust_aggregation, sampling, server_optimizers
 from fedjax_med.federated import client as client_lib
 from fedjax_med.federated import for_each_client as fec
 
@@ -63,6 +69,7 @@ Metrics = dict[str, jax.Array]
 STREAM_CLIENTS = 0
 STREAM_DROPOUT = 1
 STREAM_NOISE = 2
+STREAM_AGGREGATOR = randomness.ROUND_AGGREGATOR_NOISE
 
 WEIGHTINGS = ("examples", "uniform")
 
@@ -105,6 +112,10 @@ class RoundOptions:
       backend: ``for_each_client`` backend (``"auto"``, ``"vmap"``, ``"sharded"``, ``"loop"``).
       chunk_size: clients vmapped together; ``None`` = all.
       mesh: the ``clients`` mesh of the sharded backend.
+      aggregator: the FedAvg family's server rule over the kept deltas (default: the weighted
+        mean); DP-FedAvg and secure aggregation keep their own sum.
+      tamper: ``tamper(indices, reporting, deltas) -> deltas``, what the cohort submits instead
+        of its honest deltas (malicious clients); ``None``: honest.
     """
 
     weighting: str | None = None
@@ -113,6 +124,8 @@ class RoundOptions:
     backend: str = "auto"
     chunk_size: int | None = None
     mesh: Mesh | None = None
+    aggregator: robust_aggregation.Aggregator = robust_aggregation.MEAN
+    tamper: Callable[[jax.Array, jax.Array, Params], Params] | None = None
 
     def __post_init__(self):
         if self.weighting is not None and self.weighting not in WEIGHTINGS:
@@ -228,6 +241,7 @@ class CohortInputs:
     reporting: jax.Array  # (C,) bool: sampled and not dropped
     num_dropped: jax.Array
     unit_ids: jax.Array | None = None  # (C, M): each row's patient (patient-level local DP)
+    indices: jax.Array | None = None  # (C,): each slot's client
 
 
 def round_key(state: ServerState) -> jax.Array:
@@ -262,6 +276,7 @@ def gather_cohort(
         reporting=reporting,
         num_dropped=num_dropped,
         unit_ids=None if data.unit_ids is None else data.unit_ids[indices],
+        indices=indices,
     )
 
 
@@ -320,7 +335,7 @@ def build_algorithm(
         return gather_cohort(state, data, indices, cohort_mask, options.dropout_rate)
 
     def run_clients(state, inputs):
-        return for_each(
+        outputs = for_each(
             state.params,
             inputs.images,
             inputs.labels,
@@ -331,6 +346,11 @@ def build_algorithm(
             inputs.client_controls,
             client_mask=inputs.reporting,
             unit_ids=inputs.unit_ids,
+        )
+        if options.tamper is None:
+            return outputs
+        return outputs.replace(
+            delta=options.tamper(inputs.indices, inputs.reporting, outputs.delta)
         )
 
     def finish(state, indices, cohort_mask, inputs, outputs):
@@ -432,20 +452,26 @@ def _secure_parts(
 
 
 def fedopt_combine(
-    server_optimizer: optax.GradientTransformation, weighting: str, num_clients: int
+    server_optimizer: optax.GradientTransformation,
+    weighting: str,
+    num_clients: int,
+    aggregator: robust_aggregation.Aggregator = robust_aggregation.MEAN,
 ) -> Combine:
     """The server step of FedAvg / FedAvgM / FedProx / FedOpt, and SCAFFOLD's when controls exist.
 
-    ``Delta = sum_k w_k delta_k / sum_k w_k`` over kept clients (``w_k = n_k`` or 1); the server
-    optimizer takes ``-Delta``. SCAFFOLD (state with controls) also applies
-    ``c <- c + (1/N) sum_S Delta c_k`` and ``c_k <- c_k + Delta c_k``.
+    ``Delta = sum_k w_k delta_k / sum_k w_k`` over kept clients (``w_k = n_k`` or 1), or the
+    ``aggregator``'s robust rule over them; the server optimizer takes ``-Delta``. SCAFFOLD
+    (state with controls) also applies ``c <- c + (1/N) sum_S Delta c_k`` and
+    ``c_k <- c_k + Delta c_k``. A robust rule adds the metric ``below_breakdown`` (1 when fewer
+    clients took part than it needs to tolerate its ``f``).
     """
 
     def combine(state, indices, outputs, kept):
         weights = kept.astype(jnp.float32)
         if weighting == "examples":
             weights = weights * outputs.num_examples
-        mean_delta = aggregation.weighted_mean(outputs.delta, weights)
+        key = jax.random.fold_in(round_key(state), STREAM_AGGREGATOR)
+        mean_delta = aggregator.aggregate(outputs.delta, weights, key)
         pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
         updates, opt_state = server_optimizer.update(
             pseudo_grad, state.server_opt_state, state.params
@@ -474,6 +500,8 @@ def fedopt_combine(
             "loss": aggregation.weighted_mean(outputs.loss, weights),
             "update_norm": optax.global_norm(mean_delta),
         }
+        if aggregator is not robust_aggregation.MEAN:
+            metrics["below_breakdown"] = aggregator.below_breakdown(weights).astype(jnp.int32)
         return new_state, metrics
 
     return combine
@@ -557,9 +585,12 @@ def fedopt(
         local_update,
         data,
         server_optimizer=server_optimizer,
-        combine=fedopt_combine(server_optimizer, weighting, data.num_clients),
+        combine=fedopt_combine(server_optimizer, weighting, data.num_clients, options.aggregator),
         options=options,
-        message_spec=fedopt_message_spec(server_optimizer, weighting, data.mask.shape[1]),
+        # A robust rule needs every individual update: it has no form as a secure sum.
+        message_spec=fedopt_message_spec(server_optimizer, weighting, data.mask.shape[1])
+        if options.aggregator is robust_aggregation.MEAN
+        else None,
     )
 
 
@@ -709,7 +740,7 @@ def scaffold(
         local_update,
         data,
         server_optimizer=tx,
-        combine=fedopt_combine(tx, weighting, num_clients),
+        combine=fedopt_combine(tx, weighting, num_clients, options.aggregator),
         options=options,
         init_extra=init_extra,
     )

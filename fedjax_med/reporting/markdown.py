@@ -96,6 +96,76 @@ def _audits(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Which defence against poisoning keeps which privacy claim (the poisoning section's table).
+DEFENCE_CLAIMS = (
+    (
+        "none (weighted mean)",
+        "the sum",
+        "yes",
+        "all: secure aggregation, DP-FedAvg, local DP-SGD",
+    ),
+    (
+        "median, trimmed mean, Krum, Multi-Krum, Bulyan",
+        "every individual update",
+        "no: refused (robust_aggregation.method with secure_aggregation.method)",
+        "local DP-SGD's per-site claims (each update is already a DP release); not secure "
+        "aggregation's 'the server sees only the sum'",
+    ),
+    (
+        "norm bounding (+ weak DP noise)",
+        "every update's norm (the server clips)",
+        "no: refused; under a secure sum the clipping would move to the clients, and a "
+        "malicious client would skip it",
+        "local DP-SGD's; its noise is not calibrated to a sensitivity, so it is no DP claim",
+    ),
+    (
+        "DP-FedAvg (clip S, Gaussian noise)",
+        "the sum of clipped updates",
+        "yes (clients clip; a malicious client is bounded only by the secure sum's "
+        "per-coordinate clip)",
+        "client-level DP for the honest clients, whatever the malicious ones send",
+    ),
+)
+
+
+def _poisoning(report: dict[str, Any]) -> list[str]:
+    """The poisoning table (attack x defence) and which defence keeps which privacy claim."""
+    entries = report.get("poisoning")
+    if not entries:
+        return []
+    lines = [
+        "",
+        "## Poisoning",
+        "",
+        "Malicious clients poison the federation (their data or the updates they submit) while",
+        "the server defends with a robust rule, norm bounding or DP-FedAvg. Clean accuracy is",
+        "on the test split; attack success is the fraction of the attack's test images read as",
+        "the attacker wants (backdoor: triggered non-target images read as the target class;",
+        "label flipping: images read as their flipped label); n/a for an untargeted attack.",
+        "",
+        "| setting | attack | malicious clients | defence | clean test accuracy "
+        "| attack success (test) | attack success, last evaluated round |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, e in entries.items():
+        last = e["per_round"][-1]["val_attack_success"] if e["per_round"] else None
+        malicious = f"{len(e['malicious_clients'])} of {e['num_clients']}"
+        lines.append(
+            f"| {name} | {e['attack']} | {malicious} | {e['defence']} "
+            f"| {_num(e['test_accuracy'])} | {_num(e['test_attack_success'])} | {_num(last)} |"
+        )
+    lines += [
+        "",
+        "What each defence needs to see, whether it runs over secure aggregation, and which",
+        "privacy claims it keeps:",
+        "",
+        "| defence | server needs | with secure aggregation | privacy claims kept |",
+        "|---|---|---|---|",
+        *(f"| {' | '.join(row)} |" for row in DEFENCE_CLAIMS),
+    ]
+    return lines
+
+
 def render(report: dict[str, Any]) -> str:
     """The Markdown text of ``report`` (the dict written to ``report.json``)."""
     settings = report["settings"]
@@ -150,12 +220,14 @@ def render(report: dict[str, Any]) -> str:
                 detail += "; labels given to the attacker"
         lines.append(f"- **{name}**: {inv['server_sees']}{detail}.")
     lines += _audits(report)
+    lines += _poisoning(report)
     lines += ["", "## Plots", ""]
     titles = {
         "utility_vs_epsilon": "Utility against epsilon",
         "mia_roc": "Membership inference ROC curves",
         "reconstructions": "Gradient inversion: victims (top) and reconstructions (bottom)",
         "audit": "Audit lower bound against the accountant",
+        "poisoning": "Poisoning: attack success against rounds",
     }
     for key, path in report["plots"].items():
         lines += [f"### {titles.get(key, key)}", "", f"![{key}]({path})", ""]

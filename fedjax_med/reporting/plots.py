@@ -437,6 +437,49 @@ def sample_grid(
     return figures.save(fig, path)
 
 
+def attack_success_vs_rounds(path: str | os.PathLike, curves: Sequence[Mapping[str, Any]]) -> str:
+    """Plots a poisoning attack's success rate against the training round, one line per setting.
+
+    Args:
+      path: where to write the PNG; missing parent folders are created.
+      curves: dicts ``{"name": str, "rounds": [int], "values": [float in [0, 1]]}`` (the
+        validation attack success after each evaluated round).
+
+    Returns:
+      ``path`` as a string.
+
+    Examples:
+      >>> import os, tempfile
+      >>> curve = {"name": "backdoor (mean)", "rounds": [1, 2, 3], "values": [0.2, 0.7, 0.9]}
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     out = os.path.join(tmp, "poisoning.png")
+      ...     attack_success_vs_rounds(out, [curve]) == out
+      True
+    """
+    path = os.fspath(path)
+    checked = []
+    for i, c in enumerate(_check_items(curves, "curves", ("name", "rounds", "values"))):
+        rounds = np.asarray(c["rounds"], np.float64)
+        values = np.asarray([math.nan if v is None else v for v in c["values"]], np.float64)
+        if rounds.ndim != 1 or rounds.shape != values.shape:
+            raise ValueError(f"curves[{i}]: 'rounds' and 'values' must be 1-D of one length")
+        if np.any((values < 0) | (values > 1)):
+            raise ValueError(f"curves[{i}]['values'] must lie in [0, 1]")
+        checked.append((str(c["name"]), rounds, values))
+    mpl = figures.load_matplotlib()
+    fig = figures.new_figure(mpl, (6.4, 4.0))
+    ax = fig.add_subplot()
+    for i, (name, rounds, values) in enumerate(checked):
+        ax.plot(rounds, values, marker="o", markersize=3, color=f"C{i % 10}", label=name)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("round")
+    ax.set_ylabel("attack success (validation)")
+    ax.set_title("Poisoning: attack success against rounds")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return figures.save(fig, path)
+
+
 def require_matplotlib() -> None:
     """Raises the install hint now, before hours of work that end in a plot."""
     figures.load_matplotlib()

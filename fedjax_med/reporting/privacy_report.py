@@ -17,8 +17,13 @@ For every setting of ``config.report.settings`` (see :mod:`fedjax_med.reporting.
    composition included; then deliberately broken variants (noise, clipping, sampling) on the
    DP-SGD setting with the most noise (the smallest claim, so the broken code can be caught).
 
+Then every setting of ``config.report.poisoning`` (malicious clients against a server defence,
+:mod:`fedjax_med.trainers.poisoning`) is trained into ``DIR/poisoning/<name>``, and its clean
+accuracy and attack success, per round and at the end, go to ``report.json["poisoning"]``.
+
 Writes ``DIR/report.json`` (keys documented in the README), ``DIR/report.md`` and the plots
-``utility_vs_epsilon.png``, ``mia_roc.png``, ``reconstructions.png`` and ``audit.png``.
+``utility_vs_epsilon.png``, ``mia_roc.png``, ``reconstructions.png``, ``audit.png`` and, with
+poisoning settings, ``poisoning.png``.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ PLOTS = {
     "reconstructions": "reconstructions.png",
     "audit": "audit.png",
 }
+POISONING_PLOT = "poisoning.png"
 # Streams of the report's own randomness, folded into jax.random.key(config.seed).
 STREAM_SHADOWS = randomness.REPORT_SHADOWS
 STREAM_INVERSION = randomness.REPORT_INVERSION
@@ -275,11 +281,55 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
             )
     report = _assemble(config, entries, audits, majority, time.time() - start)
     _write_plots(workdir, entries, curves, gallery, audits, majority)
+    poisoning = _poisoning(config, workdir, quiet)
+    if poisoning:
+        report["poisoning"] = poisoning
+        report["plots"]["poisoning"] = POISONING_PLOT
     report["seconds"] = round(time.time() - start, 2)
     report = report_lib.json_safe(report)
     checkpoint.write_json_atomic(os.path.join(workdir, "report.json"), report)
     markdown.write(os.path.join(workdir, "report.md"), report)
     return report
+
+
+def _poisoning(config: ml_collections.ConfigDict, workdir: str, quiet: bool) -> dict[str, Any]:
+    """Trains every poisoning setting; ``{name: entry}`` and the attack-success plot."""
+    entries = {}
+    for setting in settings_lib.resolve_poisoning(config):
+        logger.info("report poisoning setting: %s", setting.name)
+        run_dir = os.path.join(workdir, "poisoning", setting.name)
+        tic = time.time()
+        run_report, how = train_setting(setting, run_dir, quiet)
+        c = setting.config
+        result = run_report.get("poisoning", {})
+        entries[setting.name] = {
+            "attack": c.poisoning.kind,
+            "defence": settings_lib.poisoning_defence(c),
+            "malicious_clients": result.get("malicious_clients", []),
+            "num_clients": run_report["federated"]["num_clients"],
+            "test_accuracy": run_report["metrics"].get("test_accuracy"),
+            "test_attack_success": result.get("test_attack_success"),
+            "per_round": result.get("per_round", []),
+            "workdir": os.path.relpath(run_dir, workdir),
+            "run": how,
+            "train_seconds": round(time.time() - tic, 2),
+        }
+    if entries:
+        curves = [
+            {
+                "name": f"{name} ({e['defence']})",
+                "rounds": [r["round"] for r in e["per_round"]],
+                "values": [r["val_attack_success"] for r in e["per_round"]],
+            }
+            for name, e in entries.items()
+            if e["test_attack_success"] is not None
+        ]
+        path = os.path.join(workdir, POISONING_PLOT)
+        if curves:
+            plots.attack_success_vs_rounds(path, curves)
+        else:
+            plots.message_figure(path, "no targeted poisoning setting")
+    return entries
 
 
 def _assemble(config, entries, audits, majority, seconds) -> dict[str, Any]:

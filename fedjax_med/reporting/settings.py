@@ -104,6 +104,43 @@ def resolve(config: ml_collections.ConfigDict) -> list[Setting]:
         raise schema.ConfigError(
             "config field 'report.settings' must name at least one setting to train"
         )
+    return sorted(_resolve(config, settings, "report setting"), key=_order)
+
+
+def resolve_poisoning(config: ml_collections.ConfigDict) -> list[Setting]:
+    """Every setting of ``config.report.poisoning`` (none is fine): no attack first.
+
+    Each is a federated run with malicious clients (``poisoning``) and a server defence
+    (``robust_aggregation``, DP-FedAvg); the report reads its clean accuracy and attack success.
+    """
+    resolved = _resolve(config, config.report.poisoning, "report poisoning setting")
+    for setting in resolved:
+        if not setting.federated:
+            raise schema.ConfigError(
+                f"report poisoning setting {setting.name!r} must set trainer='federated'"
+            )
+    # No attack first, then each attack undefended, then its defences.
+    return sorted(
+        resolved,
+        key=lambda s: (
+            s.config.poisoning.kind != "none",
+            s.config.poisoning.kind,
+            poisoning_defence(s.config) != "none",
+            s.name,
+        ),
+    )
+
+
+def poisoning_defence(config: ml_collections.ConfigDict) -> str:
+    """The server-side defence a poisoning setting runs: its rule, DP-FedAvg, or ``"none"``."""
+    if config.robust_aggregation.method != "mean":
+        return config.robust_aggregation.method
+    if config.federated.algorithm == "dp_fedavg":
+        return "dp_fedavg"
+    return "none"
+
+
+def _resolve(config, settings, what: str) -> list[Setting]:
     task = ml_collections.ConfigDict(config.to_dict())
     # A setting's training does not depend on how it is attacked: the report section is reset,
     # so changing report.* knobs keeps finished runs reusable.
@@ -112,11 +149,11 @@ def resolve(config: ml_collections.ConfigDict) -> list[Setting]:
     for name, overrides in settings.items():
         if not NAME_PATTERN.match(name):
             raise schema.ConfigError(
-                f"report setting name {name!r} must use letters, digits, '_' or '-' only"
+                f"{what} name {name!r} must use letters, digits, '_' or '-' only"
             )
         if not isinstance(overrides, Mapping | ml_collections.ConfigDict):
             raise schema.ConfigError(
-                f"report setting {name!r} must be a mapping of config overrides, got "
+                f"{what} {name!r} must be a mapping of config overrides, got "
                 f"{type(overrides).__name__}"
             )
         setting_config = copy.deepcopy(task)
@@ -124,10 +161,10 @@ def resolve(config: ml_collections.ConfigDict) -> list[Setting]:
             _merge(setting_config, overrides, "")
             schema.validate(setting_config)
         except schema.ConfigError as err:
-            raise schema.ConfigError(f"report setting {name!r}: {err}") from None
+            raise schema.ConfigError(f"{what} {name!r}: {err}") from None
         setting_config.lock()
         resolved.append(Setting(name=name, config=setting_config))
-    return sorted(resolved, key=_order)
+    return resolved
 
 
 def _order(setting: Setting) -> tuple:

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -43,12 +44,20 @@ from fedjax_med import randomness
 from fedjax_med.config import loading, schema
 from fedjax_med.data import dataset as dataset_lib
 from fedjax_med.data import partition, preprocess
-from fedjax_med.federated import algorithms, dp_fedavg, sampling, secure_rounds, server_optimizers
+from fedjax_med.federated import (
+    algorithms,
+    dp_fedavg,
+    robust_aggregation,
+    sampling,
+    secure_rounds,
+    server_optimizers,
+)
 from fedjax_med.federated import client as client_lib
 from fedjax_med.models import registry
 from fedjax_med.privacy import accounting, budget
 from fedjax_med.secure import distributed_dp, he_ckks, secagg
 from fedjax_med.trainers import ledgers
+from fedjax_med.trainers import poisoning as poisoning_lib
 from fedjax_med.trainers import run as run_lib
 from fedjax_med.training import checkpoint, curves, evaluate, progress, report, setup
 from fedjax_med.training import workdir as workdir_lib
@@ -90,6 +99,8 @@ class FederatedPlan(RoundParts):
       config: the validated config.
       splits, normalizer, model: the data, its per-site normaliser and the model.
       federation: the clients' examples (host), and ``client_data`` the same on device.
+      threat: the malicious clients and the server's aggregation rule
+        (:mod:`fedjax_med.trainers.poisoning`).
     """
 
     config: ml_collections.ConfigDict
@@ -98,6 +109,7 @@ class FederatedPlan(RoundParts):
     model: registry.Model
     federation: partition.FederatedDataset
     client_data: client_lib.ClientData
+    threat: poisoning_lib.Threat
 
 
 def parse_site_targets(text: str, names: tuple[str, ...], default: float) -> np.ndarray:
@@ -458,9 +470,21 @@ def _server_key(config, mechanism, rng) -> jax.Array:
 def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
     """Data, federation, algorithm, sampler, ledger and keys of a federated run."""
     splits, normalizer, model = setup.build_data_and_model(config)
+    f = config.federated
     federation = build_federation(config, splits)
+    cohort = f.clients_per_round or federation.num_clients
+    threat = poisoning_lib.build(config, splits, federation, cohort=cohort, server_lr=server_lr(f))
+    federation = threat.federation
     data = client_lib.from_federated_dataset(federation, normalizer)
-    parts = build_round_parts(config, model, splits.info.task, federation, data)
+    parts = build_round_parts(
+        config,
+        model,
+        splits.info.task,
+        federation,
+        data,
+        aggregator=threat.aggregator,
+        tamper=threat.tamper,
+    )
     return FederatedPlan(
         config=config,
         splits=splits,
@@ -468,7 +492,8 @@ def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
         model=model,
         federation=federation,
         client_data=data,
-        **{f.name: getattr(parts, f.name) for f in dataclasses.fields(parts)},
+        threat=threat,
+        **{field.name: getattr(parts, field.name) for field in dataclasses.fields(parts)},
     )
 
 
@@ -478,11 +503,16 @@ def build_round_parts(
     task: str,
     federation: partition.FederatedDataset,
     data: client_lib.ClientData,
+    *,
+    aggregator: robust_aggregation.Aggregator = robust_aggregation.MEAN,
+    tamper: Callable | None = None,
 ) -> RoundParts:
     """The algorithm, sampler, ledger and keys of ``config`` for a federation of clients.
 
     ``federation`` is read for ``num_clients``, ``counts`` and ``client_names`` only, and
     ``data`` for its shapes and ``unit_ids`` (server-side uses pass the clients' metadata).
+    ``aggregator`` replaces the weighted mean of the updates and ``tamper`` rewrites malicious
+    clients' updates (a simulated :class:`~fedjax_med.trainers.poisoning.Threat`).
     """
     f = config.federated
     mechanism = schema.mechanism(config)
@@ -495,6 +525,8 @@ def build_round_parts(
         dropout_rate=f.dropout_prob,
         backend=f.backend,
         chunk_size=f.chunk_size or None,
+        aggregator=aggregator,
+        tamper=tamper,
     )
     local_update = make_local_update(config, model, task, f.local_steps)
     inputs = AlgorithmInputs(config, local_update, data, options, sampler, sigma)
@@ -601,6 +633,8 @@ def _evaluate(plan, params, split: str, round_num: int, log: RoundLog) -> dict[s
         plan.config.train.eval_batch_size,
     )
     record = {"step": round_num, "split": split, **evaluate.prefixed(result["metrics"], split)}
+    batch_size = plan.config.train.eval_batch_size
+    record.update(plan.threat.evaluate(predict_fn, params, plan.normalizer, batch_size, split))
     record.update(result["site_summary"])
     if len(result["per_site"]) > 1:
         record["site_accuracy"] = {s: m["accuracy"] for s, m in result["per_site"].items()}
@@ -759,6 +793,7 @@ def finish(plan, state, workdir: str, end: int, log: RoundLog) -> dict[str, Any]
     val = _evaluate(plan, state.params, "val", end, log)
     test = _evaluate(plan, state.params, "test", end, log)
     extra: dict[str, Any] = {"federated": _federation_summary(plan, end)}
+    extra.update(plan.threat.report(log.path))
     if config.secure_aggregation.method != "none":
         extra["aggregation_cost"] = _aggregation_cost(config.secure_aggregation.method, log.path)
     released = ()

@@ -8,21 +8,24 @@ from fedjax_med.cli import main as cli
 from fedjax_med.deploy import runtime
 
 
-def test_a_config_the_deployment_cannot_run_fails_naming_the_field(tmp_path, capsys):
-    code = cli.main(
-        [
-            "deploy",
-            "server",
-            "--config",
-            "fedavg:tiny",
-            "--workdir",
-            str(tmp_path / "w"),
-            "--config.federated.partition.method=iid",
-        ]
-    )
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("--config.federated.partition.method=iid", "federated.partition.method='by_site'"),
+        ("--config.robust_aggregation.method=krum", "robust_aggregation.method='mean'"),
+        ("--config.poisoning.kind=label_flip", "'poisoning.kind'"),
+    ],
+)
+def test_a_config_the_deployment_cannot_run_fails_naming_the_field(
+    tmp_path, capsys, override, named
+):
+    overrides = [override] + ["--config.poisoning.fraction=0.3"] * ("poisoning" in override)
+    workdir = str(tmp_path / "w")
+    args = ["deploy", "server", "--config", "fedavg:tiny", "--workdir", workdir, *overrides]
+    code = cli.main(args)
     assert code == 2
     err = capsys.readouterr().err
-    assert "federated.partition.method='by_site'" in err
+    assert named in err
     assert not (tmp_path / "w").exists()  # nothing started, nothing written
 
 

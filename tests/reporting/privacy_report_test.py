@@ -49,7 +49,13 @@ def report(report_dir):
 
 
 def test_writes_every_promised_file(report_dir, report):
-    assert set(report["plots"]) == {"utility_vs_epsilon", "mia_roc", "reconstructions", "audit"}
+    assert set(report["plots"]) == {
+        "utility_vs_epsilon",
+        "mia_roc",
+        "reconstructions",
+        "audit",
+        "poisoning",
+    }
     for name in report["plots"].values():
         with Image.open(report_dir / name) as image:
             assert image.format == "PNG" and min(image.size) > 200
@@ -129,6 +135,37 @@ def test_audits_include_the_broken_variant(report):
         report["settings"]["dp_sgd_eps1"]["epsilon"], rel=1e-6
     )
     assert report["settings"]["dp_fedavg"]["run_audit"] is None
+
+
+def test_poisoning_section_tabulates_clean_accuracy_and_attack_success(report_dir, report):
+    entry = report["poisoning"]["backdoor_krum"]
+    assert entry["attack"] == "backdoor" and entry["defence"] == "krum"
+    assert len(entry["malicious_clients"]) == 1 and entry["num_clients"] == 5
+    assert 0.0 <= entry["test_accuracy"] <= 1.0 and 0.0 <= entry["test_attack_success"] <= 1.0
+    assert [r["round"] for r in entry["per_round"]] == [1, 2]
+    assert (report_dir / entry["workdir"] / "report.json").exists()
+    text = (report_dir / "report.md").read_text()
+    assert "## Poisoning" in text and "| backdoor_krum | backdoor | 1 of 5 | krum |" in text
+    assert "every individual update" in text  # which defence keeps which privacy claim
+
+
+def test_default_poisoning_grid_resolves_in_report_order():
+    resolved = settings.resolve_poisoning(loading.load_config(TINY.replace(":tiny", "")))
+    assert [s.name for s in resolved] == [
+        "no_attack",
+        "backdoor_mean",
+        "backdoor_dp_fedavg",
+        "backdoor_krum",
+        "backdoor_median",
+        "backdoor_norm_bound",
+    ]
+    assert [settings.poisoning_defence(s.config) for s in resolved][1:] == [
+        "none",
+        "dp_fedavg",
+        "krum",
+        "median",
+        "norm_bound",
+    ]
 
 
 def test_finished_runs_are_reused(report_dir):
