@@ -20,28 +20,11 @@ from fedjax_med.config import base, loading
 def get_config(arg: str = ""):
     options = loading.parse_arg(arg, ("central", "tiny", "smoke"), "configs/quickstart.py")
     config = base.get_base_config()
-    config.trainer = "federated"
     config.data.name = "synthetic"
-    config.data.normalization = "fixed"  # per-site statistics would not be covered by DP
-    config.federated.partition.method = "by_site"  # one client per hospital
     config.model.name = "small_cnn"
-
-    config.federated.algorithm = "fedavg"
-    config.federated.rounds = 60
-    config.federated.local_steps = 5
-    config.federated.client_batch_size = 64  # expected Poisson batch of local DP-SGD
-    config.federated.client_lr = 2.0
-    config.federated.eval_every = 20
-    config.federated.checkpoint_every = 20
-
-    config.privacy.enabled = True  # local DP-SGD inside every hospital
-    config.privacy.clip_norm = 1.0
-    config.privacy.noise_multiplier = 1.5
-    config.privacy.delta = 1e-4
-
     if options & {"central", "tiny"}:
+        # The centralized, non-private baseline on the pooled images.
         config.trainer = "central"
-        config.privacy.enabled = False
         config.data.normalization = "per_site"
         config.optimizer.name = "adam"
         config.optimizer.learning_rate = 2e-3
@@ -50,6 +33,22 @@ def get_config(arg: str = ""):
         config.train.steps = 1500
         config.train.eval_every = 500
         config.train.checkpoint_every = 500
+    else:
+        config.trainer = "federated"
+        config.data.normalization = "fixed"  # per-site statistics would not be covered by DP
+        config.federated.partition.method = "by_site"  # one client per hospital
+        config.federated.algorithm = "fedavg"
+        config.federated.rounds = 60
+        config.federated.local_steps = 5
+        config.federated.client_batch_size = 64  # expected Poisson batch of local DP-SGD
+        config.federated.client_lr = 2.0
+        config.federated.eval_every = 20
+        config.federated.checkpoint_every = 20
+
+        config.privacy.enabled = True  # local DP-SGD inside every hospital
+        config.privacy.clip_norm = 1.0
+        config.privacy.noise_multiplier = 1.5
+        config.privacy.delta = 1e-4
     if "smoke" in options:  # seconds: the quickstart's own federated local DP-SGD, shrunk
         config.data.synthetic.num_sites = 3
         config.data.synthetic.examples_per_site = 60

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedjax_med.config import loading
+from fedjax_med.config import loading, scope
 from fedjax_med.data import dataset as dataset_lib
 from fedjax_med.deploy import arrays, flower, protocol
 from fedjax_med.deploy import site as site_lib
@@ -126,6 +126,7 @@ def check_deployable(config: ml_collections.ConfigDict) -> None:
             "deployment runs robust_aggregation.method='mean' only (the robust rules are wired "
             f"into the simulation), not {config.robust_aggregation.method!r}"
         )
+    scope.check(config)
     if config.poisoning.kind != "none":
         raise ValueError(
             "config field 'poisoning.kind' simulates malicious clients and has no meaning in a "

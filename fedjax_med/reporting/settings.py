@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from fedjax_med.config import base, schema
+from fedjax_med.config import base, schema, scope
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -156,10 +156,18 @@ def _resolve(config, settings, what: str) -> list[Setting]:
                 f"{what} {name!r} must be a mapping of config overrides, got "
                 f"{type(overrides).__name__}"
             )
-        setting_config = copy.deepcopy(task)
         try:
+            # The task's fields that this setting's trainer and source do not read are put back
+            # to their defaults (a federated setting does not inherit train.steps); the
+            # setting's own overrides are then checked like any training config's.
+            merged = copy.deepcopy(task)
+            _merge(merged, overrides, "")
+            setting_config = copy.deepcopy(task)
+            setting_config.trainer, setting_config.data.name = merged.trainer, merged.data.name
+            setting_config = scope.reset_unread(setting_config)
             _merge(setting_config, overrides, "")
             schema.validate(setting_config)
+            scope.check(setting_config)
         except schema.ConfigError as err:
             raise schema.ConfigError(f"{what} {name!r}: {err}") from None
         setting_config.lock()

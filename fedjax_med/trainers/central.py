@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from fedjax_med.config import loading
+from fedjax_med.config import loading, scope
 from fedjax_med.data import dataset as dataset_lib
 from fedjax_med.data import pipeline, preprocess
 from fedjax_med.models import losses, registry
@@ -348,6 +348,7 @@ def train_and_evaluate(
       FloatingPointError: if the training loss (or a private step's gradient norm) stops being
         finite.
     """
+    scope.check(config)  # a field this trainer would ignore is refused, not dropped
     checkpointer = workdir_lib.prepare_workdir(workdir, resume, config)
     experiment = build_experiment(config)
     train_cfg = config.train

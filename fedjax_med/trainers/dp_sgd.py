@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from fedjax_med import randomness
+from fedjax_med.config import schema
 from fedjax_med.data import dataset as dataset_lib
 from fedjax_med.models import losses
 from fedjax_med.privacy import accounting, budget, clipping, noise, sampling
@@ -329,7 +330,7 @@ def privacy_claim(
     """The run's :class:`~fedjax_med.privacy.claim.PrivacyClaim` (``privacy`` of report.json)."""
     relation = accounting.sensitivity_relation(ledger.sampling)
     return claim_lib.PrivacyClaim(
-        mechanism="dp_sgd",
+        mechanism=schema.mechanism(config),  # "dp_sgd", checked against privacy.mechanism
         epsilon=ledger.epsilon(),
         delta=ledger.delta,
         unit=plan.unit,

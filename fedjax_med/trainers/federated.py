@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 
 from fedjax_med import randomness
-from fedjax_med.config import loading, schema
+from fedjax_med.config import loading, schema, scope
 from fedjax_med.data import dataset as dataset_lib
 from fedjax_med.data import partition, preprocess
 from fedjax_med.federated import (
@@ -688,6 +688,7 @@ def run_rounds(
       WorkdirError: if ``workdir`` holds a run and ``resume`` is False, has none to resume, or
         the resumed config changes a field the run fixed.
     """
+    scope.check(config)  # a field this trainer would ignore is refused, not dropped
     checkpointer = workdir_lib.prepare_workdir(workdir, resume, config)
     plan = build_plan(config)
     f = config.federated
