@@ -216,4 +216,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.report.audit_confidence = 0.95
     # Deliberately broken variants of the DP-SGD code audited beside the real one.
     config.report.broken_mechanisms = "no_noise,wrong_scale"
+    # Compile without XLA's optimisation passes: for seconds-long smoke reports, where compiling
+    # is most of the time (same results up to floating-point reassociation).
+    config.report.fast_compile = False
     return config

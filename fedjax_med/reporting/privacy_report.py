@@ -44,7 +44,7 @@ from fedjax_med.privacy import claim as claim_lib
 from fedjax_med.reporting import markdown, plots, runs, threats
 from fedjax_med.reporting import settings as settings_lib
 from fedjax_med.trainers import registry as trainers
-from fedjax_med.training import checkpoint
+from fedjax_med.training import checkpoint, compilation
 from fedjax_med.training import report as report_lib
 
 logger = logging.getLogger("fedjax_med")
@@ -196,7 +196,16 @@ def _inversion(setting, experiment, params, privacy, victims, r, key) -> tuple[d
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict:
-    """Builds the whole report in ``workdir``; returns what ``report.json`` holds."""
+    """Builds the whole report in ``workdir``; returns what ``report.json`` holds.
+
+    With ``config.report.fast_compile`` every program of the report is compiled without XLA's
+    optimisation passes (:mod:`fedjax_med.training.compilation`).
+    """
+    with compilation.xla_optimizations(not config.report.fast_compile):
+        return _run(config, workdir, quiet=quiet)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool) -> dict:
     plots.require_matplotlib()
     start = time.time()
     settings = settings_lib.resolve(config)

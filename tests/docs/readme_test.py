@@ -64,6 +64,10 @@ def skip_reason(command: str) -> str | None:
         return None  # makes keys, cheap
     if command.startswith(("fedjax-med deploy server ", "fedjax-med deploy client ")):
         return "starts Flower's SuperLink / a SuperNode; tests/deploy/loopback_test.py runs them"
+    if command.startswith("fedjax-med report --config "):
+        # Even :tiny trains and attacks three settings (about a minute); the report test runs
+        # the same pipeline on :smoke.
+        return "the privacy report; tests/reporting/privacy_report_test.py runs it on :smoke"
     if CHEAP.search(command):
         return None
     if command.startswith("fedjax-med attack "):

@@ -12,7 +12,7 @@ from fedjax_med.config import loading, schema
 from fedjax_med.reporting import privacy_report, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(ROOT, "configs", "privacy_report.py") + ":tiny"
+TINY = os.path.join(ROOT, "configs", "privacy_report.py") + ":smoke"  # every setting, tiny
 SETTING_KEYS = {
     "description",
     "defences",
@@ -150,7 +150,7 @@ def test_poisoning_section_tabulates_clean_accuracy_and_attack_success(report_di
 
 
 def test_default_poisoning_grid_resolves_in_report_order():
-    resolved = settings.resolve_poisoning(loading.load_config(TINY.replace(":tiny", "")))
+    resolved = settings.resolve_poisoning(loading.load_config(TINY.replace(":smoke", "")))
     assert [s.name for s in resolved] == [
         "no_attack",
         "backdoor_mean",

@@ -1,6 +1,6 @@
 """What each setting's server sees, the guessing baselines, and which claims get a canary audit.
 
-Runs are built from the ``:tiny`` privacy-report config (with a linear model) by the trainers'
+Runs are built from the ``:smoke`` privacy-report config (with a linear model) by the trainers'
 own builders at their initial parameters; nothing is trained.
 """
 
@@ -19,7 +19,7 @@ from fedjax_med.trainers import central, dp_sgd, federated
 from fedjax_med.trainers import run as run_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(ROOT, "configs", "privacy_report.py") + ":tiny"
+TINY = os.path.join(ROOT, "configs", "privacy_report.py") + ":smoke"
 OVERRIDES = ["--config.data.cache_dir=none", "--config.model.name=linear"]
 
 
