@@ -14,6 +14,17 @@ from fedjax_med.cli import main as cli
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK = os.path.join(ROOT, "configs", "quickstart.py") + ":tiny"
 TINY = ["--config.data.cache_dir=none", "--config.train.num_devices=1"]
+# Other sources than the synthetic one: the centralized quickstart (it sets no field of the
+# synthetic generator, which those sources would refuse), shrunk to a few steps.
+OTHER_SOURCE = [
+    "--config",
+    os.path.join(ROOT, "configs", "quickstart.py") + ":central",
+    "--config.train.num_devices=1",
+    "--config.train.batch_size=16",
+    "--config.train.steps=6",
+    "--config.train.eval_every=3",
+    "--config.train.checkpoint_every=3",
+]
 
 
 def write_medmnist(path, multilabel=False):
@@ -53,7 +64,7 @@ def test_train_on_medmnist_npz(tmp_path, capsys, multilabel):
     write_medmnist(npz, multilabel)
     workdir = tmp_path / "run"
     code = cli.main(
-        ["train", "--config", QUICK, "--workdir", str(workdir), "--quiet", *TINY]
+        ["train", *OTHER_SOURCE, "--workdir", str(workdir), "--quiet"]
         + ["--config.data.name=medmnist", f"--config.data.path={npz}"]
     )
     assert code == 0
@@ -70,7 +81,7 @@ def test_train_on_image_folder_then_eval(tmp_path, capsys):
     write_image_folder(root)
     workdir = tmp_path / "run"
     code = cli.main(
-        ["train", "--config", QUICK, "--workdir", str(workdir), "--quiet", *TINY]
+        ["train", *OTHER_SOURCE, "--workdir", str(workdir), "--quiet"]
         + ["--config.data.name=image_folder", f"--config.data.path={root}"]
     )
     assert code == 0
@@ -125,7 +136,7 @@ def test_data_describe_png_shows_every_site_and_class(tmp_path, capsys):
     ],
 )
 def test_user_errors_are_one_line(tmp_path, capsys, args, message):
-    code = cli.main(["train", "--config", QUICK, "--workdir", str(tmp_path / "w"), *args])
+    code = cli.main(["train", *OTHER_SOURCE, "--workdir", str(tmp_path / "w"), *args])
     assert code == 2
     err = capsys.readouterr().err
     assert message in err

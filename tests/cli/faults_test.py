@@ -201,7 +201,9 @@ def test_bad_value_names_the_field(tmp_path, capsys, args, needles, absent):
 
 def test_adaptive_clipping_with_few_clients_names_config_fields(tmp_path, capsys):
     config = os.path.join(ROOT, "configs", "dp_fedavg.py") + ":tiny"
-    assert train(tmp_path / "run", "--config.federated.adaptive_clipping=true", config=config) == 2
+    args = ["--config.data.cache_dir=none", "--quiet", "--config.federated.adaptive_clipping=true"]
+    # (train.num_devices is the central trainer's: federated.backend places the clients)
+    assert cli.main(["train", "--config", config, "--workdir", str(tmp_path / "run"), *args]) == 2
     line = one_error_line(
         capsys, "federated.clients_per_round", "federated.partition.num_clients",
         "privacy.noise_multiplier", "federated.adaptive_clipping",
