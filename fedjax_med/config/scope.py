@@ -105,14 +105,14 @@ def _defaults() -> dict[str, object]:
     return dict(schema.flatten(base.get_base_config()))
 
 
-def unread_but_set(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
-    """``(field, reason)`` for each field set away from its default that the run would ignore."""
+def unread_but_set(config: ml_collections.ConfigDict) -> list[tuple[str, object, str]]:
+    """``(field, value, reason)`` for each field set away from its default that the run ignores."""
     defaults = _defaults()
     out = []
     for path, value in schema.flatten(config):
         reason = why_unread(path, config.trainer, config.data.name)
         if reason is not None and path in defaults and _differs(value, defaults[path]):
-            out.append((path, reason))
+            out.append((path, value, reason))
     return out
 
 
@@ -132,8 +132,7 @@ def check(config: ml_collections.ConfigDict) -> None:
         leave it at its default D``, for the first such field.
     """
     defaults = _defaults()
-    for path, reason in unread_but_set(config):
-        value = dict(schema.flatten(config))[path]
+    for path, value, reason in unread_but_set(config):
         raise schema.ConfigError(
             f"config field '{path}'={value!r} has no effect with trainer={config.trainer!r} and "
             f"data.name={config.data.name!r} ({reason}); leave it at its default "
