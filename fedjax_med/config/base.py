@@ -219,4 +219,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Compile without XLA's optimisation passes: for seconds-long smoke reports, where compiling
     # is most of the time (same results up to floating-point reassociation).
     config.report.fast_compile = False
+    # Processes that train the settings' runs ahead while this one attacks the trained ones
+    # (XLA compiles on one thread, so this keeps a small CPU busy); 0: train here, one by one.
+    config.report.workers = 2
     return config

@@ -162,6 +162,7 @@ CHECKS: dict[str, Check] = {
     "report.inversion_restarts": at_least(1),
     "report.inversion_round": one_of("first", "last"),
     "report.audit_trials": at_least(8),
+    "report.workers": in_range(0, 64),
     "report.audit_confidence": in_range(0.0, 1.0, lo_open=True, hi_open=True),
 }
 

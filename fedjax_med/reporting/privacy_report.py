@@ -41,7 +41,7 @@ import numpy as np
 from fedjax_med import randomness
 from fedjax_med.config import loading
 from fedjax_med.privacy import claim as claim_lib
-from fedjax_med.reporting import markdown, plots, runs, threats
+from fedjax_med.reporting import markdown, plots, runs, threats, training_pool
 from fedjax_med.reporting import settings as settings_lib
 from fedjax_med.trainers import registry as trainers
 from fedjax_med.training import checkpoint, compilation
@@ -88,6 +88,11 @@ def train_setting(setting: settings_lib.Setting, run_dir: str, quiet: bool) -> t
     trainers.train(setting.config, run_dir, resume=resume, quiet=quiet)
     with open(report_path) as f:
         return json.load(f), "resumed" if resume else "trained"
+
+
+def _train_job(job: tuple[settings_lib.Setting, str, bool]) -> tuple[dict, str]:
+    """:func:`train_setting` of one ``(setting, run_dir, quiet)`` (picklable for the workers)."""
+    return train_setting(*job)
 
 
 def run_epsilon(privacy: dict[str, Any] | None) -> float | None:
@@ -209,7 +214,22 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool) -> dic
     plots.require_matplotlib()
     start = time.time()
     settings = settings_lib.resolve(config)
+    poisoning_settings = settings_lib.resolve_poisoning(config)
     os.makedirs(workdir, exist_ok=True)
+    r = config.report
+    # Workers train ahead (their progress bars would interleave, so they train quietly).
+    quiet_training = quiet or r.workers > 0
+    jobs = [(s, os.path.join(workdir, "runs", s.name), quiet_training) for s in settings]
+    jobs += [
+        (s, os.path.join(workdir, "poisoning", s.name), quiet_training) for s in poisoning_settings
+    ]
+    names = [s.name for s in settings] + [s.name for s in poisoning_settings]
+    with training_pool.trained_in_order(_train_job, jobs, names, r.workers) as trained:
+        return _attack_all(config, workdir, settings, poisoning_settings, trained, start)
+
+
+def _attack_all(config, workdir, settings, poisoning_settings, trained, start) -> dict:
+    """Attacks and audits each trained setting, then tabulates the poisoning runs."""
     r = config.report
     root_key = jax.random.key(config.seed)
     audit_kwargs = dict(trials=r.audit_trials, confidence=r.audit_confidence)
@@ -221,9 +241,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool) -> dic
     for index, setting in enumerate(settings):
         logger.info("report setting %d/%d: %s", index + 1, len(settings), setting.name)
         run_dir = os.path.join(workdir, "runs", setting.name)
-        tic = time.time()
-        run_report, how = train_setting(setting, run_dir, quiet)
-        entry = _run_entry(setting, run_dir, workdir, how, time.time() - tic, run_report)
+        (run_report, how), train_seconds = next(trained)
+        entry = _run_entry(setting, run_dir, workdir, how, train_seconds, run_report)
         tic = time.time()
         experiment, params = runs.restore(run_dir)
         if majority is None:
@@ -290,7 +309,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool) -> dic
             )
     report = _assemble(config, entries, audits, majority, time.time() - start)
     _write_plots(workdir, entries, curves, gallery, audits, majority)
-    poisoning = _poisoning(config, workdir, quiet)
+    poisoning = _poisoning(poisoning_settings, workdir, trained)
     if poisoning:
         report["poisoning"] = poisoning
         report["plots"]["poisoning"] = POISONING_PLOT
@@ -301,14 +320,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool) -> dic
     return report
 
 
-def _poisoning(config: ml_collections.ConfigDict, workdir: str, quiet: bool) -> dict[str, Any]:
-    """Trains every poisoning setting; ``{name: entry}`` and the attack-success plot."""
+def _poisoning(poisoning_settings, workdir: str, trained) -> dict[str, Any]:
+    """Every poisoning setting's trained run; ``{name: entry}`` and the attack-success plot."""
     entries = {}
-    for setting in settings_lib.resolve_poisoning(config):
+    for setting in poisoning_settings:
         logger.info("report poisoning setting: %s", setting.name)
         run_dir = os.path.join(workdir, "poisoning", setting.name)
-        tic = time.time()
-        run_report, how = train_setting(setting, run_dir, quiet)
+        (run_report, how), train_seconds = next(trained)
         c = setting.config
         result = run_report.get("poisoning", {})
         entries[setting.name] = {
@@ -321,7 +339,7 @@ def _poisoning(config: ml_collections.ConfigDict, workdir: str, quiet: bool) -> 
             "per_round": result.get("per_round", []),
             "workdir": os.path.relpath(run_dir, workdir),
             "run": how,
-            "train_seconds": round(time.time() - tic, 2),
+            "train_seconds": round(train_seconds, 2),
         }
     if entries:
         curves = [
