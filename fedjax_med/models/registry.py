@@ -78,6 +78,12 @@ def _compiled_init(
         return lowered.compile()
 
 
+# Models already built, by (name, input_shape, num_outputs, options). A model is immutable, so
+# every run of one spec in a process shares one object, and with it every program compiled for
+# its ``apply`` (jitted functions and the caches keyed on ``apply`` see the same function).
+_BUILT: dict[tuple, Model] = {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
     """A flax module bound to the shape of one example, used as pure ``init`` / ``apply``.
@@ -230,5 +236,15 @@ def get_model(
         raise ValueError(f"input_shape={input_shape}: model {name!r} needs H and W >= {min_size}")
     if isinstance(num_outputs, bool) or int(num_outputs) != num_outputs or num_outputs < 1:
         raise ValueError(f"num_outputs={num_outputs!r} must be a positive integer")
+    spec = (name, input_shape, int(num_outputs), tuple(sorted(kwargs.items())))
+    try:
+        return _BUILT[spec]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable option: build a model of its own
+        spec = None
     module = factory(int(num_outputs), **kwargs)
-    return Model(name=name, module=module, input_shape=input_shape, num_outputs=int(num_outputs))
+    model = Model(name=name, module=module, input_shape=input_shape, num_outputs=int(num_outputs))
+    if spec is not None:
+        _BUILT[spec] = model
+    return model

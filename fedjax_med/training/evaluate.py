@@ -15,10 +15,12 @@ from fedjax_med.models import losses
 from fedjax_med.training import metrics
 
 
+@functools.lru_cache(maxsize=32)
 def make_predict_fn(apply_fn: Callable, task: str, out_sharding: Any = None) -> Callable:
     """Jitted ``(params, images, labels) -> (probabilities, per-example losses)``.
 
-    ``out_sharding`` (e.g. replicated over a mesh) makes outputs readable on every host.
+    ``out_sharding`` (e.g. replicated over a mesh) makes outputs readable on every host. One
+    function per ``(apply_fn, task, out_sharding)``, so runs of the same model share its programs.
     """
 
     @functools.partial(jax.jit, out_shardings=out_sharding)

@@ -9,6 +9,7 @@ import pytest
 
 from fedjax_med import models
 from fedjax_med.models import resnet
+from fedjax_med.training import evaluate
 
 # Options that keep each registered model cheap to compile on CPU; the default sizes are checked
 # abstractly (eval_shape) below. wrn_16_4 takes no size options: its numerics are covered by the
@@ -208,3 +209,15 @@ def test_apply_rejects_wrong_images():
 def test_register_rejects_taken_name():
     with pytest.raises(ValueError, match="already registered"):
         models.register("linear")(lambda num_outputs: None)
+
+
+def test_one_spec_builds_one_model_whose_programs_are_shared():
+    spec = dict(input_shape=(16, 16, 1), num_outputs=4)
+    first = models.get_model("small_cnn", **spec)
+    assert models.get_model("small_cnn", **spec) is first
+    assert models.get_model("small_cnn", **spec, width=0.5) is not first
+    assert models.get_model("small_cnn", input_shape=(16, 16, 1), num_outputs=3) is not first
+    # Runs of one model then share the jitted prediction program.
+    predict = evaluate.make_predict_fn(first.apply, "multiclass")
+    again = models.get_model("small_cnn", **spec)
+    assert evaluate.make_predict_fn(again.apply, "multiclass") is predict
