@@ -43,6 +43,8 @@ PARAMS = 0  # model initialisation
 STEPS = 1  # the central trainer's per-step key (non-private randomness)
 SERVER = 2  # the federated server's root key; round t uses fold_in(server_key, t)
 NOISE = zlib.crc32(b"noise")  # the DP-SGD noise key of the central trainer
+# Augmentation multiplicity's views (public randomness): fold_in(fold_in(., step), example index)
+AUGMULT = zlib.crc32(b"augmult")
 PERSONALIZATION = 10_000_019  # under the server key: per-site fine-tuning after training
 
 # ---- round streams: fold_in(round_key, STREAM) -------------------------------------------------

@@ -308,3 +308,45 @@ def test_resumed_ledger_must_match_the_plan():
     dp_sgd.check_resumed_ledger(plan, plan)
     with pytest.raises(ValueError, match="noise_multiplier.*sampling_rate"):
         dp_sgd.check_resumed_ledger(plan, other)
+
+
+# ---------------------------------------------------------------- the utility recipe
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    """Augmentation multiplicity (K = 3) with EMA and Polyak averages, on a tiny MLP."""
+    config = dp_config(augmult=3)
+    config.data.synthetic.num_sites = 2
+    config.data.synthetic.examples_per_site = 60
+    config.data.synthetic.image_size = 16
+    config.model.name = "mlp"
+    config.model.kwargs.hidden = (8,)
+    config.train.steps = 4
+    config.train.eval_every = config.train.checkpoint_every = 2
+    config.train.ema_decay = 0.9
+    config.train.polyak_start = 1
+    config = schema.validate(config)
+    workdir = str(tmp_path_factory.mktemp("recipe"))
+    return config, central.train_and_evaluate(config, workdir, quiet=True)
+
+
+def test_augmult_and_averages_keep_the_k1_epsilon_of_dp_accounting(recipe_run):
+    config, report = recipe_run
+    privacy = report["privacy"]
+    assert privacy["steps"] == config.train.steps and privacy["noise_multiplier"] == 1.0
+    expected = direct_epsilon(1.0, privacy["sampling_rate"], config.train.steps, 1e-4)
+    assert privacy["epsilon"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_averages_are_reported_beside_the_raw_parameters(recipe_run):
+    _, report = recipe_run
+    for split, metrics in (("test", report["metrics"]), ("val", report["val_metrics"])):
+        for name in ("ema", "polyak"):
+            assert 0.0 <= metrics[f"{split}_accuracy_{name}"] <= 1.0
+            assert f"{split}_auroc_{name}" in metrics
+
+
+def test_augmult_without_dp_sgd_is_refused():
+    with pytest.raises(schema.ConfigError, match="'privacy.augmult'=2 .* needs privacy.enabled"):
+        dp_config(augmult=2, enabled=False)
