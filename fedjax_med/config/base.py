@@ -54,6 +54,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = "small_cnn"
     config.model.kwargs = ml_collections.ConfigDict()  # passed to the model factory
+    # Start from pretrained parameters (private fine-tuning, Berrada et al. 2023): a flax msgpack
+    # file of the params tree, or a central workdir (its latest checkpoint). Leaves whose path and
+    # shape match are copied; the others (e.g. a head for another class count) start fresh.
+    config.model.init_from = ""
 
     # ---- optimizer -------------------------------------------------------------------------
     config.optimizer = ml_collections.ConfigDict()
@@ -194,6 +198,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.train.eval_batch_size = 256
     config.train.checkpoint_every = 500
     config.train.log_every = 50
+    # What trains: all | head (the last layer) | head+norm (and every normalisation layer); the
+    # rest stays bit-identical, and DP-SGD clips and noises only the trained parameters.
+    config.train.trainable = "all"
     # Parameter averaging, evaluated beside the raw parameters (report.json test_<metric>_ema,
     # test_<metric>_polyak); post-processing of the released iterates, so free under DP.
     config.train.ema_decay = 0.0  # d in [0, 1), warmed up as min(d, (1+t)/(10+t)); 0 = off

@@ -103,6 +103,7 @@ CHECKS: dict[str, Check] = {
     "privacy.microbatch_size": at_least(0),
     "privacy.noise_seed": one_of("reproducible", "secure"),
     "privacy.augmult": at_least(0),
+    "train.trainable": one_of("all", "head", "head+norm"),
     "train.ema_decay": in_range(0.0, 1.0, hi_open=True),
     "train.polyak_start": at_least(-1),
     "privacy.augment_shift": at_least(0),

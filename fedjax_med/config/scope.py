@@ -26,6 +26,10 @@ _CENTRAL_RECIPE = (
     "clips each site's plain per-example gradients"
 )
 
+_CENTRAL_FINETUNING = (
+    "fine-tuning from a checkpoint is implemented in the central trainer only; federated rounds "
+    "start from the model's initialisation"
+)
 _CENTRAL_AVERAGES = (
     "parameter averaging is implemented in the central trainer only; the federated server "
     "releases each round's global model"
@@ -62,6 +66,8 @@ UNREAD_BY_TRAINER: Mapping[str, Mapping[str, str]] = {
         "privacy.overflow_prob": "local DP-SGD masks every row of a site on device (no padded "
         "chunks to overflow)",
         "train.ema_decay": _CENTRAL_AVERAGES,
+        "train.trainable": _CENTRAL_FINETUNING,
+        "model.init_from": _CENTRAL_FINETUNING,
         "train.polyak_start": _CENTRAL_AVERAGES,
         "privacy.augmult": _CENTRAL_RECIPE,
         "privacy.augmentations": _CENTRAL_RECIPE,

@@ -40,6 +40,7 @@ from fedjax_med.training import (
     checkpoint,
     curves,
     evaluate,
+    finetune,
     optimizers,
     parallel,
     progress,
@@ -65,6 +66,7 @@ class Experiment:
     model: registry.Model
     optimizer: optax.GradientTransformation
     plan: dp_sgd.PrivatePlan | None = None  # DP-SGD plan when config.privacy.enabled
+    trainable: Any = None  # bool per parameter leaf (train.trainable); None: all train
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -76,11 +78,25 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         num_devices = parallel.make_data_parallel(config.train.num_devices).size
         plan = dp_sgd.make_plan(config, splits.train, num_devices)
         optimizer = dp_sgd.make_private_optimizer(plan, optimizer)
+    mask = None
+    if config.train.trainable != "all":
+        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+        mask = finetune.trainable_mask(shapes, config.train.trainable)
+        # Noise and updates reach only the trained leaves; the frozen ones stay bit-identical.
+        optimizer = finetune.freeze(optimizer, mask)
     # Last in the chain: the averages see the final parameters of every step.
     optimizer = averaging.with_averages(
         optimizer, config.train.ema_decay, config.train.polyak_start
     )
-    return Experiment(config, splits, normalizer, model, optimizer, plan)
+    return Experiment(config, splits, normalizer, model, optimizer, plan, mask)
+
+
+def pretrained_params(path: str) -> Any:
+    """The parameters ``model.init_from`` names: a flax msgpack file, or a central workdir's
+    latest checkpoint."""
+    if os.path.isdir(path):
+        return restore_for_eval(path)[1].params
+    return finetune.read_msgpack(path)
 
 
 def init_state(experiment: Experiment) -> state_lib.TrainState:
@@ -92,6 +108,9 @@ def init_state(experiment: Experiment) -> state_lib.TrainState:
     """
     root = jax.random.PRNGKey(experiment.config.seed)
     params = experiment.model.init(jax.random.fold_in(root, STREAM_PARAMS))
+    if experiment.config.model.init_from:
+        pretrained = pretrained_params(experiment.config.model.init_from)
+        params = finetune.merge_pretrained(params, pretrained)
     return state_lib.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -149,7 +168,9 @@ def make_step_runner(experiment: Experiment, devices: parallel.DataParallel) -> 
         return run
 
     plan = experiment.plan
-    grad_sum = dp_sgd.make_grad_sum_fn(config, experiment.model.apply, info.task, plan)
+    grad_sum = dp_sgd.make_grad_sum_fn(
+        config, experiment.model.apply, info.task, plan, experiment.trainable
+    )
     apply_update = dp_sgd.make_apply_fn(experiment.optimizer)
 
     def run(state, step):

@@ -37,6 +37,7 @@ from fedjax_med.models import losses
 from fedjax_med.privacy import accounting, augmult, budget, clipping, noise, sampling
 from fedjax_med.privacy import claim as claim_lib
 from fedjax_med.trainers import ledgers
+from fedjax_med.training import finetune
 from fedjax_med.training import state as state_lib
 
 logger = logging.getLogger("fedjax_med")
@@ -277,7 +278,11 @@ def make_private_optimizer(
 
 
 def make_grad_sum_fn(
-    config: ml_collections.ConfigDict, apply_fn: Callable, task: str, plan: PrivatePlan
+    config: ml_collections.ConfigDict,
+    apply_fn: Callable,
+    task: str,
+    plan: PrivatePlan,
+    trainable: Any = None,
 ) -> Callable:
     """Jitted ``(params, images, labels, mask, unit_index, indices, step) -> (clipped sum, aux)``
     for one chunk.
@@ -285,10 +290,14 @@ def make_grad_sum_fn(
     With ``privacy.augmult = K > 0`` each example's loss is the mean over K augmented views
     (:func:`~fedjax_med.privacy.augmult.augmult_loss_fn`, De et al. 2022), whose keys follow from
     the run's :data:`~fedjax_med.randomness.AUGMULT` key, ``step`` and the examples' ``indices``;
-    it is clipped once, so the sensitivity, and the ledger, are those of K = 1.
+    it is clipped once, so the sensitivity, and the ledger, are those of K = 1. With a
+    ``trainable`` mask (``train.trainable``), the frozen leaves' gradients are stopped, so each
+    per-example norm and its clipping cover only the trained parameters.
     """
     p = config.privacy
     loss_fn = losses.example_loss_fn(apply_fn, task)
+    if trainable is not None:
+        loss_fn = finetune.frozen_loss_fn(loss_fn, trainable)
     method = p.method
     if p.augmult > 0:
         ops = augment.parse_operations(p.augmentations)

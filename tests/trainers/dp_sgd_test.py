@@ -5,7 +5,9 @@ import math
 import os
 
 import dp_accounting
+import flax.serialization
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -313,10 +315,8 @@ def test_resumed_ledger_must_match_the_plan():
 # ---------------------------------------------------------------- the utility recipe
 
 
-@pytest.fixture(scope="module")
-def recipe_run(tmp_path_factory):
-    """Augmentation multiplicity (K = 3) with EMA and Polyak averages, on a tiny MLP."""
-    config = dp_config(augmult=3)
+def recipe_config(**privacy):
+    config = dp_config(**privacy)
     config.data.synthetic.num_sites = 2
     config.data.synthetic.examples_per_site = 60
     config.data.synthetic.image_size = 16
@@ -324,15 +324,40 @@ def recipe_run(tmp_path_factory):
     config.model.kwargs.hidden = (8,)
     config.train.steps = 4
     config.train.eval_every = config.train.checkpoint_every = 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A model pretrained (non-privately) on another synthetic task: 3 classes, seed 1."""
+    config = recipe_config(enabled=False)
+    config.seed = 1
+    config.data.synthetic.num_classes = 3
+    config.train.steps = 2
+    workdir = str(tmp_path_factory.mktemp("pretrain"))
+    central.train_and_evaluate(schema.validate(config), workdir, quiet=True)
+    params = central.restore(workdir).params
+    path = os.path.join(workdir, "params.msgpack")
+    with open(path, "wb") as f:
+        f.write(flax.serialization.msgpack_serialize(jax.device_get(params)))
+    return workdir, path, params
+
+
+@pytest.fixture(scope="module")
+def recipe_run(pretrained, tmp_path_factory):
+    """Fine-tunes the head privately (4 classes) with augmult K = 3 and EMA / Polyak averages."""
+    config = recipe_config(augmult=3)
+    config.model.init_from = pretrained[1]
+    config.train.trainable = "head"
     config.train.ema_decay = 0.9
     config.train.polyak_start = 1
     config = schema.validate(config)
     workdir = str(tmp_path_factory.mktemp("recipe"))
-    return config, central.train_and_evaluate(config, workdir, quiet=True)
+    return config, central.train_and_evaluate(config, workdir, quiet=True), workdir
 
 
 def test_augmult_and_averages_keep_the_k1_epsilon_of_dp_accounting(recipe_run):
-    config, report = recipe_run
+    config, report, _ = recipe_run
     privacy = report["privacy"]
     assert privacy["steps"] == config.train.steps and privacy["noise_multiplier"] == 1.0
     expected = direct_epsilon(1.0, privacy["sampling_rate"], config.train.steps, 1e-4)
@@ -340,7 +365,7 @@ def test_augmult_and_averages_keep_the_k1_epsilon_of_dp_accounting(recipe_run):
 
 
 def test_averages_are_reported_beside_the_raw_parameters(recipe_run):
-    _, report = recipe_run
+    _, report, _ = recipe_run
     for split, metrics in (("test", report["metrics"]), ("val", report["val_metrics"])):
         for name in ("ema", "polyak"):
             assert 0.0 <= metrics[f"{split}_accuracy_{name}"] <= 1.0
@@ -350,3 +375,22 @@ def test_averages_are_reported_beside_the_raw_parameters(recipe_run):
 def test_augmult_without_dp_sgd_is_refused():
     with pytest.raises(schema.ConfigError, match="'privacy.augmult'=2 .* needs privacy.enabled"):
         dp_config(augmult=2, enabled=False)
+
+
+def test_fine_tuning_the_head_leaves_the_rest_bit_identical(pretrained, recipe_run):
+    _, _, before = pretrained
+    after = central.restore(recipe_run[2]).params
+    np.testing.assert_array_equal(after["Dense_0"]["kernel"], before["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(after["Dense_0"]["bias"], before["Dense_0"]["bias"])
+    assert after["Dense_1"]["kernel"].shape == (8, 4) != before["Dense_1"]["kernel"].shape
+    initial = central.init_state(central.build_experiment(recipe_run[0])).params
+    assert not np.array_equal(after["Dense_1"]["kernel"], initial["Dense_1"]["kernel"])
+
+
+def test_init_from_a_workdir_equals_init_from_its_msgpack(pretrained, recipe_run):
+    config = ml_collections.ConfigDict(recipe_run[0].to_dict())
+    config.model.init_from = pretrained[0]
+    from_workdir = central.init_state(central.build_experiment(config)).params
+    np.testing.assert_array_equal(
+        from_workdir["Dense_0"]["kernel"], pretrained[2]["Dense_0"]["kernel"]
+    )
