@@ -89,7 +89,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.privacy.overflow_prob = 1e-3  # P(a Poisson batch needs a second padded chunk)
     config.privacy.per_layer_clipping = False
     config.privacy.method = "ghost"  # ghost (norm trick) | vmap (reference per-example grads)
-    config.privacy.microbatch_size = 0  # chunks of per-example work to bound memory (0 = off)
+    # The physical batch: per-example work in chunks of this many, accumulated and noised once per
+    # logical batch (train.batch_size, e.g. thousands), so it bounds memory only (0 = off).
+    config.privacy.microbatch_size = 0
     config.privacy.noise_seed = "reproducible"  # reproducible (from seed) | secure (OS entropy)
     # Augmentation multiplicity (De et al. 2022): each unit's gradient is the mean over this many
     # augmented views of each of its images, clipped once, so epsilon is unchanged (0 = off).

@@ -9,6 +9,16 @@ One private step (Abadi et al., CCS 2016, https://arxiv.org/abs/1607.00133):
 3. ``N(0, (sigma C)^2 I)`` is added once to the total and it is divided by the expected batch
    size ``L`` (public), then the configured optimizer applies it.
 
+Large batches (the recipe of De et al. 2022, https://arxiv.org/abs/2204.13650, and Tramer and
+Boneh 2021, https://arxiv.org/abs/2011.11660: batches of thousands, learning-rate warmup):
+``train.batch_size`` is the *logical* batch ``L`` that the sampler draws, the ledger accounts and
+the noise is calibrated to; ``privacy.microbatch_size`` is the physical batch, the per-example work
+done at once. The clipped sums of the microbatches are accumulated (``lax.scan`` in
+:func:`~fedjax_med.privacy.clipping.clipped_grad_sum`, chunk by chunk in the trainer) and noised
+once per logical step, so accumulation changes memory, never the privacy or the update (tested:
+equal to the one-shot sum plus one noise draw). ``optimizer.warmup_steps`` ramps the learning rate
+linearly from 0 over the first steps.
+
 The :class:`~fedjax_med.privacy.budget.PrivacyLedger` accounts the same event the sampler
 realises; the run stops before a step that would pass ``privacy.target_epsilon``. The noise key
 lives in the optimizer state, so checkpoints resume the exact noise stream; in ``secure`` mode the

@@ -14,12 +14,12 @@ import pytest
 
 from fedjax_med import randomness
 from fedjax_med.config import base, schema
-from fedjax_med.data import sources
+from fedjax_med.data import pipeline, sources
 from fedjax_med.models import losses
 from fedjax_med.privacy import claim as claim_lib
-from fedjax_med.privacy import clipping, sampling
+from fedjax_med.privacy import clipping, noise, sampling
 from fedjax_med.trainers import central, dp_sgd
-from fedjax_med.training import checkpoint
+from fedjax_med.training import checkpoint, parallel
 from fedjax_med.training import workdir as workdir_lib
 
 PRIVACY_KEYS = (
@@ -394,3 +394,32 @@ def test_init_from_a_workdir_equals_init_from_its_msgpack(pretrained, recipe_run
     np.testing.assert_array_equal(
         from_workdir["Dense_0"]["kernel"], pretrained[2]["Dense_0"]["kernel"]
     )
+
+
+def test_accumulated_microbatches_equal_one_shot_and_noise_is_added_once():
+    """A logical batch in microbatches of 8 (accumulated by ``lax.scan``) takes the step of the
+    one-shot clipped sum plus one Gaussian draw of std ``sigma C``, divided by the logical ``L``.
+    """
+    config = recipe_config(microbatch_size=8, method="vmap")
+    experiment = central.build_experiment(config)
+    plan, state = experiment.plan, central.init_state(experiment)
+    after = central.make_step_runner(experiment, parallel.make_data_parallel(1))(state, 0)[0]
+    one_shot = ml_collections.ConfigDict(config.to_dict())
+    one_shot.privacy.microbatch_size = 0
+    grad_sum = dp_sgd.make_grad_sum_fn(one_shot, experiment.model.apply, "multiclass", plan)
+    total = None
+    chunks = plan.sampler.sample(0).chunks
+    for chunk in chunks:
+        x, y = pipeline.gather(experiment.splits.train, chunk.indices, experiment.normalizer)
+        indices = np.asarray(chunk.indices, np.int32)
+        chunk_sum, _ = grad_sum(state.params, x, y, chunk.mask, chunk.mask, indices, np.int32(0))
+        total = dp_sgd.add_trees(total, chunk_sum)
+    assert plan.expected_batch_size > 3 * 8 and sum(int(c.mask.sum()) for c in chunks) > 16
+    # The first step's noise key: the second half of a split of the plan's key (dp_aggregate).
+    release = noise.privatize_sum(
+        total, jax.random.split(plan.noise_key)[1], 1.0, 1.0, plan.expected_batch_size
+    )
+    lr = config.optimizer.learning_rate
+    expected = jax.tree.map(lambda p, r: p - lr * r, state.params, release)
+    for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
