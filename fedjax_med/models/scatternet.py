@@ -79,18 +79,23 @@ def scatter_features(images: jax.Array, scales: int = 2, angles: int = 8) -> jax
 class ScatterNet(nn.Module):
     """Scattering, GroupNorm (no affine), then a linear layer or a small tanh CNN.
 
+    The CNN is the one Tramer and Boneh train on MNIST-size scattering features
+    (``github.com/ftramer/Handcrafted-DP``, ``models.MNIST_CNN`` with ``in_channels = 81``):
+    conv(16, 3x3, stride 2) -> tanh -> conv(32, 3x3, stride 1) -> tanh -> dense(32) -> tanh ->
+    dense(num_outputs).
+
     Attributes:
       num_outputs: logits per example.
       head: ``"linear"`` or ``"cnn"``.
       num_groups: GroupNorm groups over the ``C K`` feature channels (27 of 81: three each).
-      channels: the CNN's convolution widths (3x3, tanh, 2x2 max-pool after each).
+      channels: the CNN's 3x3 convolution widths (the first with stride 2), tanh after each.
       hidden: the CNN's dense width before the output layer.
     """
 
     num_outputs: int
     head: str = "linear"
     num_groups: int = 27
-    channels: tuple[int, ...] = (32, 64)
+    channels: tuple[int, ...] = (16, 32)
     hidden: int = 32
 
     @nn.compact
@@ -99,9 +104,10 @@ class ScatterNet(nn.Module):
         groups = group_count(x.shape[-1], self.num_groups)
         x = nn.GroupNorm(groups, use_bias=False, use_scale=False, name="feature_norm")(x)
         if self.head == "cnn":
-            for width in self.channels:
-                x = jnp.tanh(nn.Conv(width, (3, 3), padding="SAME")(x))
-                x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            # Their MNIST_CNN on scattering features: 3x3 convs, stride 2 then 1, padding 1.
+            for i, width in enumerate(self.channels):
+                stride = 2 if i == 0 else 1
+                x = jnp.tanh(nn.Conv(width, (3, 3), strides=(stride, stride), padding=1)(x))
             x = jnp.tanh(nn.Dense(self.hidden)(x.reshape((x.shape[0], -1))))
         return nn.Dense(self.num_outputs, name="head")(x.reshape((x.shape[0], -1)))
 
@@ -124,14 +130,14 @@ def scatter_linear(num_outputs: int, num_groups: int = 27) -> ScatterNet:
 
 @registry.register("scatter_cnn", min_size=MIN_SIZE)
 def scatter_cnn(
-    num_outputs: int, num_groups: int = 27, channels: tuple = (32, 64), hidden: int = 32
+    num_outputs: int, num_groups: int = 27, channels: tuple = (16, 32), hidden: int = 32
 ) -> ScatterNet:
     """ScatterNet + GroupNorm + a small tanh CNN (Tramer & Boneh 2021; see module docstring).
 
     Args:
       num_outputs: logits per example.
       num_groups: GroupNorm groups over the feature channels.
-      channels: the 3x3 convolutions' widths, each followed by tanh and a 2x2 max-pool.
+      channels: the 3x3 convolutions' widths (the first with stride 2), each followed by tanh.
       hidden: the dense width before the output layer.
     """
     _check(num_groups)

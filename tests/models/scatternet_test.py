@@ -29,7 +29,8 @@ def test_models_have_only_head_parameters_and_independent_per_example_gradients(
     cnn = models.get_model("scatter_cnn", input_shape=(28, 28, 1), num_outputs=10)
     shapes = jax.eval_shape(cnn.init, jax.random.key(0))
     assert list(shapes) == ["Conv_0", "Conv_1", "Dense_0", "head"]  # no scattering parameters
-    assert shapes["Conv_0"]["kernel"].shape == (3, 3, 81, 32)
+    assert shapes["Conv_0"]["kernel"].shape == (3, 3, 81, 16)
+    assert shapes["Dense_0"]["kernel"].shape == (4 * 4 * 32, 32)  # 7x7 -> stride 2 -> 4x4
     model = models.get_model("scatter_linear", input_shape=(8, 8, 1), num_outputs=3)
     params = model.init(jax.random.key(0))
     assert list(params) == ["head"] and params["head"]["kernel"].shape == (2 * 2 * 81, 3)
