@@ -65,6 +65,7 @@ CLIENT_NOISE = (7919,)  # distributed DP: client k's integer noise in round t
 SECAGG_KEYS = (1,)  # simulated SecAgg key material (reproducible runs only)
 SECAGG_GRAPH = (2,)  # SecAgg+ neighbour graph and the simulation's routing
 ADDITIVE_SHARES = (3,)  # additive secret shares (reproducible runs only)
+TUNE_TRIALS = (13,)  # fedjax-med tune: the number of trials and each trial's hyperparameters
 
 # ---- attacks and audits (the attacker's own randomness, always from the seed) -------------------
 REPORT_SHADOWS = 0  # fold_in(key(seed), .): the privacy report's LiRA shadow models
