@@ -1,4 +1,4 @@
-"""configs/dp_tramer_boneh.py: the published Fashion-MNIST recipes of Tramer & Boneh 2021."""
+"""Published DP-SGD recipes: dp_tramer_boneh (Tramer & Boneh 2021), dp_de_wrn (De et al. 2022)."""
 
 import pytest
 
@@ -29,3 +29,13 @@ def test_variants_carry_the_published_hyperparameters(variant, model, batch, lr,
 def test_two_variants_are_refused():
     with pytest.raises(ValueError, match="choose one of"):
         loading.load_config("dp_tramer_boneh:cnn,scatter_cnn")
+
+
+def test_de_wrn_carries_the_published_recipe():
+    config = schema.validate(loading.load_config("dp_de_wrn"))
+    assert config.model.name == "wrn_16_4" and config.train.batch_size == 4096
+    assert (config.privacy.augmult, config.train.ema_decay) == (16, 0.999)
+    assert (config.privacy.noise_multiplier, config.train.steps) == (3.0, 2468)
+    assert config.privacy.target_epsilon == 8.0 and config.optimizer.learning_rate == 4.0
+    assert loading.load_config("dp_de_wrn:eps1").train.steps == 875
+    assert schema.validate(loading.load_config("dp_de_wrn:tiny")).train.steps == 2
