@@ -43,6 +43,8 @@ PARAMS = 0  # model initialisation
 STEPS = 1  # the central trainer's per-step key (non-private randomness)
 SERVER = 2  # the federated server's root key; round t uses fold_in(server_key, t)
 NOISE = zlib.crc32(b"noise")  # the DP-SGD noise key of the central trainer
+# Augmentation multiplicity's views (public randomness): fold_in(fold_in(., step), example index)
+AUGMULT = zlib.crc32(b"augmult")
 PERSONALIZATION = 10_000_019  # under the server key: per-site fine-tuning after training
 
 # ---- round streams: fold_in(round_key, STREAM) -------------------------------------------------
@@ -63,6 +65,7 @@ CLIENT_NOISE = (7919,)  # distributed DP: client k's integer noise in round t
 SECAGG_KEYS = (1,)  # simulated SecAgg key material (reproducible runs only)
 SECAGG_GRAPH = (2,)  # SecAgg+ neighbour graph and the simulation's routing
 ADDITIVE_SHARES = (3,)  # additive secret shares (reproducible runs only)
+TUNE_TRIALS = (13,)  # fedjax-med tune: the number of trials and each trial's hyperparameters
 
 # ---- attacks and audits (the attacker's own randomness, always from the seed) -------------------
 REPORT_SHADOWS = 0  # fold_in(key(seed), .): the privacy report's LiRA shadow models

@@ -2,8 +2,8 @@
 
 Subcommands: ``train``, ``eval``, ``infer`` (plaintext or encrypted), ``data describe``,
 ``privacy`` (epsilon and calibration), ``attack`` (against one run), ``report`` (the privacy
-report over several settings), ``configs`` (the built-in configs) and ``deploy`` (a config
-across real hospitals on Flower).
+report over several settings), ``tune`` (a private hyperparameter search), ``configs`` (the
+built-in configs) and ``deploy`` (a config across real hospitals on Flower).
 User errors (missing file, bad override, invalid value) print one ``error:`` line and exit 2;
 ``--debug`` shows the traceback instead.
 """
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from fedjax_med.cli import attack as attack_cli
 from fedjax_med.cli import infer as infer_cli
 from fedjax_med.cli import privacy as privacy_cli
+from fedjax_med.cli import tune as tune_cli
 from fedjax_med.config import loading
 from fedjax_med.data import describe, sources
 from fedjax_med.deploy import cli as deploy_cli
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     privacy_cli.register(sub)
     attack_cli.register(sub)
     deploy_cli.register(sub)
+    tune_cli.register(sub, add_config_args, add_common_args)
     sub.add_parser(
         "configs",
         help="list the built-in configs",
@@ -249,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [a for a in extra if not a.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides and args.command not in ("train", "data", "report", "deploy"):
+    if overrides and args.command not in ("train", "data", "report", "deploy", "tune"):
         parser.error(f"{args.command} takes no --config.FIELD overrides")
     setup_logging(getattr(args, "quiet", False))
     try:
@@ -269,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return privacy_cli.run(args)
         if args.command == "configs":
             return run_configs()
+        if args.command == "tune":
+            return tune_cli.run(args, overrides)
         if args.command == "deploy":
             return deploy_cli.run(args, overrides)
         parser.error(f"unknown command {args.command}")

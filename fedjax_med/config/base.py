@@ -54,6 +54,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = "small_cnn"
     config.model.kwargs = ml_collections.ConfigDict()  # passed to the model factory
+    # Start from pretrained parameters (private fine-tuning, Berrada et al. 2023): a flax msgpack
+    # file of the params tree, or a central workdir (its latest checkpoint). Leaves whose path and
+    # shape match are copied; the others (e.g. a head for another class count) start fresh.
+    config.model.init_from = ""
 
     # ---- optimizer -------------------------------------------------------------------------
     config.optimizer = ml_collections.ConfigDict()
@@ -85,8 +89,17 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.privacy.overflow_prob = 1e-3  # P(a Poisson batch needs a second padded chunk)
     config.privacy.per_layer_clipping = False
     config.privacy.method = "ghost"  # ghost (norm trick) | vmap (reference per-example grads)
-    config.privacy.microbatch_size = 0  # chunks of per-example work to bound memory (0 = off)
+    # The physical batch: per-example work in chunks of this many, accumulated and noised once per
+    # logical batch (train.batch_size, e.g. thousands), so it bounds memory only (0 = off).
+    config.privacy.microbatch_size = 0
     config.privacy.noise_seed = "reproducible"  # reproducible (from seed) | secure (OS entropy)
+    # Augmentation multiplicity (De et al. 2022): each unit's gradient is the mean over this many
+    # augmented views of each of its images, clipped once, so epsilon is unchanged (0 = off).
+    config.privacy.augmult = 0
+    # The views' operations, comma-separated: flip (horizontal) | vflip | shift (reflect-pad and
+    # crop back, at most privacy.augment_shift pixels each way). Only read when augmult > 0.
+    config.privacy.augmentations = "flip,shift"
+    config.privacy.augment_shift = 4
 
     # ---- federated simulation (config.trainer = "federated") ---------------------------------
     config.federated = ml_collections.ConfigDict()
@@ -187,6 +200,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.train.eval_batch_size = 256
     config.train.checkpoint_every = 500
     config.train.log_every = 50
+    # What trains: all | head (the last layer) | head+norm (and every normalisation layer); the
+    # rest stays bit-identical, and DP-SGD clips and noises only the trained parameters.
+    config.train.trainable = "all"
+    # Parameter averaging, evaluated beside the raw parameters (report.json test_<metric>_ema,
+    # test_<metric>_polyak); post-processing of the released iterates, so free under DP.
+    config.train.ema_decay = 0.0  # d in [0, 1), warmed up as min(d, (1+t)/(10+t)); 0 = off
+    config.train.polyak_start = -1  # average the iterates after this step (-1 = off)
     # Data parallelism over a 1-D mesh of this many devices (0 = all devices JAX sees, across
     # hosts after jax.distributed.initialize()); batch sizes must be divisible by it.
     config.train.num_devices = 0

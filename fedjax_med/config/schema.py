@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from fedjax_med.config import base
+from fedjax_med.data import augment
 
 FREE_FORM = ("model.kwargs", "report.settings", "report.poisoning")
 
@@ -101,6 +102,11 @@ CHECKS: dict[str, Check] = {
     "privacy.method": one_of("ghost", "vmap"),
     "privacy.microbatch_size": at_least(0),
     "privacy.noise_seed": one_of("reproducible", "secure"),
+    "privacy.augmult": at_least(0),
+    "train.trainable": one_of("all", "head", "head+norm"),
+    "train.ema_decay": in_range(0.0, 1.0, hi_open=True),
+    "train.polyak_start": at_least(-1),
+    "privacy.augment_shift": at_least(0),
     "federated.algorithm": one_of(
         "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold", "dp_fedavg"
     ),
@@ -460,11 +466,29 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
             f"config field 'report.broken_mechanisms'={config.report.broken_mechanisms!r} must "
             f"be a comma-separated subset of {allowed} (or empty)"
         )
+    _check_utility_fields(config)
     if config.optimizer.warmup_steps >= config.train.steps:
         raise ConfigError(
             f"config field 'optimizer.warmup_steps'={config.optimizer.warmup_steps} must be < "
             f"train.steps={config.train.steps}"
         )
+
+
+def _check_utility_fields(config: ml_collections.ConfigDict) -> None:
+    """The DP-SGD utility recipe: augmentation multiplicity's operations."""
+    if config.trainer == "central" and config.privacy.augmult > 0 and not config.privacy.enabled:
+        raise ConfigError(
+            f"config field 'privacy.augmult'={config.privacy.augmult} averages per-example "
+            "gradients before DP-SGD's clipping and needs privacy.enabled=True; leave it at 0"
+        )
+    spec = config.privacy.augmentations
+    try:
+        augment.parse_operations(spec)
+    except ValueError:
+        raise ConfigError(
+            f"config field 'privacy.augmentations'={spec!r} must be distinct comma-separated "
+            f"names from {augment.OPERATIONS}"
+        ) from None
 
 
 def _check_poisoning_fields(config: ml_collections.ConfigDict) -> None:

@@ -21,6 +21,20 @@ from fedjax_med.config import base, schema
 
 _FEDERATED_ONLY = "configures the federated simulation; trainer='central' trains on pooled data"
 
+_CENTRAL_RECIPE = (
+    "augmentation multiplicity is implemented in the central DP-SGD trainer only; local DP-SGD "
+    "clips each site's plain per-example gradients"
+)
+
+_CENTRAL_FINETUNING = (
+    "fine-tuning from a checkpoint is implemented in the central trainer only; federated rounds "
+    "start from the model's initialisation"
+)
+_CENTRAL_AVERAGES = (
+    "parameter averaging is implemented in the central trainer only; the federated server "
+    "releases each round's global model"
+)
+
 # trainer -> field or section prefix -> why that trainer cannot read it.
 UNREAD_BY_TRAINER: Mapping[str, Mapping[str, str]] = {
     "central": {
@@ -51,6 +65,13 @@ UNREAD_BY_TRAINER: Mapping[str, Mapping[str, str]] = {
         "its clients; fixed-size shuffled batches are the central trainer's",
         "privacy.overflow_prob": "local DP-SGD masks every row of a site on device (no padded "
         "chunks to overflow)",
+        "train.ema_decay": _CENTRAL_AVERAGES,
+        "train.trainable": _CENTRAL_FINETUNING,
+        "model.init_from": _CENTRAL_FINETUNING,
+        "train.polyak_start": _CENTRAL_AVERAGES,
+        "privacy.augmult": _CENTRAL_RECIPE,
+        "privacy.augmentations": _CENTRAL_RECIPE,
+        "privacy.augment_shift": _CENTRAL_RECIPE,
     },
 }
 

@@ -36,9 +36,11 @@ from fedjax_med.models import losses, registry
 from fedjax_med.trainers import dp_sgd
 from fedjax_med.trainers import run as run_lib
 from fedjax_med.training import (
+    averaging,
     checkpoint,
     curves,
     evaluate,
+    finetune,
     optimizers,
     parallel,
     progress,
@@ -64,6 +66,7 @@ class Experiment:
     model: registry.Model
     optimizer: optax.GradientTransformation
     plan: dp_sgd.PrivatePlan | None = None  # DP-SGD plan when config.privacy.enabled
+    trainable: Any = None  # bool per parameter leaf (train.trainable); None: all train
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -75,7 +78,25 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         num_devices = parallel.make_data_parallel(config.train.num_devices).size
         plan = dp_sgd.make_plan(config, splits.train, num_devices)
         optimizer = dp_sgd.make_private_optimizer(plan, optimizer)
-    return Experiment(config, splits, normalizer, model, optimizer, plan)
+    mask = None
+    if config.train.trainable != "all":
+        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+        mask = finetune.trainable_mask(shapes, config.train.trainable)
+        # Noise and updates reach only the trained leaves; the frozen ones stay bit-identical.
+        optimizer = finetune.freeze(optimizer, mask)
+    # Last in the chain: the averages see the final parameters of every step.
+    optimizer = averaging.with_averages(
+        optimizer, config.train.ema_decay, config.train.polyak_start
+    )
+    return Experiment(config, splits, normalizer, model, optimizer, plan, mask)
+
+
+def pretrained_params(path: str) -> Any:
+    """The parameters ``model.init_from`` names: a flax msgpack file, or a central workdir's
+    latest checkpoint."""
+    if os.path.isdir(path):
+        return restore_for_eval(path)[1].params
+    return finetune.read_msgpack(path)
 
 
 def init_state(experiment: Experiment) -> state_lib.TrainState:
@@ -87,6 +108,9 @@ def init_state(experiment: Experiment) -> state_lib.TrainState:
     """
     root = jax.random.PRNGKey(experiment.config.seed)
     params = experiment.model.init(jax.random.fold_in(root, STREAM_PARAMS))
+    if experiment.config.model.init_from:
+        pretrained = pretrained_params(experiment.config.model.init_from)
+        params = finetune.merge_pretrained(params, pretrained)
     return state_lib.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -144,7 +168,9 @@ def make_step_runner(experiment: Experiment, devices: parallel.DataParallel) -> 
         return run
 
     plan = experiment.plan
-    grad_sum = dp_sgd.make_grad_sum_fn(config, experiment.model.apply, info.task, plan)
+    grad_sum = dp_sgd.make_grad_sum_fn(
+        config, experiment.model.apply, info.task, plan, experiment.trainable
+    )
     apply_update = dp_sgd.make_apply_fn(experiment.optimizer)
 
     def run(state, step):
@@ -159,6 +185,8 @@ def make_step_runner(experiment: Experiment, devices: parallel.DataParallel) -> 
                 devices.shard_batch(labels),
                 devices.shard_batch(chunk.mask),
                 devices.shard_batch(unit_index),
+                devices.shard_batch(np.asarray(chunk.indices, np.int32)),
+                np.int32(step),
             )
             total = dp_sgd.add_trees(total, chunk_sum)
             count = int(aux["count"])
@@ -301,8 +329,11 @@ class CentralRun:
         }
         self.checkpointer.save(step, dp_sgd.secret_free(state, self.experiment.plan), meta)
 
-    def evaluate(self, params, step: int, split: str, extra: dict[str, Any]) -> dict[str, Any]:
-        """Evaluates ``params`` on ``split`` and logs it to ``metrics.jsonl`` (chief only).
+    def evaluate(
+        self, params, step: int, split: str, extra: dict[str, Any], *, log: bool = True
+    ) -> dict[str, Any]:
+        """Evaluates ``params`` on ``split`` and logs it to ``metrics.jsonl`` (chief only; not
+        when ``log`` is False).
 
         The record is ``{"step", "split", "<split>_<metric>"..., **extra}``.
 
@@ -324,7 +355,7 @@ class CentralRun:
         )
         record = {"step": step, "split": split, **evaluate.prefixed(result["metrics"], split)}
         record.update(extra)
-        if self.is_chief:
+        if self.is_chief and log:
             workdir_lib.append_metrics(self.metrics_path, record)
         return result
 
@@ -412,6 +443,12 @@ def finish(run: CentralRun, state, workdir: str, final_step: int) -> dict[str, A
     val = run.evaluate(state.params, final_step, "val", extra)
     test = run.evaluate(state.params, final_step, "test", {})
     claim = run.ledger.claim(config)
+    # Averaged parameters (post-processing of the iterates): test_<metric>_<ema|polyak>.
+    averaged, averaged_val = {}, {}
+    for name, params in averaging.averaged_params(state.opt_state).items():
+        for split, out in (("test", averaged), ("val", averaged_val)):
+            metrics = run.evaluate(params, final_step, split, {}, log=False)["metrics"]
+            out.update({f"{k}_{name}": v for k, v in evaluate.prefixed(metrics, split).items()})
     result = report.build_report(
         config=config,
         info=experiment.splits.info,
@@ -422,6 +459,8 @@ def finish(run: CentralRun, state, workdir: str, final_step: int) -> dict[str, A
         elapsed=run.elapsed,
         extra={} if claim is None else {"privacy": claim.to_report()},
     )
+    result["metrics"].update(report.json_safe(averaged))
+    result["val_metrics"].update(report.json_safe(averaged_val))
     if run.is_chief:
         checkpoint.write_json_atomic(os.path.join(workdir, "report.json"), result)
         curves.write_curves(workdir, run.metrics_path, unit="step")

@@ -9,6 +9,16 @@ One private step (Abadi et al., CCS 2016, https://arxiv.org/abs/1607.00133):
 3. ``N(0, (sigma C)^2 I)`` is added once to the total and it is divided by the expected batch
    size ``L`` (public), then the configured optimizer applies it.
 
+Large batches (the recipe of De et al. 2022, https://arxiv.org/abs/2204.13650, and Tramer and
+Boneh 2021, https://arxiv.org/abs/2011.11660: batches of thousands, learning-rate warmup):
+``train.batch_size`` is the *logical* batch ``L`` that the sampler draws, the ledger accounts and
+the noise is calibrated to; ``privacy.microbatch_size`` is the physical batch, the per-example work
+done at once. The clipped sums of the microbatches are accumulated (``lax.scan`` in
+:func:`~fedjax_med.privacy.clipping.clipped_grad_sum`, chunk by chunk in the trainer) and noised
+once per logical step, so accumulation changes memory, never the privacy or the update (tested:
+equal to the one-shot sum plus one noise draw). ``optimizer.warmup_steps`` ramps the learning rate
+linearly from 0 over the first steps.
+
 The :class:`~fedjax_med.privacy.budget.PrivacyLedger` accounts the same event the sampler
 realises; the run stops before a step that would pass ``privacy.target_epsilon``. The noise key
 lives in the optimizer state, so checkpoints resume the exact noise stream; in ``secure`` mode the
@@ -31,11 +41,13 @@ import optax
 
 from fedjax_med import randomness
 from fedjax_med.config import schema
+from fedjax_med.data import augment
 from fedjax_med.data import dataset as dataset_lib
 from fedjax_med.models import losses
-from fedjax_med.privacy import accounting, budget, clipping, noise, sampling
+from fedjax_med.privacy import accounting, augmult, budget, clipping, noise, sampling
 from fedjax_med.privacy import claim as claim_lib
 from fedjax_med.trainers import ledgers
+from fedjax_med.training import finetune
 from fedjax_med.training import state as state_lib
 
 logger = logging.getLogger("fedjax_med")
@@ -276,28 +288,64 @@ def make_private_optimizer(
 
 
 def make_grad_sum_fn(
-    config: ml_collections.ConfigDict, apply_fn: Callable, task: str, plan: PrivatePlan
+    config: ml_collections.ConfigDict,
+    apply_fn: Callable,
+    task: str,
+    plan: PrivatePlan,
+    trainable: Any = None,
 ) -> Callable:
-    """Jitted ``(params, images, labels, mask, unit_index) -> (clipped sum, aux)`` for one chunk."""
+    """Jitted ``(params, images, labels, mask, unit_index, indices, step) -> (clipped sum, aux)``
+    for one chunk.
+
+    With ``privacy.augmult = K > 0`` each example's loss is the mean over K augmented views
+    (:func:`~fedjax_med.privacy.augmult.augmult_loss_fn`, De et al. 2022), whose keys follow from
+    the run's :data:`~fedjax_med.randomness.AUGMULT` key, ``step`` and the examples' ``indices``;
+    it is clipped once, so the sensitivity, and the ledger, are those of K = 1. With a
+    ``trainable`` mask (``train.trainable``), the frozen leaves' gradients are stopped, so each
+    per-example norm and its clipping cover only the trained parameters.
+    """
     p = config.privacy
     loss_fn = losses.example_loss_fn(apply_fn, task)
+    if trainable is not None:
+        loss_fn = finetune.frozen_loss_fn(loss_fn, trainable)
+    method = p.method
+    if p.augmult > 0:
+        ops = augment.parse_operations(p.augmentations)
+        shift = int(p.augment_shift)
+        loss_fn = augmult.augmult_loss_fn(
+            loss_fn, lambda key, image: augment.augment(key, image, ops, shift), int(p.augmult)
+        )
     microbatch = p.microbatch_size or None
+    # Public randomness (the guarantee does not rest on it): always from the seed.
+    aug_key = jax.random.fold_in(jax.random.key(int(config.seed)), randomness.AUGMULT)
+
+    def inputs(images, indices, step):
+        if p.augmult == 0:
+            return images
+        return images, augmult.example_keys(aug_key, step, indices)
+
     if p.unit == "patient":
         fn = clipping.clipped_unit_grad_sum(
             loss_fn, clip_norm=p.clip_norm, unit="patient", microbatch_size=microbatch
         )
         slots = plan.sampler.num_unit_slots
-        jitted = jax.jit(fn, static_argnums=5)
-        return lambda params, x, y, mask, unit_index: jitted(params, x, y, mask, unit_index, slots)
+
+        def unit_fn(params, x, y, mask, unit_index, indices, step):
+            return fn(params, inputs(x, indices, step), y, mask, unit_index, slots)
+
+        return jax.jit(unit_fn)
     fn = clipping.clipped_grad_sum(
         loss_fn,
         clip_norm=p.clip_norm,
         per_layer=p.per_layer_clipping,
         microbatch_size=microbatch,
-        method=p.method,
+        method=method,
     )
-    jitted = jax.jit(fn)
-    return lambda params, x, y, mask, unit_index: jitted(params, x, y, mask)
+
+    def example_fn(params, x, y, mask, unit_index, indices, step):
+        return fn(params, inputs(x, indices, step), y, mask)
+
+    return jax.jit(example_fn)
 
 
 def make_apply_fn(optimizer: optax.GradientTransformation) -> Callable:

@@ -90,6 +90,7 @@ CENTRAL_RUNS = [
         "dp_sgd:patient,tiny",
         "privacy.accountant=pld",
         "privacy.microbatch_size=8",
+        "privacy.augmult=2",
         "optimizer.schedule=cosine",
         "optimizer.warmup_steps=1",
         "data.max_examples=150",
@@ -100,6 +101,8 @@ CENTRAL_RUNS = [
         "privacy.method=vmap",
         "privacy.per_layer_clipping=True",
         "train.steps=2",
+        "train.ema_decay=0.9",
+        "train.polyak_start=0",
     ),
 ]
 CENTRAL_PLANS = [("dp_sgd:tiny", "optimizer.name=momentum", "optimizer.weight_decay=0.1")]

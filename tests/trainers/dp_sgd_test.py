@@ -5,19 +5,21 @@ import math
 import os
 
 import dp_accounting
+import flax.serialization
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from fedjax_med import randomness
 from fedjax_med.config import base, schema
-from fedjax_med.data import sources
+from fedjax_med.data import pipeline, sources
 from fedjax_med.models import losses
 from fedjax_med.privacy import claim as claim_lib
-from fedjax_med.privacy import clipping, sampling
+from fedjax_med.privacy import clipping, noise, sampling
 from fedjax_med.trainers import central, dp_sgd
-from fedjax_med.training import checkpoint
+from fedjax_med.training import checkpoint, parallel
 from fedjax_med.training import workdir as workdir_lib
 
 PRIVACY_KEYS = (
@@ -308,3 +310,116 @@ def test_resumed_ledger_must_match_the_plan():
     dp_sgd.check_resumed_ledger(plan, plan)
     with pytest.raises(ValueError, match="noise_multiplier.*sampling_rate"):
         dp_sgd.check_resumed_ledger(plan, other)
+
+
+# ---------------------------------------------------------------- the utility recipe
+
+
+def recipe_config(**privacy):
+    config = dp_config(**privacy)
+    config.data.synthetic.num_sites = 2
+    config.data.synthetic.examples_per_site = 60
+    config.data.synthetic.image_size = 16
+    config.model.name = "mlp"
+    config.model.kwargs.hidden = (8,)
+    config.train.steps = 4
+    config.train.eval_every = config.train.checkpoint_every = 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A model pretrained (non-privately) on another synthetic task: 3 classes, seed 1."""
+    config = recipe_config(enabled=False)
+    config.seed = 1
+    config.data.synthetic.num_classes = 3
+    config.train.steps = 2
+    workdir = str(tmp_path_factory.mktemp("pretrain"))
+    central.train_and_evaluate(schema.validate(config), workdir, quiet=True)
+    params = central.restore(workdir).params
+    path = os.path.join(workdir, "params.msgpack")
+    with open(path, "wb") as f:
+        f.write(flax.serialization.msgpack_serialize(jax.device_get(params)))
+    return workdir, path, params
+
+
+@pytest.fixture(scope="module")
+def recipe_run(pretrained, tmp_path_factory):
+    """Fine-tunes the head privately (4 classes) with augmult K = 3 and EMA / Polyak averages."""
+    config = recipe_config(augmult=3)
+    config.model.init_from = pretrained[1]
+    config.train.trainable = "head"
+    config.train.ema_decay = 0.9
+    config.train.polyak_start = 1
+    config = schema.validate(config)
+    workdir = str(tmp_path_factory.mktemp("recipe"))
+    return config, central.train_and_evaluate(config, workdir, quiet=True), workdir
+
+
+def test_augmult_and_averages_keep_the_k1_epsilon_of_dp_accounting(recipe_run):
+    config, report, _ = recipe_run
+    privacy = report["privacy"]
+    assert privacy["steps"] == config.train.steps and privacy["noise_multiplier"] == 1.0
+    expected = direct_epsilon(1.0, privacy["sampling_rate"], config.train.steps, 1e-4)
+    assert privacy["epsilon"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_averages_are_reported_beside_the_raw_parameters(recipe_run):
+    _, report, _ = recipe_run
+    for split, metrics in (("test", report["metrics"]), ("val", report["val_metrics"])):
+        for name in ("ema", "polyak"):
+            assert 0.0 <= metrics[f"{split}_accuracy_{name}"] <= 1.0
+            assert f"{split}_auroc_{name}" in metrics
+
+
+def test_augmult_without_dp_sgd_is_refused():
+    with pytest.raises(schema.ConfigError, match="'privacy.augmult'=2 .* needs privacy.enabled"):
+        dp_config(augmult=2, enabled=False)
+
+
+def test_fine_tuning_the_head_leaves_the_rest_bit_identical(pretrained, recipe_run):
+    _, _, before = pretrained
+    after = central.restore(recipe_run[2]).params
+    np.testing.assert_array_equal(after["Dense_0"]["kernel"], before["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(after["Dense_0"]["bias"], before["Dense_0"]["bias"])
+    assert after["Dense_1"]["kernel"].shape == (8, 4) != before["Dense_1"]["kernel"].shape
+    initial = central.init_state(central.build_experiment(recipe_run[0])).params
+    assert not np.array_equal(after["Dense_1"]["kernel"], initial["Dense_1"]["kernel"])
+
+
+def test_init_from_a_workdir_equals_init_from_its_msgpack(pretrained, recipe_run):
+    config = ml_collections.ConfigDict(recipe_run[0].to_dict())
+    config.model.init_from = pretrained[0]
+    from_workdir = central.init_state(central.build_experiment(config)).params
+    np.testing.assert_array_equal(
+        from_workdir["Dense_0"]["kernel"], pretrained[2]["Dense_0"]["kernel"]
+    )
+
+
+def test_accumulated_microbatches_equal_one_shot_and_noise_is_added_once():
+    """A logical batch in microbatches of 8 (accumulated by ``lax.scan``) takes the step of the
+    one-shot clipped sum plus one Gaussian draw of std ``sigma C``, divided by the logical ``L``.
+    """
+    config = recipe_config(microbatch_size=8, method="vmap")
+    experiment = central.build_experiment(config)
+    plan, state = experiment.plan, central.init_state(experiment)
+    after = central.make_step_runner(experiment, parallel.make_data_parallel(1))(state, 0)[0]
+    one_shot = ml_collections.ConfigDict(config.to_dict())
+    one_shot.privacy.microbatch_size = 0
+    grad_sum = dp_sgd.make_grad_sum_fn(one_shot, experiment.model.apply, "multiclass", plan)
+    total = None
+    chunks = plan.sampler.sample(0).chunks
+    for chunk in chunks:
+        x, y = pipeline.gather(experiment.splits.train, chunk.indices, experiment.normalizer)
+        indices = np.asarray(chunk.indices, np.int32)
+        chunk_sum, _ = grad_sum(state.params, x, y, chunk.mask, chunk.mask, indices, np.int32(0))
+        total = dp_sgd.add_trees(total, chunk_sum)
+    assert plan.expected_batch_size > 3 * 8 and sum(int(c.mask.sum()) for c in chunks) > 16
+    # The first step's noise key: the second half of a split of the plan's key (dp_aggregate).
+    release = noise.privatize_sum(
+        total, jax.random.split(plan.noise_key)[1], 1.0, 1.0, plan.expected_batch_size
+    )
+    lr = config.optimizer.learning_rate
+    expected = jax.tree.map(lambda p, r: p - lr * r, state.params, release)
+    for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
