@@ -1,6 +1,9 @@
 """The report's training pool: the same results as training here, in order, failures named."""
 
+import contextlib
 import os
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,11 +21,29 @@ def _draw(job):
     return os.getpid(), bool(jax.config.read("jax_disable_most_optimizations")), np.asarray(sample)
 
 
+@contextlib.contextmanager
+def _importable_by_workers():
+    """Puts the checkout on ``sys.path`` so that spawned workers can unpickle :func:`_draw`.
+
+    A spawned process imports a pickled function's module by name (``tests.reporting.
+    training_pool_test``), from the ``sys.path`` of the process that starts it; pytest's
+    importlib mode does not put the checkout there.
+    """
+    root = str(Path(__file__).resolve().parents[2])
+    sys.path.insert(0, root)
+    try:
+        yield
+    finally:
+        sys.path.remove(root)
+
+
 def _collect(jobs, workers):
     """``(results before the first failure, that failure or None)``."""
     names = [f"setting_{seed}" for seed, _ in jobs]
     results = []
-    with training_pool.trained_in_order(_draw, jobs, names, workers) as trained:
+    with _importable_by_workers(), training_pool.trained_in_order(
+        _draw, jobs, names, workers
+    ) as trained:
         try:
             for result, _ in trained:
                 results.append(result)
