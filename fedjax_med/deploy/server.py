@@ -174,7 +174,7 @@ def discover(
         new = [n for n in grid.get_node_ids() if n not in asked]
         messages = [protocol.query_message(n) for n in new]
         asked.update(new)
-        for reply in grid.send_and_receive(messages, timeout=timeout) if messages else ():
+        for reply in protocol.exchange(grid, messages, timeout=timeout) if messages else ():
             node = reply.metadata.src_node_id
             if reply.has_error():
                 logger.warning("node %d refused: query failed (%s)", node, reply.error.reason)
@@ -298,7 +298,8 @@ def deployed_round(
     outputs = [zeros] * len(indices)
     reporting = np.zeros(len(indices), bool)
     malformed = dropped = 0
-    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+    received = protocol.exchange(grid, messages, timeout=timeout)
+    replies = {r.metadata.src_node_id: r for r in received}
     for node, i in slots.items():
         k = int(indices[i])
         reply = replies.get(node)
@@ -340,7 +341,7 @@ def federated_evaluate(
     names = dict(zip(plan.federation.node_ids, plan.federation.client_names, strict=True))
     messages = [protocol.evaluate_message(n, params, splits) for n in names]
     per_site: dict[str, dict[str, float]] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in protocol.exchange(grid, messages, timeout=timeout):
         node = reply.metadata.src_node_id
         problem = protocol.reply_problem(reply)
         if problem is not None:
@@ -405,13 +406,16 @@ def serve(
         cohort = plan.ledger.admit(plan.sampler.sample(round_num), round_num)
         t0 = time.perf_counter()
         state, values = deployed_round(grid, plan, state, cohort, timeout=round_timeout)
-        log.elapsed["train_time_s"] += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        log.elapsed["train_time_s"] += seconds
         per_step = np.minimum(roster.counts[cohort.sampled()], f.client_batch_size)
         log.elapsed["examples_seen"] += int(per_step.sum()) * f.local_steps
         done = round_num + 1
         entries = plan.ledger.record(cohort, True)
         log.append(federated._round_record(done, values, entries))
-        logger.info("round %d: %s", done, {k: round(v, 4) for k, v in values.items()})
+        logger.info(
+            "round %d (%.2f s): %s", done, seconds, {k: round(v, 4) for k, v in values.items()}
+        )
         if done % f.eval_every == 0 and done != end:
             val = federated_evaluate(grid, plan, state.params, ("val",), timeout=round_timeout)
             log.append({"step": done, "split": "val", **_prefixed(val["val"], "val")})

@@ -220,11 +220,11 @@ def test_a_restarted_server_resumes_from_its_checkpoint(fedavg, tmp_path, local_
     config = flower_app.load_config(SPEC, overrides)
 
     class LinkLostInRound2(local_grid):
-        def send_and_receive(self, messages, *, timeout=None):
+        def push_messages(self, messages):
             messages = list(messages)
             if any(m.metadata.group_id == "round-1" for m in messages):
                 raise ConnectionError("link lost")
-            return super().send_and_receive(messages, timeout=timeout)
+            return super().push_messages(messages)
 
     workdir = str(tmp_path / "w")
     with pytest.raises(ConnectionError):
