@@ -21,7 +21,7 @@ import functools
 import logging
 
 from fedjax_med.config import loading
-from fedjax_med.deploy import arrays, flower, protocol, server
+from fedjax_med.deploy import arrays, flower, protocol, secure, server
 from fedjax_med.deploy import site as site_lib
 
 logger = logging.getLogger("fedjax_med")
@@ -107,7 +107,23 @@ def train(message, context):
         steps += local_steps
         context.state[_STATE] = fl.app.ConfigRecord({"steps": steps})
         epsilon = site.ledger(steps).epsilon(0)
+    if "secure" in message.content:  # only the protocol's public keys leave the site
+        session = (context.run_id, context.node_id, message.metadata.group_id)
+        try:
+            keys = secure.begin(output, request["padded_size"], message.content["secure"], session)
+        except ValueError as e:
+            return _reply(message, protocol.refusal(str(e)))
+        return _reply(message, fl.app.RecordDict({"secagg": secure.to_record(keys)}))
     return _reply(message, protocol.train_reply(output, epsilon))
+
+
+def _secagg_step(message, context):
+    """Steps 2-4 of secure aggregation (:mod:`fedjax_med.deploy.secure`) at this site."""
+    stage = message.metadata.message_type.partition(".")[2]
+    session = (context.run_id, context.node_id, message.metadata.group_id)
+    return _reply(
+        message, fl.app.RecordDict({"secagg": secure.site_step(stage, message.content, session)})
+    )
 
 
 @client_app.evaluate()
@@ -122,6 +138,9 @@ def evaluate(message, context):
         values.update(site.evaluate(params, str(split)))
     return _reply(message, protocol.metrics_reply(values))
 
+
+for _stage in secure.STAGES:
+    client_app.query(_stage)(_secagg_step)
 
 server_app = fl.serverapp.ServerApp()
 

@@ -42,7 +42,7 @@ import numpy as np
 
 from fedjax_med.config import loading, scope
 from fedjax_med.data import dataset as dataset_lib
-from fedjax_med.deploy import arrays, flower, protocol
+from fedjax_med.deploy import arrays, flower, protocol, secure
 from fedjax_med.deploy import site as site_lib
 from fedjax_med.federated import algorithms, sampling
 from fedjax_med.federated import client as client_lib
@@ -114,10 +114,19 @@ def check_deployable(config: ml_collections.ConfigDict) -> None:
             "deployment needs federated.partition.method='by_site' (each hospital is one client), "
             f"not {config.federated.partition.method!r}"
         )
-    if config.secure_aggregation.method != "none":
+    sa = config.secure_aggregation
+    if sa.method not in ("none", *secure.METHODS):
         raise ValueError(
-            "deployment runs secure_aggregation.method='none' only (secure aggregation over "
-            "Flower messages is not wired yet)"
+            f"deployment runs secure_aggregation.method in {('none', *secure.METHODS)}, not "
+            f"{sa.method!r}"
+        )
+    if sa.method != "none" and (
+        sa.distributed_dp != "none" or config.federated.algorithm in ("dp_fedavg", "scaffold")
+    ):
+        raise ValueError(
+            "deployed secure aggregation runs the FedAvg family without distributed DP "
+            "(secure_aggregation.distributed_dp='none'; federated.algorithm not dp_fedavg or "
+            "scaffold)"
         )
     if config.federated.personalization_steps:
         raise ValueError("deployment does not run federated.personalization_steps (set it to 0)")
@@ -235,7 +244,11 @@ def build_deploy_plan(config: ml_collections.ConfigDict, roster: Roster) -> Depl
         **config.model.kwargs.to_dict(),
     )
     data = roster.placeholder_data()
-    parts = federated.build_round_parts(config, model, info.task, roster, data)
+    # Over secure aggregation the server runs the base algorithm's steps around the protocol
+    # (fedjax_med.deploy.secure), not the simulation's in-process wrapper.
+    base = ml_collections.ConfigDict(config.to_dict())
+    base.secure_aggregation.method = "none"
+    parts = federated.build_round_parts(base, model, info.task, roster, data)
     return DeployPlan(
         config=config,
         model=model,
@@ -405,7 +418,12 @@ def serve(
     for round_num in range(start, end):
         cohort = plan.ledger.admit(plan.sampler.sample(round_num), round_num)
         t0 = time.perf_counter()
-        state, values = deployed_round(grid, plan, state, cohort, timeout=round_timeout)
+        if config.secure_aggregation.method in secure.METHODS:
+            state, values = secure.secure_round(
+                grid, plan, state, cohort, timeout=round_timeout, gather=_gather
+            )
+        else:
+            state, values = deployed_round(grid, plan, state, cohort, timeout=round_timeout)
         seconds = time.perf_counter() - t0
         log.elapsed["train_time_s"] += seconds
         per_step = np.minimum(roster.counts[cohort.sampled()], f.client_batch_size)

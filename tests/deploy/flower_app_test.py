@@ -273,3 +273,62 @@ def test_deployed_server_steps_equal_the_simulation(extra, tmp_path, local_grid)
     if states[0].clip_norm is not None:  # adaptive clipping's S after its noised count
         close(states[0].clip_norm, states[1].clip_norm)
         assert dep["privacy"]["epsilon"] == pytest.approx(sim["privacy"]["epsilon"])
+
+
+def test_secure_aggregation_deployed_equals_the_simulation_and_hides_each_update(
+    tmp_path, local_grid
+):
+    from fedjax_med.deploy import secure
+    from fedjax_med.secure import field, secagg
+
+    overrides = _overrides(tmp_path, "secure_aggregation.method=secagg federated.rounds=1")
+    config = flower_app.load_config(SPEC, overrides)
+
+    class Recording(local_grid):
+        sent, received = [], []
+
+        def push_messages(self, messages):
+            messages = list(messages)
+            self.sent += messages
+            return super().push_messages(messages)
+
+        def pull_messages(self, message_ids):
+            replies = super().pull_messages(message_ids)
+            self.received += replies
+            return replies
+
+    grid = Recording(_nodes(overrides))
+    dep = server.serve(grid, config, str(tmp_path / "deploy"))
+    sim = federated.run_rounds(config, str(tmp_path / "sim"), quiet=True)
+    plain_config = flower_app.load_config(SPEC, _overrides(tmp_path, "federated.rounds=1"))
+    federated.run_rounds(plain_config, str(tmp_path / "plain"), quiet=True)
+    template = federated.init_server_state(federated.build_plan(config))
+    params = {r: _final_params(str(tmp_path / r), template) for r in ("deploy", "sim", "plain")}
+    # The same protocol and quantisation as the simulation's secure round...
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # noqa: E731
+    jax.tree.map(close, params["deploy"], params["sim"])
+    # ...and the plain sum to quantisation tolerance (2^-31 scale: far below float32 noise).
+    quantised = lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6)  # noqa: E731
+    jax.tree.map(quantised, params["deploy"], params["plain"])
+    (record,) = _rounds(str(tmp_path / "deploy"))
+    assert record["num_clients"] == 3 and record["secure_sum_released"] == 1
+    assert dep["metrics"]["test_accuracy"] == pytest.approx(sim["metrics"]["test_accuracy"])
+
+    # What the server received from hospital_0: public keys, ciphertexts, a masked vector and
+    # shares; never a delta or a loss, and the masked vector is not hospital_0's message.
+    from_0 = [
+        r
+        for r in grid.received
+        if r.metadata.src_node_id == 100 and r.metadata.group_id.startswith("round-")
+    ]
+    assert len(from_0) == 4 and all(set(r.content.keys()) == {"secagg"} for r in from_0)
+    (masked,) = [r for r in from_0 if r.metadata.message_type == "query.secagg_masked_input"]
+    y = secure.from_record(secagg.MaskedInput, masked.content["secagg"], sender=0).y
+    (train,) = [m for m in grid.sent if m.metadata.dst_node_id == 100 and "secure" in m.content]
+    site = flower_app.site_of(grid.contexts[100].node_config)
+    request = protocol.read_train(train.content, template.params)
+    output = site.train(request["params"], request["padded_size"], request["key"])
+    s = train.content["secure"]
+    row = secure.site_message(output, request["padded_size"], float(s["clip"]))
+    own = field.FieldEncoder(float(s["bound"]), 3, 32).encode(row)
+    assert y.shape == own.shape and np.mean(y == own) < 0.01
