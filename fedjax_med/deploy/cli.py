@@ -80,7 +80,12 @@ def register(sub) -> None:
         "--target-epsilon", type=float, default=0.0, help="this hospital's own budget (0: config)"
     )
     client.add_argument("--port", type=int, default=9094, help="local port of the SuperNode")
-    client.add_argument("--home", default="", help="Flower's state folder (default: temporary)")
+    client.add_argument(
+        "--home",
+        default="",
+        help="Flower's state folder and this hospital's own privacy ledger (default: temporary; "
+        "give one to keep the ledger across runs)",
+    )
     client.add_argument(
         "--isolation",
         choices=("process", "subprocess"),
@@ -259,7 +264,8 @@ def run_client(args, overrides: str) -> int:
         "data": _path_or_name(args.data) if args.data != "synthetic" else args.data,
         "target-epsilon": float(args.target_epsilon),
     }
-    home = args.home or tempfile.mkdtemp(prefix=f"fedjax_med_{args.site}_")
+    home = os.path.abspath(args.home or tempfile.mkdtemp(prefix=f"fedjax_med_{args.site}_"))
+    node_config["state-dir"] = os.path.join(home, "ledger")
     command = runtime.supernode_command(
         args.server,
         node_config,

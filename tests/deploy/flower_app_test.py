@@ -332,3 +332,69 @@ def test_secure_aggregation_deployed_equals_the_simulation_and_hides_each_update
     row = secure.site_message(output, request["padded_size"], float(s["clip"]))
     own = field.FieldEncoder(float(s["bound"]), 3, 32).encode(row)
     assert y.shape == own.shape and np.mean(y == own) < 0.01
+
+
+def test_a_restarted_server_resumes_with_every_ledger_intact(tmp_path, local_grid):
+    """Local DP-SGD: the server's per-site ledger (checkpointed) and each site's own (on its
+    disk) survive a restart, which Flower runs as a new run with fresh Contexts."""
+    overrides = _overrides(tmp_path, DP + " federated.checkpoint_every=1")
+    config = flower_app.load_config(SPEC, overrides)
+
+    def nodes():
+        out = _nodes(overrides)
+        for node, (app, cfg) in out.items():
+            out[node] = (app, {**cfg, "state-dir": str(tmp_path / f"site{node - 100}")})
+        return out
+
+    class LinkLostInRound2(local_grid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if any(m.metadata.group_id == "round-1" for m in messages):
+                raise ConnectionError("link lost")
+            return super().push_messages(messages)
+
+    workdir = str(tmp_path / "w")
+    with pytest.raises(ConnectionError):
+        server.serve(LinkLostInRound2(nodes()), config, workdir)
+    report = server.serve(local_grid(nodes()), config, workdir, resume=True)
+    expected = _simulated_epsilons(config)
+    assert [r["step"] for r in _rounds(workdir)] == [1, 2]
+    assert report["privacy"]["per_site_epsilon"] == pytest.approx(expected, rel=1e-9)
+    one_round = _simulated_epsilons(flower_app.load_config(SPEC, overrides + " federated.rounds=1"))
+    assert expected["hospital_0"] > one_round["hospital_0"]  # the second round was charged
+    for k in range(3):
+        (path,) = (tmp_path / f"site{k}").iterdir()
+        ledger = json.loads(path.read_text())
+        assert ledger["steps"] == 2 * config.federated.local_steps
+        assert ledger["epsilon"] == pytest.approx(expected[f"hospital_{k}"], rel=1e-9)
+
+
+def test_a_hospital_that_drops_out_and_rejoins_is_counted_and_trains_again(
+    fedavg, tmp_path, local_grid, caplog
+):
+    class Hospital1AwayInRound1(local_grid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            away = [
+                m
+                for m in messages
+                if m.metadata.group_id == "round-0" and m.metadata.dst_node_id == 101
+            ]
+            kept = [m for m in messages if m not in away]
+            return super().push_messages(kept) + [f"lost-{i}" for i in range(len(away))]
+
+    config = flower_app.load_config(SPEC, fedavg["overrides"])
+    workdir = str(tmp_path / "w")
+    with caplog.at_level(logging.WARNING, logger="fedjax_med"):
+        grid = Hospital1AwayInRound1(_nodes(fedavg["overrides"]))
+        server.serve(grid, config, workdir, round_timeout=0.5)
+    rounds = _rounds(workdir)
+    assert [r["num_dropped"] for r in rounds] == [1, 0]
+    assert [r["num_clients"] for r in rounds] == [2, 3]
+    assert "round 1: site hospital_1 dropped: no reply" in caplog.text
+    template = federated.init_server_state(federated.build_plan(config))
+    moved = jax.tree.map(
+        lambda a, b: float(np.abs(a - b).max()), _final_params(workdir, template),
+        fedavg["deployed_params"],
+    )
+    assert max(jax.tree.leaves(moved)) > 1e-6  # round 1 without hospital_1 changed the model
