@@ -464,6 +464,7 @@ def finish(grid, plan: DeployPlan, state, workdir: str, end: int, log, *, timeou
             "runtime": "flower",
             "sites": list(plan.federation.client_names),
             "evaluation": "per-site metrics; metrics are their example-weighted means",
+            "secure_aggregation": plan.config.secure_aggregation.method,
         },
     }
     claim = plan.ledger.claim(federated._claim_context(plan, state, ()))

@@ -312,6 +312,7 @@ def test_secure_aggregation_deployed_equals_the_simulation_and_hides_each_update
     jax.tree.map(quantised, params["deploy"], params["plain"])
     (record,) = _rounds(str(tmp_path / "deploy"))
     assert record["num_clients"] == 3 and record["secure_sum_released"] == 1
+    assert dep["deployment"]["secure_aggregation"] == "secagg"
     assert dep["metrics"]["test_accuracy"] == pytest.approx(sim["metrics"]["test_accuracy"])
 
     # What the server received from hospital_0: public keys, ciphertexts, a masked vector and
