@@ -105,9 +105,7 @@ def train(message, context):
     """One local update: the simulation's client function on this site's images."""
     site = site_of(context.node_config)
     try:
-        request = protocol.read_train(
-            message.content, site_lib.template(site.model, site.config.seed)
-        )
+        request = protocol.read_train(message.content, site.template)
     except (arrays.MalformedUpdate, KeyError) as e:
         logger.warning("site %s: refused a malformed train message (%s)", site.name, e)
         return _reply(message, protocol.refusal(f"malformed train message: {e}"))
@@ -157,9 +155,7 @@ def _secagg_step(message, context):
 def evaluate(message, context):
     """The site's metrics of the received model on its own validation / test images."""
     site = site_of(context.node_config)
-    params = arrays.from_record(
-        message.content["params"], site_lib.template(site.model, site.config.seed), what="params"
-    )
+    params = arrays.from_record(message.content["params"], site.template, what="params")
     values: dict[str, float] = {}
     for split in message.content["splits"]["splits"]:
         values.update(site.evaluate(params, str(split)))
