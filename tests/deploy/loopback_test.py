@@ -1,10 +1,12 @@
 """The deployment runtime for real: a SuperLink and SuperNodes as processes on 127.0.0.1.
 
 Started exactly as the README says (``fedjax-med deploy certificates|server|client``), with TLS
-and SuperNode authentication on. Three registered hospitals train 4 rounds of FedAvg;
+and SuperNode authentication on. Three registered hospitals train 4 rounds of FedAvg with local
+DP-SGD (reproducible keys, so the simulation is replayed exactly);
 ``hospital_2`` runs tests/deploy/apps/tampering_app.py, which trains honestly but sends a NaN
 update in round 4, so after round 3 the model must equal the simulation's 3 rounds of the same
-config, and round 4 must exclude and count hospital_2. A fourth SuperNode (Flower's, started
+config, round 4 must exclude and count hospital_2, and each hospital's epsilon (in the report and
+in its own ledger) must equal the simulation's accountant. A fourth SuperNode (Flower's, started
 directly) holding a key the server never registered is refused. Every process is started by
 the fixture and stopped in its ``finally``; each wait is bounded.
 """
@@ -39,6 +41,12 @@ OVERRIDES = [
     "--config.federated.rounds=4",
     "--config.federated.eval_every=4",
     "--config.federated.checkpoint_every=1",
+    # Local DP-SGD, so that each hospital's epsilon is checked against the simulation's too.
+    "--config.data.normalization=fixed",
+    "--config.privacy.enabled=true",
+    "--config.privacy.noise_multiplier=1.0",
+    "--config.privacy.clip_norm=1.0",
+    "--config.privacy.method=vmap",
 ]
 SITES = ["hospital_0", "hospital_1", "hospital_2"]
 TAMPERING = "hospital_2"
@@ -225,3 +233,20 @@ def test_a_node_with_an_unregistered_key_is_refused(loopback):
 
 def test_stopping_the_commands_stops_every_flower_process(loopback):
     assert loopback["leftovers"] == []
+
+
+def test_each_hospital_epsilon_equals_the_simulation(loopback):
+    """Local DP-SGD: the deployed report's per-site epsilon and each hospital's own ledger (on its
+    disk) equal the simulation's accountant after the same 4 rounds."""
+    config = loopback["sim_config"].copy_and_resolve_references()
+    config.federated.rounds = 4
+    plan = federated.build_plan(config)
+    for t in range(4):
+        plan.ledger.record(plan.ledger.admit(plan.sampler.sample(t), t), True)
+    expected = plan.ledger.per_site_epsilon()
+    report = json.loads((loopback["workdir"] / "report.json").read_text())
+    assert report["privacy"]["mechanism"] == "local_dp_sgd"
+    assert report["privacy"]["per_site_epsilon"] == pytest.approx(expected, rel=1e-9)
+    for site in SITES:
+        (path,) = (loopback["tmp"] / f"home_{site}" / "ledger").iterdir()
+        assert json.loads(path.read_text())["epsilon"] == pytest.approx(expected[site], rel=1e-9)
