@@ -395,7 +395,51 @@ def test_a_hospital_that_drops_out_and_rejoins_is_counted_and_trains_again(
     assert "round 1: site hospital_1 dropped: no reply" in caplog.text
     template = federated.init_server_state(federated.build_plan(config))
     moved = jax.tree.map(
-        lambda a, b: float(np.abs(a - b).max()), _final_params(workdir, template),
+        lambda a, b: float(np.abs(a - b).max()),
+        _final_params(workdir, template),
         fedavg["deployed_params"],
     )
     assert max(jax.tree.leaves(moved)) > 1e-6  # round 1 without hospital_1 changed the model
+
+
+def test_a_malformed_masked_input_is_excluded_and_its_masks_removed(tmp_path, local_grid):
+    """hospital_2 sends a masked vector of the wrong length: the server rejects it, recovers the
+    pairwise masks it left in the others' vectors, and releases the sum of the other two, which
+    is what a plain round that excludes hospital_2's update computes."""
+    from flwr.app import Array, ConfigRecord
+
+    def bad_masked_input(message, context):
+        reply = flower_app.client_app(message, context)
+        if message.metadata.message_type == "query.secagg_masked_input":
+            fields = json.loads(reply.content["secagg"]["json"])
+            fields["y"]["u64"] = fields["y"]["u64"][:-16]  # one coordinate short
+            reply.content["secagg"] = ConfigRecord({"json": json.dumps(fields)})
+        return reply
+
+    def nan_delta(message, context):
+        reply = flower_app.client_app(message, context)
+        if message.metadata.message_type == "train":
+            delta = reply.content["delta"]
+            for name in list(delta.keys()):
+                delta[name] = Array(np.full_like(delta[name].numpy(), np.nan))
+        return reply
+
+    runs = {}
+    for name, extra, app in (
+        ("secure", "secure_aggregation.method=secagg", bad_masked_input),
+        ("plain", "", nan_delta),
+    ):
+        overrides = _overrides(tmp_path, f"{extra} federated.rounds=1")
+        nodes = _nodes(overrides)
+        nodes[102] = (app, nodes[102][1])
+        config = flower_app.load_config(SPEC, overrides)
+        server.serve(local_grid(nodes), config, str(tmp_path / name))
+        (runs[name],) = _rounds(str(tmp_path / name))
+    assert runs["secure"]["num_malformed"] == 1 and runs["secure"]["num_clients"] == 2
+    assert runs["secure"]["secure_sum_released"] == 1
+    template = federated.init_server_state(federated.build_plan(config))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+        _final_params(str(tmp_path / "secure"), template),
+        _final_params(str(tmp_path / "plain"), template),
+    )
