@@ -123,7 +123,11 @@ def serve(address: str, app: Any, stop: threading.Event, *, poll: float = 0.1) -
                 continue
             if response.HasField("task") and response.token:
                 tic = time.perf_counter()
-                completed = run_task(address, response.token, app)
+                try:
+                    completed = run_task(address, response.token, app)
+                except httpx.HTTPError as e:  # the SuperNode went away mid-task
+                    logger.warning("ClientApp task lost its SuperNode: %s", e)
+                    completed = False
                 done += 1
                 logger.info(
                     "ClientApp task %d %s in %.2f s",
