@@ -82,3 +82,12 @@ def test_the_supernode_polls_as_asked_and_isolation_is_checked():
         runtime.supernode_command("127.0.0.1:9093", {}, port=1, ca=None, key=None, isolation="x")
     with pytest.raises(ValueError, match=r"--poll=0.0 must be in \(0, 3\]"):
         supernode.parse_poll(["--poll=0"])
+
+
+def test_the_client_app_is_named_module_colon_attribute():
+    pytest.importorskip("flwr")
+    from fedjax_med.deploy import flower_app, worker
+
+    assert worker.load_app(worker.DEFAULT_APP) is flower_app.client_app
+    with pytest.raises(ValueError, match="--app 'flower_app' must be MODULE:ATTRIBUTE"):
+        worker.load_app("flower_app")
