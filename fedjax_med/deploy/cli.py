@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 
@@ -78,7 +80,30 @@ def register(sub) -> None:
         "--target-epsilon", type=float, default=0.0, help="this hospital's own budget (0: config)"
     )
     client.add_argument("--port", type=int, default=9094, help="local port of the SuperNode")
-    client.add_argument("--home", default="", help="Flower's state folder (default: temporary)")
+    client.add_argument(
+        "--home",
+        default="",
+        help="Flower's state folder and this hospital's own privacy ledger (default: temporary; "
+        "give one to keep the ledger across runs)",
+    )
+    client.add_argument(
+        "--isolation",
+        choices=("process", "subprocess"),
+        default="process",
+        help="process: this command runs every ClientApp task itself (loaded and compiled once); "
+        "subprocess: Flower starts a ClientApp process per message",
+    )
+    client.add_argument(
+        "--poll",
+        type=float,
+        default=0.5,
+        help="longest wait in seconds between two checks for a message (Flower's own: 3)",
+    )
+    client.add_argument(
+        "--app",
+        default="fedjax_med.deploy.flower_app:client_app",
+        help="the ClientApp this hospital runs (MODULE:ATTRIBUTE; with --isolation process)",
+    )
     client.add_argument(
         "--join-timeout",
         type=float,
@@ -113,6 +138,15 @@ def _sites(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends this process through ``finally`` blocks, which stop Flower's processes.
+
+    The SuperLink and SuperNodes run in sessions of their own (a terminal's Ctrl-C does not reach
+    them twice); without this, stopping the command would leave them running.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def run(args, overrides: Sequence[str]) -> int:
     """Runs ``fedjax-med deploy ...``; returns the exit code."""
     if args.deploy_command == "certificates":
@@ -123,6 +157,7 @@ def run(args, overrides: Sequence[str]) -> int:
             print(f"{name}: {path}")
         return 0
     args.config = _path_or_name(args.config)
+    _exit_on_sigterm()
     if args.deploy_command == "server":
         return run_server(args, _overrides(overrides))
     return run_client(args, _overrides(overrides))
@@ -158,7 +193,7 @@ def run_server(args, overrides: str) -> int:
         if certs is not None:
             for site in sites or _default_sites(args.config, overrides):
                 certs.check(certs.site_public_key(site))
-                _call(runtime.register_command(certs.site_public_key(site), site), env)
+                _call(runtime, runtime.register_command(certs.site_public_key(site), site), env)
         run_config = {
             "config": args.config,
             "overrides": overrides,
@@ -187,32 +222,36 @@ def _default_sites(spec: str, overrides: str) -> tuple[str, ...]:
     return server.default_sites(load_config(spec, overrides))
 
 
-def _call(command: Sequence[str], env) -> None:
-    done = subprocess.run(list(command), env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise ValueError(f"{command[0]} failed: {(done.stdout + done.stderr).strip()[-400:]}")
-    logger.info("%s", done.stdout.strip().splitlines()[-1] if done.stdout.strip() else command)
+def _call(runtime, command: Sequence[str], env) -> None:
+    code, out = runtime.call_flwr(command, env)
+    if code != 0:
+        raise ValueError(f"flwr {' '.join(command[1:3])} failed: {out.strip()[-400:]}")
+    logger.info("%s", out.strip().splitlines()[-1] if out.strip() else command)
 
 
-def _wait_for_link(runtime, env, link, attempts: int = 120) -> None:
+def _wait_for_link(runtime, env, link, attempts: int = 240) -> None:
     """Waits until the SuperLink answers ``flwr supernode list`` (or exits)."""
-    probe = [runtime.executable("flwr"), "supernode", "list", runtime.CONNECTION]
+    probe = ["flwr", "supernode", "list", runtime.CONNECTION]
     for _ in range(attempts):
         if link.poll() is not None:
             raise ValueError(f"the SuperLink exited with code {link.returncode}")
-        if subprocess.run(probe, env=env, capture_output=True).returncode == 0:
+        if runtime.call_flwr(probe, env)[0] == 0:
             return
-        time.sleep(0.5)
+        time.sleep(0.25)
     raise ValueError("the SuperLink did not come up")
 
 
 def run_client(args, overrides: str) -> int:
-    """``deploy client``: this hospital's SuperNode, in the foreground until the run ends."""
+    """``deploy client``: this hospital's SuperNode, in the foreground until the run ends.
+
+    With ``--isolation process`` (the default) this process is also the SuperNode's ClientApp
+    executor (:func:`fedjax_med.deploy.worker.serve`): the site is loaded and its functions
+    compiled once, not once per message.
+    """
     import tempfile
 
     from fedjax_med.deploy import runtime
 
-    _check_config(args.config, overrides)
     certs = runtime.Certificates(args.certificates) if args.certificates else None
     ca = key = None
     if certs is not None:
@@ -225,29 +264,54 @@ def run_client(args, overrides: str) -> int:
         "data": _path_or_name(args.data) if args.data != "synthetic" else args.data,
         "target-epsilon": float(args.target_epsilon),
     }
-    home = args.home or tempfile.mkdtemp(prefix=f"fedjax_med_{args.site}_")
-    command = runtime.supernode_command(args.server, node_config, port=args.port, ca=ca, key=key)
+    home = os.path.abspath(args.home or tempfile.mkdtemp(prefix=f"fedjax_med_{args.site}_"))
+    node_config["state-dir"] = os.path.join(home, "ledger")
+    command = runtime.supernode_command(
+        args.server,
+        node_config,
+        port=args.port,
+        ca=ca,
+        key=key,
+        isolation=args.isolation,
+        poll=args.poll,
+    )
     deadline = time.monotonic() + args.join_timeout
     env = runtime.environment(home)
+    loaded = []
+
+    def load():
+        """Checks the config and imports the app (JAX, the model) while the SuperNode starts."""
+        if not loaded:
+            from fedjax_med.deploy import worker
+
+            _check_config(args.config, overrides)
+            loaded.append(worker.load_app(args.app) if args.isolation == "process" else None)
+        return loaded[0]
+
     while True:
-        code, admitted = _supernode(runtime, command, env)
+        code, admitted = _supernode(runtime, command, env, load, f"127.0.0.1:{args.port}")
         if admitted or time.monotonic() > deadline:
             if not admitted:
                 print(
                     f"error: the SuperLink at {args.server} did not admit {args.site!r} "
-                    "(is it up, and is this hospital's public key registered?)"
+                    "(is it up, and is this hospital's public key registered?)",
+                    flush=True,
                 )
             return code
         logger.warning("the SuperLink did not admit %s yet; retrying in 2 s", args.site)
         time.sleep(2.0)
 
 
-def _supernode(runtime, command, env) -> tuple[int, bool]:
-    """Runs the SuperNode, echoing its log; ``(exit code, admitted)``.
+def _supernode(runtime, command, env, load, runtime_api: str) -> tuple[int, bool]:
+    """Runs the SuperNode, echoing its log, and serves its tasks; ``(exit code, admitted)``.
 
     A SuperNode the SuperLink refuses (not up yet, or this key not registered yet) logs Flower's
     exit code 305 but keeps running: it is stopped here so that the caller can retry.
     """
+    import threading
+
+    from fedjax_med.deploy import worker
+
     process = subprocess.Popen(
         command,
         env=env,
@@ -256,12 +320,26 @@ def _supernode(runtime, command, env) -> tuple[int, bool]:
         text=True,
         start_new_session=True,
     )
-    try:
+    stop, refused = threading.Event(), threading.Event()
+
+    def echo() -> None:
         for line in process.stdout:
             print(line, end="", flush=True)
             if f"Exit Code: {runtime.EXIT_NOT_ADMITTED}" in line:
-                runtime.stop(process)
-                return runtime.EXIT_NOT_ADMITTED, False
+                refused.set()
+                break
+        stop.set()
+
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
+    try:
+        app = load()
+        if app is not None:
+            worker.serve(runtime_api, app, stop)
+        else:
+            stop.wait()
+        if refused.is_set():
+            return runtime.EXIT_NOT_ADMITTED, False
         return process.wait(), True
     finally:
         runtime.stop(process)

@@ -4,8 +4,9 @@
 config, as for ``fedjax-med train --config``), ``overrides`` (space-separated ``FIELD=VALUE``),
 ``site`` (its name on the study's list), ``data`` (its images, see
 :func:`fedjax_med.deploy.site.load_site_splits`) and ``target-epsilon`` (its own budget, 0 = the
-config's). Its local DP-SGD ledger lives in the run's ``Context.state`` on the SuperNode, never
-sent anywhere.
+config's) and ``state-dir`` (a folder of its own disk). Its local DP-SGD ledger lives in the
+run's ``Context.state`` on the SuperNode and in ``state-dir`` (so that a restarted server, a new
+Flower run, does not reset it), never sent anywhere.
 
 ``server_app`` reads the run config (``flwr run --run-config``): ``config``, ``overrides``,
 ``workdir``, ``sites`` (comma-separated, client order), ``resume``, ``join-timeout`` and
@@ -18,11 +19,14 @@ Both are built from :mod:`fedjax_med.deploy.site` and :mod:`fedjax_med.deploy.se
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 
 from fedjax_med.config import loading
-from fedjax_med.deploy import arrays, flower, protocol, server
+from fedjax_med.deploy import arrays, flower, protocol, secure, server
 from fedjax_med.deploy import site as site_lib
+from fedjax_med.training import checkpoint
 
 logger = logging.getLogger("fedjax_med")
 fl = flower.require()
@@ -54,10 +58,33 @@ def site_of(node_config) -> site_lib.Site:
     )
 
 
-def _steps(context) -> int:
-    if _STATE in context.state:
-        return int(context.state[_STATE]["steps"])
-    return 0
+def _ledger_file(context, site: site_lib.Site) -> str | None:
+    """The site's own ledger on its disk (``state-dir`` of the node config), if it has one."""
+    folder = str(context.node_config.get("state-dir", ""))
+    if not folder:
+        return None
+    digest = site_lib.config_digest(site.config)[:16]
+    return os.path.join(folder, f"ledger-{site.name}-{digest}.json")
+
+
+def _steps(context, site: site_lib.Site) -> int:
+    """Local DP-SGD steps the site has spent on this study: its run state or, across runs (a
+    restarted server starts a new Flower run with a fresh ``Context``), its ledger file."""
+    steps = int(context.state[_STATE]["steps"]) if _STATE in context.state else 0
+    path = _ledger_file(context, site)
+    if path is not None and os.path.exists(path):
+        with open(path) as f:
+            steps = max(steps, int(json.load(f)["steps"]))
+    return steps
+
+
+def _record_steps(context, site: site_lib.Site, steps: int, epsilon: float) -> None:
+    context.state[_STATE] = fl.app.ConfigRecord({"steps": steps})
+    path = _ledger_file(context, site)
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        record = {"site": site.name, "steps": steps, "epsilon": epsilon}
+        checkpoint.write_json_atomic(path, record)
 
 
 def _reply(message, content):
@@ -78,15 +105,13 @@ def train(message, context):
     """One local update: the simulation's client function on this site's images."""
     site = site_of(context.node_config)
     try:
-        request = protocol.read_train(
-            message.content, site_lib.template(site.model, site.config.seed)
-        )
+        request = protocol.read_train(message.content, site.template)
     except (arrays.MalformedUpdate, KeyError) as e:
         logger.warning("site %s: refused a malformed train message (%s)", site.name, e)
         return _reply(message, protocol.refusal(f"malformed train message: {e}"))
     local_steps = site.config.federated.local_steps
     epsilon = None
-    steps = _steps(context)
+    steps = _steps(context, site)
     if site.private:
         ledger = site.ledger(steps)
         if not ledger.can_take(0, local_steps):
@@ -105,23 +130,40 @@ def train(message, context):
     )
     if site.private:
         steps += local_steps
-        context.state[_STATE] = fl.app.ConfigRecord({"steps": steps})
         epsilon = site.ledger(steps).epsilon(0)
+        _record_steps(context, site, steps, epsilon)
+    if "secure" in message.content:  # only the protocol's public keys leave the site
+        session = (context.run_id, context.node_id, message.metadata.group_id)
+        try:
+            keys = secure.begin(output, request["padded_size"], message.content["secure"], session)
+        except ValueError as e:
+            return _reply(message, protocol.refusal(str(e)))
+        return _reply(message, fl.app.RecordDict({"secagg": secure.to_record(keys)}))
     return _reply(message, protocol.train_reply(output, epsilon))
+
+
+def _secagg_step(message, context):
+    """Steps 2-4 of secure aggregation (:mod:`fedjax_med.deploy.secure`) at this site."""
+    stage = message.metadata.message_type.partition(".")[2]
+    session = (context.run_id, context.node_id, message.metadata.group_id)
+    return _reply(
+        message, fl.app.RecordDict({"secagg": secure.site_step(stage, message.content, session)})
+    )
 
 
 @client_app.evaluate()
 def evaluate(message, context):
     """The site's metrics of the received model on its own validation / test images."""
     site = site_of(context.node_config)
-    params = arrays.from_record(
-        message.content["params"], site_lib.template(site.model, site.config.seed), what="params"
-    )
+    params = arrays.from_record(message.content["params"], site.template, what="params")
     values: dict[str, float] = {}
     for split in message.content["splits"]["splits"]:
         values.update(site.evaluate(params, str(split)))
     return _reply(message, protocol.metrics_reply(values))
 
+
+for _stage in secure.STAGES:
+    client_app.query(_stage)(_secagg_step)
 
 server_app = fl.serverapp.ServerApp()
 

@@ -17,6 +17,8 @@ Arrays travel as :mod:`fedjax_med.deploy.arrays` records of NumPy arrays.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -137,3 +139,22 @@ def reply_problem(reply: Any) -> str | None:
     if "refused" in reply.content:
         return f"refused: {reply.content['refused']['reason']}"
     return None
+
+
+def exchange(grid: Any, messages: Iterable[Any], *, timeout: float, poll: float = 0.1) -> list:
+    """Pushes ``messages`` and pulls their replies until all came or ``timeout`` seconds passed.
+
+    Flower's ``Grid.send_and_receive``, polling every ``poll`` seconds instead of every 3 s (a
+    round of a small model takes well under a second at the sites).
+    """
+    pending = set(grid.push_messages(list(messages)))
+    replies: list = []
+    deadline = time.monotonic() + timeout
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(poll)
+    return replies

@@ -7,9 +7,11 @@ A deployed run is Flower's own processes (Flower >= 1.42, all links over HTTPS):
   SuperNodes whose public key was registered (``flwr supernode register``) may connect;
 * one **SuperNode** per hospital (``flower-supernode``), dialling the SuperLink with the CA
   certificate and signing its requests with the hospital's private key; its ``--node-config``
-  names the config, the site and its data (:mod:`fedjax_med.deploy.flower_app`);
+  names the config, the site and its data (:mod:`fedjax_med.deploy.flower_app`); with
+  ``--isolation process`` the hospital's ``fedjax-med deploy client`` runs every ClientApp task
+  in one long-lived process (:mod:`fedjax_med.deploy.worker`);
 * the run itself, submitted with ``flwr run`` on the app folder :func:`write_app` makes; the
-  SuperLink starts the ``ServerApp`` and each SuperNode a ``ClientApp`` per message.
+  SuperLink starts the ``ServerApp``.
 
 Flower's own state (installed apps, the connection file) lives in ``FLWR_HOME`` under the
 server's (or site's) folder, never in the user's home. The app's dependencies are those
@@ -177,6 +179,39 @@ def register_command(public_key: str, name: str) -> list[str]:
     return [executable("flwr"), "supernode", "register", public_key, CONNECTION, "--name", name]
 
 
+def call_flwr(command: Sequence[str], env: Mapping[str, str]) -> tuple[int, str]:
+    """Runs a short ``flwr ...`` command in this process; ``(exit code, its output)``.
+
+    The same command line as the ``flwr`` executable (``command[0]``, ignored), without starting
+    an interpreter and importing Flower again for each (seconds on a loaded machine).
+    """
+    import contextlib
+    import io
+
+    import click
+    from flwr.cli.app import app
+    from typer.main import get_command
+
+    out = io.StringIO()
+    saved = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = env["FLWR_HOME"]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            get_command(app).main(list(command[1:]), prog_name="flwr", standalone_mode=False)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except click.ClickException as e:
+        out.write(e.format_message())
+        code = e.exit_code
+    finally:
+        if saved is None:
+            os.environ.pop("FLWR_HOME")
+        else:
+            os.environ["FLWR_HOME"] = saved
+    return code, out.getvalue()
+
+
 def supernode_command(
     server: str,
     node_config: Mapping[str, object],
@@ -184,10 +219,23 @@ def supernode_command(
     port: int,
     ca: str | None,
     key: str | None,
+    isolation: str = "subprocess",
+    poll: float = 3.0,
 ) -> list[str]:
-    """``flower-supernode`` dialling ``server`` (TLS with ``ca``, authenticated with ``key``)."""
+    """``flower-supernode`` dialling ``server`` (TLS with ``ca``, authenticated with ``key``).
+
+    ``isolation="process"``: the SuperNode leaves its ClientApp tasks to an outside executor
+    (:mod:`fedjax_med.deploy.worker`) on its Runtime API at ``127.0.0.1:port``. ``poll``: the
+    longest wait between two checks for a message (:mod:`fedjax_med.deploy.supernode`; Flower's
+    own is 3 s).
+    """
     split_address(server)
-    command = [executable("flower-supernode"), "--superlink", server, "--port", str(port)]
+    if isolation not in ("subprocess", "process"):
+        raise ValueError(f"isolation={isolation!r} must be 'subprocess' or 'process'")
+    executable("flower-supernode")  # Flower's runtime is installed
+    command = [sys.executable, "-m", "fedjax_med.deploy.supernode", f"--poll={poll:g}"]
+    command += ["--superlink", server, "--port", str(port)]
+    command += ["--isolation", isolation]
     command += ["--node-config", config_text(node_config)]
     if ca is None:
         return [*command, "--insecure"]
@@ -213,10 +261,12 @@ def run_command(app: str, run_config: Mapping[str, object]) -> list[str]:
 def environment(home: str) -> dict[str, str]:
     """This process's environment with ``FLWR_HOME`` set and this fedjax_med importable."""
     env = dict(os.environ, FLWR_HOME=os.path.abspath(home))
-    # Flower starts a fresh ClientApp process per message: a persistent compilation cache lets
-    # every round after the first reuse the compiled local update.
+    # Under subprocess isolation Flower starts a fresh ClientApp process per message: a
+    # persistent compilation cache lets every round after the first reuse the compiled update.
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(env["FLWR_HOME"], "jax_cache"))
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    # Flower's executor looks for a new task (a ServerApp to start) once a second by default.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
     return env
@@ -231,16 +281,26 @@ def start(command: Sequence[str], log: str, env: Mapping[str, str]) -> subproces
         )
 
 
-def stop(process: subprocess.Popen, timeout: float = 10.0) -> None:
-    """Stops a process :func:`start` made, and its children (its process group)."""
-    if process.poll() is not None:
-        return
+def stop(*processes: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stops processes :func:`start` made, and their children (their process groups).
+
+    All are asked (SIGTERM) at once, then each is waited for; one still running after
+    ``timeout`` seconds is killed.
+    """
+    running = [p for p in processes if p.poll() is None]
+    for process in running:
+        _signal_group(process, 15)
+    for process in running:
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(process, 9)
+            process.wait(timeout)
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
     try:
-        os.killpg(process.pid, 15)
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
-        process.wait(timeout)
+        os.killpg(process.pid, signum)
     except ProcessLookupError:
         pass
 

@@ -42,7 +42,7 @@ import numpy as np
 
 from fedjax_med.config import loading, scope
 from fedjax_med.data import dataset as dataset_lib
-from fedjax_med.deploy import arrays, flower, protocol
+from fedjax_med.deploy import arrays, flower, protocol, secure
 from fedjax_med.deploy import site as site_lib
 from fedjax_med.federated import algorithms, sampling
 from fedjax_med.federated import client as client_lib
@@ -114,10 +114,19 @@ def check_deployable(config: ml_collections.ConfigDict) -> None:
             "deployment needs federated.partition.method='by_site' (each hospital is one client), "
             f"not {config.federated.partition.method!r}"
         )
-    if config.secure_aggregation.method != "none":
+    sa = config.secure_aggregation
+    if sa.method not in ("none", *secure.METHODS):
         raise ValueError(
-            "deployment runs secure_aggregation.method='none' only (secure aggregation over "
-            "Flower messages is not wired yet)"
+            f"deployment runs secure_aggregation.method in {('none', *secure.METHODS)}, not "
+            f"{sa.method!r}"
+        )
+    if sa.method != "none" and (
+        sa.distributed_dp != "none" or config.federated.algorithm in ("dp_fedavg", "scaffold")
+    ):
+        raise ValueError(
+            "deployed secure aggregation runs the FedAvg family without distributed DP "
+            "(secure_aggregation.distributed_dp='none'; federated.algorithm not dp_fedavg or "
+            "scaffold)"
         )
     if config.federated.personalization_steps:
         raise ValueError("deployment does not run federated.personalization_steps (set it to 0)")
@@ -174,7 +183,7 @@ def discover(
         new = [n for n in grid.get_node_ids() if n not in asked]
         messages = [protocol.query_message(n) for n in new]
         asked.update(new)
-        for reply in grid.send_and_receive(messages, timeout=timeout) if messages else ():
+        for reply in protocol.exchange(grid, messages, timeout=timeout) if messages else ():
             node = reply.metadata.src_node_id
             if reply.has_error():
                 logger.warning("node %d refused: query failed (%s)", node, reply.error.reason)
@@ -235,7 +244,11 @@ def build_deploy_plan(config: ml_collections.ConfigDict, roster: Roster) -> Depl
         **config.model.kwargs.to_dict(),
     )
     data = roster.placeholder_data()
-    parts = federated.build_round_parts(config, model, info.task, roster, data)
+    # Over secure aggregation the server runs the base algorithm's steps around the protocol
+    # (fedjax_med.deploy.secure), not the simulation's in-process wrapper.
+    base = ml_collections.ConfigDict(config.to_dict())
+    base.secure_aggregation.method = "none"
+    parts = federated.build_round_parts(base, model, info.task, roster, data)
     return DeployPlan(
         config=config,
         model=model,
@@ -298,7 +311,8 @@ def deployed_round(
     outputs = [zeros] * len(indices)
     reporting = np.zeros(len(indices), bool)
     malformed = dropped = 0
-    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+    received = protocol.exchange(grid, messages, timeout=timeout)
+    replies = {r.metadata.src_node_id: r for r in received}
     for node, i in slots.items():
         k = int(indices[i])
         reply = replies.get(node)
@@ -340,7 +354,7 @@ def federated_evaluate(
     names = dict(zip(plan.federation.node_ids, plan.federation.client_names, strict=True))
     messages = [protocol.evaluate_message(n, params, splits) for n in names]
     per_site: dict[str, dict[str, float]] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in protocol.exchange(grid, messages, timeout=timeout):
         node = reply.metadata.src_node_id
         problem = protocol.reply_problem(reply)
         if problem is not None:
@@ -404,14 +418,22 @@ def serve(
     for round_num in range(start, end):
         cohort = plan.ledger.admit(plan.sampler.sample(round_num), round_num)
         t0 = time.perf_counter()
-        state, values = deployed_round(grid, plan, state, cohort, timeout=round_timeout)
-        log.elapsed["train_time_s"] += time.perf_counter() - t0
+        if config.secure_aggregation.method in secure.METHODS:
+            state, values = secure.secure_round(
+                grid, plan, state, cohort, timeout=round_timeout, gather=_gather
+            )
+        else:
+            state, values = deployed_round(grid, plan, state, cohort, timeout=round_timeout)
+        seconds = time.perf_counter() - t0
+        log.elapsed["train_time_s"] += seconds
         per_step = np.minimum(roster.counts[cohort.sampled()], f.client_batch_size)
         log.elapsed["examples_seen"] += int(per_step.sum()) * f.local_steps
         done = round_num + 1
         entries = plan.ledger.record(cohort, True)
         log.append(federated._round_record(done, values, entries))
-        logger.info("round %d: %s", done, {k: round(v, 4) for k, v in values.items()})
+        logger.info(
+            "round %d (%.2f s): %s", done, seconds, {k: round(v, 4) for k, v in values.items()}
+        )
         if done % f.eval_every == 0 and done != end:
             val = federated_evaluate(grid, plan, state.params, ("val",), timeout=round_timeout)
             log.append({"step": done, "split": "val", **_prefixed(val["val"], "val")})
@@ -442,6 +464,7 @@ def finish(grid, plan: DeployPlan, state, workdir: str, end: int, log, *, timeou
             "runtime": "flower",
             "sites": list(plan.federation.client_names),
             "evaluation": "per-site metrics; metrics are their example-weighted means",
+            "secure_aggregation": plan.config.secure_aggregation.method,
         },
     }
     claim = plan.ledger.claim(federated._claim_context(plan, state, ()))

@@ -184,6 +184,11 @@ class Site:
         self.target_epsilon = site_target(config, site, target_epsilon)
         self._data: dict[int, client_lib.ClientData] = {}
 
+    @functools.cached_property
+    def template(self) -> Any:
+        """The model's parameter shapes and dtypes, traced once (what received trees must match)."""
+        return template(self.model, self.config.seed)
+
     # ---- what the server may know ----------------------------------------------------------
     def client_data(self, padded_size: int) -> client_lib.ClientData:
         """The site's training images as one client padded to ``padded_size`` rows."""

@@ -66,3 +66,28 @@ def test_tls_and_authentication_are_on_exactly_when_certificates_are_given(tmp_p
     assert node[node.index("--node-config") + 1] == "site='a'"
     with pytest.raises(FileNotFoundError, match="ca.crt"):
         runtime.superlink_command("127.0.0.1:9093", runtime.Certificates(str(tmp_path / "x")))
+
+
+def test_the_supernode_polls_as_asked_and_isolation_is_checked():
+    pytest.importorskip("flwr")
+    from fedjax_med.deploy import supernode
+
+    node = runtime.supernode_command(
+        "127.0.0.1:9093", {}, port=9100, ca=None, key=None, isolation="process", poll=0.2
+    )
+    assert node[1:4] == ["-m", "fedjax_med.deploy.supernode", "--poll=0.2"]
+    assert node[node.index("--isolation") + 1] == "process"
+    assert supernode.parse_poll(node[3:])[1] == node[4:]
+    with pytest.raises(ValueError, match="isolation"):
+        runtime.supernode_command("127.0.0.1:9093", {}, port=1, ca=None, key=None, isolation="x")
+    with pytest.raises(ValueError, match=r"--poll=0.0 must be in \(0, 3\]"):
+        supernode.parse_poll(["--poll=0"])
+
+
+def test_the_client_app_is_named_module_colon_attribute():
+    pytest.importorskip("flwr")
+    from fedjax_med.deploy import flower_app, worker
+
+    assert worker.load_app(worker.DEFAULT_APP) is flower_app.client_app
+    with pytest.raises(ValueError, match="--app 'flower_app' must be MODULE:ATTRIBUTE"):
+        worker.load_app("flower_app")

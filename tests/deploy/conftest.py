@@ -30,6 +30,7 @@ class LocalGrid(Grid):
         }
         self._ids = itertools.count(1)
         self._run = None
+        self._replies = {}
         # The identity a ServerApp process has under the deployment runtime.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE, 1
 
@@ -47,18 +48,22 @@ class LocalGrid(Grid):
         return list(self.nodes)
 
     def push_messages(self, messages):
-        raise NotImplementedError("LocalGrid answers in send_and_receive")
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError("LocalGrid answers in send_and_receive")
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+        """Delivers each message to its node's app at once; the replies wait to be pulled."""
+        ids = []
         for message in messages:
+            message_id = f"m{next(self._ids)}"
+            message.metadata.__dict__["_message_id"] = message_id
             node = message.metadata.dst_node_id
             app, _ = self.nodes[node]
-            replies.append(app(message, self.contexts[node]))
-        return replies
+            self._replies[message_id] = app(message, self.contexts[node])
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
 
 @pytest.fixture(scope="session")

@@ -220,11 +220,11 @@ def test_a_restarted_server_resumes_from_its_checkpoint(fedavg, tmp_path, local_
     config = flower_app.load_config(SPEC, overrides)
 
     class LinkLostInRound2(local_grid):
-        def send_and_receive(self, messages, *, timeout=None):
+        def push_messages(self, messages):
             messages = list(messages)
             if any(m.metadata.group_id == "round-1" for m in messages):
                 raise ConnectionError("link lost")
-            return super().send_and_receive(messages, timeout=timeout)
+            return super().push_messages(messages)
 
     workdir = str(tmp_path / "w")
     with pytest.raises(ConnectionError):
@@ -273,3 +273,173 @@ def test_deployed_server_steps_equal_the_simulation(extra, tmp_path, local_grid)
     if states[0].clip_norm is not None:  # adaptive clipping's S after its noised count
         close(states[0].clip_norm, states[1].clip_norm)
         assert dep["privacy"]["epsilon"] == pytest.approx(sim["privacy"]["epsilon"])
+
+
+def test_secure_aggregation_deployed_equals_the_simulation_and_hides_each_update(
+    tmp_path, local_grid
+):
+    from fedjax_med.deploy import secure
+    from fedjax_med.secure import field, secagg
+
+    overrides = _overrides(tmp_path, "secure_aggregation.method=secagg federated.rounds=1")
+    config = flower_app.load_config(SPEC, overrides)
+
+    class Recording(local_grid):
+        sent, received = [], []
+
+        def push_messages(self, messages):
+            messages = list(messages)
+            self.sent += messages
+            return super().push_messages(messages)
+
+        def pull_messages(self, message_ids):
+            replies = super().pull_messages(message_ids)
+            self.received += replies
+            return replies
+
+    grid = Recording(_nodes(overrides))
+    dep = server.serve(grid, config, str(tmp_path / "deploy"))
+    sim = federated.run_rounds(config, str(tmp_path / "sim"), quiet=True)
+    plain_config = flower_app.load_config(SPEC, _overrides(tmp_path, "federated.rounds=1"))
+    federated.run_rounds(plain_config, str(tmp_path / "plain"), quiet=True)
+    template = federated.init_server_state(federated.build_plan(config))
+    params = {r: _final_params(str(tmp_path / r), template) for r in ("deploy", "sim", "plain")}
+    # The same protocol and quantisation as the simulation's secure round...
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # noqa: E731
+    jax.tree.map(close, params["deploy"], params["sim"])
+    # ...and the plain sum to quantisation tolerance (2^-31 scale: far below float32 noise).
+    quantised = lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6)  # noqa: E731
+    jax.tree.map(quantised, params["deploy"], params["plain"])
+    (record,) = _rounds(str(tmp_path / "deploy"))
+    assert record["num_clients"] == 3 and record["secure_sum_released"] == 1
+    assert dep["deployment"]["secure_aggregation"] == "secagg"
+    assert dep["metrics"]["test_accuracy"] == pytest.approx(sim["metrics"]["test_accuracy"])
+
+    # What the server received from hospital_0: public keys, ciphertexts, a masked vector and
+    # shares; never a delta or a loss, and the masked vector is not hospital_0's message.
+    from_0 = [
+        r
+        for r in grid.received
+        if r.metadata.src_node_id == 100 and r.metadata.group_id.startswith("round-")
+    ]
+    assert len(from_0) == 4 and all(set(r.content.keys()) == {"secagg"} for r in from_0)
+    (masked,) = [r for r in from_0 if r.metadata.message_type == "query.secagg_masked_input"]
+    y = secure.from_record(secagg.MaskedInput, masked.content["secagg"], sender=0).y
+    (train,) = [m for m in grid.sent if m.metadata.dst_node_id == 100 and "secure" in m.content]
+    site = flower_app.site_of(grid.contexts[100].node_config)
+    request = protocol.read_train(train.content, template.params)
+    output = site.train(request["params"], request["padded_size"], request["key"])
+    s = train.content["secure"]
+    row = secure.site_message(output, request["padded_size"], float(s["clip"]))
+    own = field.FieldEncoder(float(s["bound"]), 3, 32).encode(row)
+    assert y.shape == own.shape and np.mean(y == own) < 0.01
+
+
+def test_a_restarted_server_resumes_with_every_ledger_intact(tmp_path, local_grid):
+    """Local DP-SGD: the server's per-site ledger (checkpointed) and each site's own (on its
+    disk) survive a restart, which Flower runs as a new run with fresh Contexts."""
+    overrides = _overrides(tmp_path, DP + " federated.checkpoint_every=1")
+    config = flower_app.load_config(SPEC, overrides)
+
+    def nodes():
+        out = _nodes(overrides)
+        for node, (app, cfg) in out.items():
+            out[node] = (app, {**cfg, "state-dir": str(tmp_path / f"site{node - 100}")})
+        return out
+
+    class LinkLostInRound2(local_grid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if any(m.metadata.group_id == "round-1" for m in messages):
+                raise ConnectionError("link lost")
+            return super().push_messages(messages)
+
+    workdir = str(tmp_path / "w")
+    with pytest.raises(ConnectionError):
+        server.serve(LinkLostInRound2(nodes()), config, workdir)
+    report = server.serve(local_grid(nodes()), config, workdir, resume=True)
+    expected = _simulated_epsilons(config)
+    assert [r["step"] for r in _rounds(workdir)] == [1, 2]
+    assert report["privacy"]["per_site_epsilon"] == pytest.approx(expected, rel=1e-9)
+    one_round = _simulated_epsilons(flower_app.load_config(SPEC, overrides + " federated.rounds=1"))
+    assert expected["hospital_0"] > one_round["hospital_0"]  # the second round was charged
+    for k in range(3):
+        (path,) = (tmp_path / f"site{k}").iterdir()
+        ledger = json.loads(path.read_text())
+        assert ledger["steps"] == 2 * config.federated.local_steps
+        assert ledger["epsilon"] == pytest.approx(expected[f"hospital_{k}"], rel=1e-9)
+
+
+def test_a_hospital_that_drops_out_and_rejoins_is_counted_and_trains_again(
+    fedavg, tmp_path, local_grid, caplog
+):
+    class Hospital1AwayInRound1(local_grid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            away = [
+                m
+                for m in messages
+                if m.metadata.group_id == "round-0" and m.metadata.dst_node_id == 101
+            ]
+            kept = [m for m in messages if m not in away]
+            return super().push_messages(kept) + [f"lost-{i}" for i in range(len(away))]
+
+    config = flower_app.load_config(SPEC, fedavg["overrides"])
+    workdir = str(tmp_path / "w")
+    with caplog.at_level(logging.WARNING, logger="fedjax_med"):
+        grid = Hospital1AwayInRound1(_nodes(fedavg["overrides"]))
+        server.serve(grid, config, workdir, round_timeout=0.5)
+    rounds = _rounds(workdir)
+    assert [r["num_dropped"] for r in rounds] == [1, 0]
+    assert [r["num_clients"] for r in rounds] == [2, 3]
+    assert "round 1: site hospital_1 dropped: no reply" in caplog.text
+    template = federated.init_server_state(federated.build_plan(config))
+    moved = jax.tree.map(
+        lambda a, b: float(np.abs(a - b).max()),
+        _final_params(workdir, template),
+        fedavg["deployed_params"],
+    )
+    assert max(jax.tree.leaves(moved)) > 1e-6  # round 1 without hospital_1 changed the model
+
+
+def test_a_malformed_masked_input_is_excluded_and_its_masks_removed(tmp_path, local_grid):
+    """hospital_2 sends a masked vector of the wrong length: the server rejects it, recovers the
+    pairwise masks it left in the others' vectors, and releases the sum of the other two, which
+    is what a plain round that excludes hospital_2's update computes."""
+    from flwr.app import Array, ConfigRecord
+
+    def bad_masked_input(message, context):
+        reply = flower_app.client_app(message, context)
+        if message.metadata.message_type == "query.secagg_masked_input":
+            fields = json.loads(reply.content["secagg"]["json"])
+            fields["y"]["u64"] = fields["y"]["u64"][:-16]  # one coordinate short
+            reply.content["secagg"] = ConfigRecord({"json": json.dumps(fields)})
+        return reply
+
+    def nan_delta(message, context):
+        reply = flower_app.client_app(message, context)
+        if message.metadata.message_type == "train":
+            delta = reply.content["delta"]
+            for name in list(delta.keys()):
+                delta[name] = Array(np.full_like(delta[name].numpy(), np.nan))
+        return reply
+
+    runs = {}
+    for name, extra, app in (
+        ("secure", "secure_aggregation.method=secagg", bad_masked_input),
+        ("plain", "", nan_delta),
+    ):
+        overrides = _overrides(tmp_path, f"{extra} federated.rounds=1")
+        nodes = _nodes(overrides)
+        nodes[102] = (app, nodes[102][1])
+        config = flower_app.load_config(SPEC, overrides)
+        server.serve(local_grid(nodes), config, str(tmp_path / name))
+        (runs[name],) = _rounds(str(tmp_path / name))
+    assert runs["secure"]["num_malformed"] == 1 and runs["secure"]["num_clients"] == 2
+    assert runs["secure"]["secure_sum_released"] == 1
+    template = federated.init_server_state(federated.build_plan(config))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+        _final_params(str(tmp_path / "secure"), template),
+        _final_params(str(tmp_path / "plain"), template),
+    )

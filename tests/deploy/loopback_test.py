@@ -1,19 +1,25 @@
 """The deployment runtime for real: a SuperLink and SuperNodes as processes on 127.0.0.1.
 
 Started exactly as the README says (``fedjax-med deploy certificates|server|client``), with TLS
-and SuperNode authentication on: three registered hospitals train FedAvg and the final
-parameters equal the simulation's; a fourth hospital holding a key the server never registered
-is refused. Flower starts one ClientApp process per message, so this takes minutes on two cores:
-it runs with ``FEDJAX_MED_LOOPBACK=1``; flower_app_test.py checks the same app in-process in
-the default run.
+and SuperNode authentication on. Three registered hospitals train 4 rounds of FedAvg with local
+DP-SGD (reproducible keys, so the simulation is replayed exactly);
+``hospital_2`` runs tests/deploy/apps/tampering_app.py, which trains honestly but sends a NaN
+update in round 4, so after round 3 the model must equal the simulation's 3 rounds of the same
+config, round 4 must exclude and count hospital_2, and each hospital's epsilon (in the report and
+in its own ledger) must equal the simulation's accountant. A fourth SuperNode (Flower's, started
+directly) holding a key the server never registered is refused. Every process is started by
+the fixture and stopped in its ``finally``; each wait is bounded.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -21,25 +27,31 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from fedjax_med.deploy import flower_app  # noqa: E402
+from fedjax_med.cli import main as cli  # noqa: E402
+from fedjax_med.deploy import flower_app, runtime  # noqa: E402
 from fedjax_med.trainers import federated  # noqa: E402
 from fedjax_med.training import checkpoint  # noqa: E402
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not os.environ.get("FEDJAX_MED_LOOPBACK"),
-        reason="starts a SuperLink and 4 SuperNodes (minutes on 2 cores); FEDJAX_MED_LOOPBACK=1",
-    ),
-]
-
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 OVERRIDES = [
     "--config.model.name=linear",
     "--config.data.synthetic.image_size=16",
-    "--config.data.synthetic.examples_per_site=30",
-    "--config.federated.rounds=2",
+    "--config.data.synthetic.examples_per_site=24",
+    "--config.federated.rounds=4",
+    "--config.federated.eval_every=4",
+    "--config.federated.checkpoint_every=1",
+    # Local DP-SGD, so that each hospital's epsilon is checked against the simulation's too.
+    "--config.data.normalization=fixed",
+    "--config.privacy.enabled=true",
+    "--config.privacy.noise_multiplier=1.0",
+    "--config.privacy.clip_norm=1.0",
+    "--config.privacy.method=vmap",
 ]
 SITES = ["hospital_0", "hospital_1", "hospital_2"]
+TAMPERING = "hospital_2"
+ROGUE = "hospital_9"  # has a key pair, but the server never registers it
+DEADLINE = 150.0  # seconds for the whole run (it takes a fraction of this)
 
 
 def _free_port() -> int:
@@ -52,45 +64,47 @@ def _cli(*args):
     return [sys.executable, "-m", "fedjax_med.cli.main", "deploy", *args]
 
 
-def test_three_hospitals_over_tls_train_the_simulated_model(tmp_path):
-    overrides = [*OVERRIDES, f"--config.data.cache_dir={tmp_path}/cache"]
-    certs = str(tmp_path / "certs")
-    # hospital_3 gets a key pair but is not on the server's list: its key is never registered.
-    subprocess.run(
-        _cli("certificates", "--out", certs, "--sites", ",".join([*SITES, "hospital_3"])),
-        check=True,
-        capture_output=True,
+def _wait_for(path: pathlib.Path, text: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"exited {process.returncode}: {path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in {path} after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def loopback(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loopback")
+    overrides = [*OVERRIDES, f"--config.data.cache_dir={tmp}/cache"]
+    certs = str(tmp / "certs")
+    assert (
+        cli.main(["deploy", "certificates", "--out", certs, "--sites", ",".join([*SITES, ROGUE])])
+        == 0
     )
     address = f"127.0.0.1:{_free_port()}"
-    clients = []
-    for site in [*SITES, "hospital_3"]:
-        log = open(tmp_path / f"{site}.log", "w")
-        command = _cli(
-            "client",
-            "--config",
-            "fedavg:tiny",
-            *overrides,
-            "--site",
-            site,
-            "--data",
-            "synthetic",
-            "--server",
-            address,
-            "--certificates",
-            certs,
-            "--port",
-            str(_free_port()),
-            "--home",
-            str(tmp_path / f"home_{site}"),
-            "--join-timeout",
-            "240",
-        )
-        clients.append(
-            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        )
-    workdir = tmp_path / "deploy"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE / "apps")]))
+    processes: list[subprocess.Popen] = []
+
+    def start(name, command, environment=env):
+        with open(tmp / f"{name}.log", "w") as log:
+            processes.append(
+                subprocess.Popen(
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=environment,
+                    start_new_session=True,
+                )
+            )
+        return processes[-1]
+
+    workdir = tmp / "deploy"
     try:
-        server = subprocess.run(
+        server = start(
+            "server",
             _cli(
                 "server",
                 "--config",
@@ -105,31 +119,134 @@ def test_three_hospitals_over_tls_train_the_simulated_model(tmp_path):
                 "--sites",
                 ",".join(SITES),
                 "--join-timeout",
-                "240",
+                "120",
+                "--round-timeout",
+                "60",
             ),
-            capture_output=True,
-            text=True,
-            timeout=900,
         )
+        # Hospitals start once their keys are registered, so none needs a second attempt.
+        _wait_for(tmp / "server.log", "waiting for the hospitals", server, 90)
+        for site in SITES:
+            app = ["--app", "tampering_app:client_app"] if site == TAMPERING else []
+            start(
+                site,
+                _cli(
+                    "client",
+                    "--config",
+                    "fedavg:tiny",
+                    *overrides,
+                    "--site",
+                    site,
+                    "--data",
+                    "synthetic",
+                    "--server",
+                    address,
+                    "--certificates",
+                    certs,
+                    "--port",
+                    str(_free_port()),
+                    "--home",
+                    str(tmp / f"home_{site}"),
+                    "--join-timeout",
+                    "60",
+                    "--poll",
+                    "0.2",
+                    *app,
+                ),
+            )
+        c = runtime.Certificates(certs)
+        rogue = runtime.supernode_command(
+            address, {}, port=_free_port(), ca=c.ca, key=c.site_key(ROGUE), isolation="process"
+        )
+        rogue_env = runtime.environment(str(tmp / f"home_{ROGUE}"))
+        refused = f"Exit Code: {runtime.EXIT_NOT_ADMITTED}"
+        _wait_for(tmp / f"{ROGUE}.log", refused, start(ROGUE, rogue, rogue_env), 90)
+        # The simulation of the same config, while the deployment runs.
+        spec = " ".join(o.removeprefix("--config.") for o in overrides)
+        sim_config = flower_app.load_config("fedavg:tiny", spec + " federated.rounds=3")
+        federated.run_rounds(sim_config, str(tmp / "sim"), quiet=True)
+        code = server.wait(DEADLINE)
     finally:
-        for process in clients:
-            if process.poll() is None:
-                os.killpg(process.pid, 15)
-                process.wait(30)
-    assert server.returncode == 0, server.stdout[-3000:] + server.stderr[-3000:]
-    refused = (tmp_path / "hospital_3.log").read_text()
-    assert "did not admit 'hospital_3'" in refused and "Exit Code: 305" in refused
-    superlink_log = (workdir / "flower" / "superlink.log").read_text()
-    assert "No SuperNode found with the given public key" in superlink_log
+        runtime.stop(*processes)
+        leftovers = _kill_leftovers(address)
+    assert code == 0, (tmp / "server.log").read_text()[-4000:]
+    return {"tmp": tmp, "workdir": workdir, "sim_config": sim_config, "leftovers": leftovers}
 
-    config = flower_app.load_config(
-        "fedavg:tiny", " ".join(o.removeprefix("--config.") for o in overrides)
-    )
-    federated.run_rounds(config, str(tmp_path / "sim"), quiet=True)
-    template = federated.init_server_state(federated.build_plan(config))
-    params = []
-    for run in ("sim", "deploy"):
-        ckpt = checkpoint.Checkpointer(str(tmp_path / run / "checkpoints"))
-        params.append(ckpt.restore_latest(template)[1].params)
-        ckpt.close()
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), *params)
+
+def _kill_leftovers(address: str) -> list[str]:
+    """Kills (and names) any process still naming this test's SuperLink address."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if address in command and int(pid) != os.getpid():
+            found.append(command[:200])
+            try:
+                os.kill(int(pid), 9)
+            except OSError:
+                pass
+    return found
+
+
+def _rounds(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == "round"]
+
+
+def test_three_rounds_deployed_equal_the_simulation(loopback):
+    tmp = loopback["tmp"]
+    template = federated.init_server_state(federated.build_plan(loopback["sim_config"]))
+    sim = checkpoint.Checkpointer(str(tmp / "sim" / "checkpoints"))
+    deployed = checkpoint.Checkpointer(str(loopback["workdir"] / "checkpoints"))
+    try:
+        expected = sim.restore_latest(template)[1].params
+        got = deployed.restore(3, template)[0].params
+        final = deployed.restore_latest(template)[1].params
+    finally:
+        sim.close()
+        deployed.close()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, expected)
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), final, got)
+    assert max(jax.tree.leaves(moved)) > 0  # round 4 trained on without hospital_3
+    assert [r["num_clients"] for r in _rounds(loopback["workdir"])] == [3, 3, 3, 2]
+
+
+def test_a_malformed_update_is_excluded_counted_and_logged(loopback):
+    last = _rounds(loopback["workdir"])[-1]
+    assert last["num_malformed"] == 1 and last["num_excluded"] == 1
+    assert all(r["num_malformed"] == 0 for r in _rounds(loopback["workdir"])[:-1])
+    log = (loopback["tmp"] / "server.log").read_text()
+    assert f"round 4: site {TAMPERING} excluded: malformed update" in log
+    assert "non-finite" in log
+
+
+def test_a_node_with_an_unregistered_key_is_refused(loopback):
+    # The fixture waited for the refused SuperNode's exit code; the SuperLink says why.
+    superlink = (loopback["workdir"] / "flower" / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in superlink
+    report = json.loads((loopback["workdir"] / "report.json").read_text())
+    assert report["deployment"]["sites"] == SITES
+
+
+def test_stopping_the_commands_stops_every_flower_process(loopback):
+    assert loopback["leftovers"] == []
+
+
+def test_each_hospital_epsilon_equals_the_simulation(loopback):
+    """Local DP-SGD: the deployed report's per-site epsilon and each hospital's own ledger (on its
+    disk) equal the simulation's accountant after the same 4 rounds."""
+    config = loopback["sim_config"].copy_and_resolve_references()
+    config.federated.rounds = 4
+    plan = federated.build_plan(config)
+    for t in range(4):
+        plan.ledger.record(plan.ledger.admit(plan.sampler.sample(t), t), True)
+    expected = plan.ledger.per_site_epsilon()
+    report = json.loads((loopback["workdir"] / "report.json").read_text())
+    assert report["privacy"]["mechanism"] == "local_dp_sgd"
+    assert report["privacy"]["per_site_epsilon"] == pytest.approx(expected, rel=1e-9)
+    for site in SITES:
+        (path,) = (loopback["tmp"] / f"home_{site}" / "ledger").iterdir()
+        assert json.loads(path.read_text())["epsilon"] == pytest.approx(expected[site], rel=1e-9)
