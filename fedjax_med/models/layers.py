@@ -2,9 +2,9 @@
 
 * :func:`max_pool`: max pooling as an elementwise maximum of shifted strided slices. The usual
   ``lax.reduce_window`` form differentiates through XLA's select-and-scatter, which XLA:CPU runs
-  as a slow generic loop (``benchmarks/RESULTS.md``); here the backward pass is a few fused
-  selects. Ties go to the first window element in row-major order, as select-and-scatter's
-  ``>=`` selection does, so gradients match too.
+  as a slow generic loop (``benchmarks/RESULTS.md``); here the backward pass is one padded
+  select per window offset. Ties go to the first window element in row-major order, as
+  select-and-scatter's ``>=`` selection does, so gradients match too.
 * :class:`Conv`: a 2D convolution with a bias that, for a strided convolution with few input
   channels, runs the equivalent space-to-depth form (a stride-``s`` convolution with ``k x k``
   filters on ``C`` channels equals a stride-1 convolution with ``ceil(k/s) x ceil(k/s)`` filters on
@@ -21,6 +21,7 @@ WACV 2021 (https://arxiv.org/abs/2003.13630).
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 
@@ -38,8 +39,11 @@ def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int]) -> jax
     """VALID max pooling of ``x`` (NHWC): ``out[n, i, j, c] = max x[n, s i + a, s j + b, c]``.
 
     The maximum over ``0 <= a < window[0]``, ``0 <= b < window[1]``, as one strided slice per
-    window offset, reduced by ``where(v > m, v, m)`` so the gradient goes to the first maximal
-    element in row-major window order (the choice of ``lax.reduce_window``'s gradient).
+    window offset. The gradient goes to the first maximal element in row-major window order (the
+    choice of ``lax.reduce_window``'s gradient), through a custom VJP that records that element's
+    window offset and scatters the output gradient back with one padded select per offset:
+    linear work, where autodiff of the slice maximum left XLA a fusion that re-reads every
+    window's comparisons.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -51,14 +55,56 @@ def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int]) -> jax
     if min(wh, ww, sh, sw) < 1:
         raise ValueError(f"window={tuple(window)} and strides={tuple(strides)} must be >= 1")
     _, height, width, _ = x.shape
-    out_h, out_w = (height - wh) // sh + 1, (width - ww) // sw + 1
-    if out_h < 1 or out_w < 1:
+    if height < wh or width < ww:
         raise ValueError(f"x.shape={x.shape}: smaller than the pooling window {(wh, ww)}")
-    out = None
+    return _max_pool((wh, ww, sh, sw, height, width), x)
+
+
+def _pool_views(geometry, x):
+    wh, ww, sh, sw, height, width = geometry
+    out_h, out_w = (height - wh) // sh + 1, (width - ww) // sw + 1
     for a, b in itertools.product(range(wh), range(ww)):
-        view = x[:, a : a + (out_h - 1) * sh + 1 : sh, b : b + (out_w - 1) * sw + 1 : sw]
-        out = view if out is None else jnp.where(view > out, view, out)
-    return out
+        yield a, b, x[:, a : a + (out_h - 1) * sh + 1 : sh, b : b + (out_w - 1) * sw + 1 : sw]
+
+
+def _max_pool_fwd(geometry, x):
+    out = index = None
+    for k, (_, _, view) in enumerate(_pool_views(geometry, x)):
+        if out is None:
+            out, index = view, jnp.zeros(view.shape, jnp.int32)
+        else:
+            greater = view > out  # strict: ties keep the earlier offset
+            out = jnp.where(greater, view, out)
+            index = jnp.where(greater, k, index)
+    return out, index
+
+
+def _max_pool_bwd(geometry, index, grad):
+    wh, ww, sh, sw, height, width = geometry
+    out_h, out_w = grad.shape[1:3]
+    zero = jnp.zeros((), grad.dtype)
+    total = None
+    for k, (a, b) in enumerate(itertools.product(range(wh), range(ww))):
+        part = lax.pad(
+            jnp.where(index == k, grad, zero),
+            zero,
+            [
+                (0, 0, 0),
+                (a, height - a - (out_h - 1) * sh - 1, sh - 1),
+                (b, width - b - (out_w - 1) * sw - 1, sw - 1),
+                (0, 0, 0),
+            ],
+        )
+        total = part if total is None else total + part
+    return (total,)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _max_pool(geometry, x):
+    return _max_pool_fwd(geometry, x)[0]
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def space_to_depth_conv(
