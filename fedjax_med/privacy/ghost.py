@@ -24,10 +24,11 @@ is an "other" parameter too, correct but without the speed-up. The weighted sum 
 parameters is formed directly from their per-example gradients.
 
 Speed: on the small tanh CNN (two convs, two dense layers, 28x28 images, batch 256) on a 2-core
-CPU, a DP-SGD step with this method ran at 0.86x the speed of a non-private step, against 0.50x
-with ``"vmap"`` (``benchmarks/RESULTS.md``). Its 1-channel stem runs in space-to-depth form
-(:class:`fedjax_med.models.layers.Conv`), whose re-laid-out kernel makes it an "other" parameter
-here: its small per-example gradients are cheaper than unfolding 64 input patches per position.
+CPU, a DP-SGD step with this method ran at 0.56-0.69x the speed of a non-private step, against
+0.33x with ``"vmap"`` (``benchmarks/RESULTS.md``, 2026-12-04). Its 1-channel stem runs in
+space-to-depth form (:class:`fedjax_med.models.layers.Conv`), whose re-laid-out kernel makes it
+an "other" parameter here: its small per-example gradients are cheaper than unfolding 64 input
+patches per output position.
 
 Norms are computed at ``Precision.HIGHEST`` because they, not the summed gradients, bound each
 example's contribution. The result equals ``clipped_grad_sum(..., method="vmap")`` up to float
