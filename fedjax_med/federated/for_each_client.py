@@ -47,7 +47,9 @@ def auto_backend(devices: list[jax.Device] | None = None) -> str:
 
     CPU: ``"loop"``. On XLA:CPU a vmapped cohort turns each client's layers into batched matmuls
     and grouped convolutions, which ran 1.3-2.8x slower than the same clients one by one (small
-    CNN and MLP, 8 and 64 clients; ``python benchmarks/federated.py --unroll``). GPU/TPU:
+    CNN and MLP, 8 and 64 clients; ``python benchmarks/federated.py --unroll``), and 7.5x slower
+    at 64 clients once the small CNN's pooling stopped using select-and-scatter
+    (``benchmarks/RESULTS.md``, "Federated"). GPU/TPU:
     ``"sharded"`` over several devices, else ``"vmap"`` (one program for the whole cohort).
     """
     devices = jax.local_devices() if devices is None else devices

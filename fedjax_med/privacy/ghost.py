@@ -23,9 +23,12 @@ scales; a weight that goes through any other operation first (a cast, a reshape,
 is an "other" parameter too, correct but without the speed-up. The weighted sum for the other
 parameters is formed directly from their per-example gradients.
 
-Speed: on a small tanh CNN (two convs, two dense layers, 28x28 images, batch 256) on a 2-core
-CPU, a DP-SGD step with this method ran at about 0.73x the speed of a non-private step, against
-about 0.61x with ``"vmap"``; most of the remaining cost is the unfolded patches of the first conv.
+Speed: on the small tanh CNN (two convs, two dense layers, 28x28 images, batch 256) on a 2-core
+CPU, a DP-SGD step with this method ran at 0.56-0.69x the speed of a non-private step, against
+0.33x with ``"vmap"`` (``benchmarks/RESULTS.md``, 2026-12-04). Its 1-channel stem runs in
+space-to-depth form (:class:`fedjax_med.models.layers.Conv`), whose re-laid-out kernel makes it
+an "other" parameter here: its small per-example gradients are cheaper than unfolding 64 input
+patches per output position.
 
 Norms are computed at ``Precision.HIGHEST`` because they, not the summed gradients, bound each
 example's contribution. The result equals ``clipped_grad_sum(..., method="vmap")`` up to float
