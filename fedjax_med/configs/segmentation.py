@@ -30,7 +30,7 @@ times were 4-9x the CPU times; CPU time is given as the cost on 2 idle cores):
   152 s of CPU; peak memory (``resource.getrusage`` max RSS of the whole run, data and evaluation
   included) 1.08 GiB, with per-example gradients of 16 examples at a time (33,816 parameters);
 * ``federated``: not yet above the baseline. FedAvg with the clients' SGD at 0.5 (20 rounds of
-  10 local steps) and FedAdam (server_lr 0.03, clients at 0.1) both end at test Dice 0.169 (per
+  10 local steps) and FedAdam (server_lr 0.03 or 0.1, clients at 0.1) end at test Dice 0.169 (per
   site 0.015 / 0.380 / 0.237 / 0.140), exactly the all-background baseline: plain SGD on the
   clients stays in the all-background solution that central Adam leaves. 82 s and 93 s of CPU,
   peak RSS 1.20 and 1.14 GiB.
