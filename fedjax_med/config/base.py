@@ -25,7 +25,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.cache_dir = ""  # synthetic: cache folder ("" = ~/.cache/fedjax_med, "none" = off)
     config.data.image_size = 0  # resize to this side length (0 = keep the source's size)
     config.data.channels = 0  # 1 grayscale, 3 RGB (0 = keep the source's; image_folder: 1)
-    config.data.task = ""  # "" = infer; or multiclass | binary | multilabel
+    # "" = infer; or multiclass | binary | multilabel | segmentation (labels are per-pixel masks:
+    # the synthetic lesions' masks, root/<site>/{images,masks}/ folders, .npz with *_masks)
+    config.data.task = ""
     # The number of classes, declared (0 = infer: class folders, tfds ClassLabel, synthetic
     # num_classes, or a MedMNIST file's largest label + 1). A label outside it is refused, as is
     # a source with a different number of classes.

@@ -66,7 +66,7 @@ CHECKS: dict[str, Check] = {
     "data.name": one_of("synthetic", "medmnist", "tfds", "image_folder"),
     "data.image_size": Check(lambda v: v == 0 or v >= 8, "0 (keep) or >= 8"),
     "data.channels": one_of(0, 1, 3),
-    "data.task": one_of("", "multiclass", "binary", "multilabel"),
+    "data.task": one_of("", "multiclass", "binary", "multilabel", "segmentation"),
     "data.max_examples": at_least(0),
     "data.num_classes": Check(lambda v: v == 0 or v >= 2, "0 (infer) or >= 2"),
     "data.val_fraction": in_range(0.0, 1.0, hi_open=True),
@@ -375,10 +375,11 @@ def _check_data_fields(config: ml_collections.ConfigDict) -> None:
                 "many classes)"
             )
         binary_ok = data.task == "binary" and s.num_classes == 2
-        if data.task not in ("", "multiclass") and not binary_ok:
+        if data.task not in ("", "multiclass", "segmentation") and not binary_ok:
             raise ConfigError(
                 f"config field 'data.task'={data.task!r} does not fit the synthetic benchmark "
-                f"(multiclass with data.synthetic.num_classes={s.num_classes}; 'binary' needs 2)"
+                f"(multiclass with data.synthetic.num_classes={s.num_classes}; 'binary' needs 2; "
+                "'segmentation' labels each pixel with its lesion's class)"
             )
         if part.method == "by_site" and part.num_clients not in (0, s.num_sites):
             raise ConfigError(

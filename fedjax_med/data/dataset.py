@@ -10,6 +10,10 @@ Label conventions (``DatasetInfo.task``):
 * ``"multiclass"``: ``labels`` int32 of shape ``(N,)`` in ``[0, num_classes)``; softmax head.
 * ``"binary"``: ``labels`` int32 of shape ``(N,)`` in ``{0, 1}``; one sigmoid logit.
 * ``"multilabel"``: ``labels`` int32 of shape ``(N, K)`` in ``{0, 1}``; K sigmoid logits.
+* ``"segmentation"``: ``labels`` are masks, integers of shape ``(N, H, W)`` (the images' height
+  and width) in ``[0, num_classes)``, one class per pixel, 0 the background; K logits per pixel.
+  Masks are the labels, so every split, partition, shuffle and padding that moves a label moves
+  its mask with its image.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-TASKS = ("multiclass", "binary", "multilabel")
+TASKS = ("multiclass", "binary", "multilabel", "segmentation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +128,18 @@ def validate_dataset(data: ImageDataset, info: DatasetInfo, split: str) -> None:
             )
         if labels.size and not np.isin(labels, (0, 1)).all():
             raise ValueError(f"{where}: multilabel labels must be 0 or 1")
+    elif info.task == "segmentation":
+        expected = (n, *data.images.shape[1:3])
+        if labels.shape != expected:
+            raise ValueError(
+                f"{where}: segmentation masks must have shape (N, H, W) = {expected}, got "
+                f"{labels.shape}"
+            )
+        if labels.min() < 0 or labels.max() >= info.num_classes:
+            raise ValueError(
+                f"{where}: mask values must lie in [0, {info.num_classes}) (one per class, 0 the "
+                f"background), found [{labels.min()}, {labels.max()}]"
+            )
     else:
         if labels.shape != (n,):
             raise ValueError(f"{where}: labels must have shape (N,) = ({n},), got {labels.shape}")

@@ -348,7 +348,8 @@ def make_federated(
 
 
 def _units(dataset: dataset_lib.ImageDataset) -> tuple[np.ndarray, np.ndarray]:
-    """Unit (site, patient) of each example and the label of each unit's first image."""
+    """Unit (site, patient) of each example and the label of each unit's first image (of a mask,
+    its largest class)."""
     if len(dataset) == 0:
         raise ValueError("dataset is empty; there is nothing to partition")
     _, patient_code = np.unique(np.asarray(dataset.patient_ids), return_inverse=True)
@@ -358,6 +359,8 @@ def _units(dataset: dataset_lib.ImageDataset) -> tuple[np.ndarray, np.ndarray]:
     first_labels = np.asarray(dataset.labels)[first]
     if first_labels.ndim == 2:
         first_labels = np.argmax(first_labels, axis=1)
+    elif first_labels.ndim > 2:  # segmentation masks: the largest class present (0: background)
+        first_labels = first_labels.reshape(len(first), -1).max(axis=1)
     return unit_of_example.reshape(-1), first_labels.astype(np.int64)
 
 

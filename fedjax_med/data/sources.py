@@ -3,7 +3,8 @@
 ``data.name`` selects the source: ``synthetic`` (embedded, no download), ``medmnist`` (a local
 ``.npz``), ``tfds`` (tensorflow-datasets by name, random access) or ``image_folder``
 (``root/<site>/<class>/*.png``). Each loader lives in its own module and is imported lazily so
-that, e.g., tensorflow-datasets is only imported when used.
+that, e.g., tensorflow-datasets is only imported when used. ``data.task = "segmentation"`` reads
+masks as labels (:mod:`fedjax_med.data.masks`; the synthetic data draws its lesions' masks).
 
 Every ``data`` field acts on every source it applies to: where a loader does not do it itself,
 :func:`load_splits` caps each split at ``max_examples`` (round-robin over sites), converts to
@@ -76,11 +77,32 @@ def load_splits(data: ml_collections.ConfigDict, seed: int) -> dataset_lib.Datas
             test_fraction=data.test_fraction,
             val_fraction=data.val_fraction,
             seed=seed,
+            masks=task == "segmentation",
         )
         splits = synthetic.load_synthetic(spec, cache_dir(data))
         splits = convert_images(splits, channels=channels, image_size=None)
         if max_examples:
             splits = dataset_lib.cap_per_split(splits, max_examples)
+    elif task == "segmentation" and data.name in ("medmnist", "image_folder"):
+        from fedjax_med.data import masks
+
+        if data.name == "medmnist":
+            splits = masks.load_mask_npz(
+                data.path, num_classes=data.num_classes or None, max_examples=max_examples
+            )
+            splits = convert_images(splits, channels=channels, image_size=image_size)
+        else:
+            splits = masks.load_mask_folder(
+                data.path,
+                image_size=image_size,
+                channels=channels or 1,
+                num_classes=data.num_classes or None,
+                val_fraction=data.val_fraction,
+                test_fraction=data.test_fraction,
+                seed=seed,
+            )
+            if max_examples:
+                splits = dataset_lib.cap_per_split(splits, max_examples)
     elif data.name == "medmnist":
         from fedjax_med.data import medmnist
 
@@ -154,4 +176,9 @@ def convert_images(
     parts = {name: convert(splits.split(name)) for name in ("train", "val", "test")}
     shape = tuple(int(v) for v in parts["train"].images.shape[1:])
     info = dataclasses.replace(splits.info, image_shape=shape)
-    return dataclasses.replace(splits, info=info, **parts)
+    splits = dataclasses.replace(splits, info=info, **parts)
+    if info.task == "segmentation":  # masks follow their images' size, by nearest neighbour
+        from fedjax_med.data import masks
+
+        splits = masks.with_resized_masks(splits, image_size)
+    return splits

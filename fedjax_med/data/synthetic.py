@@ -59,6 +59,13 @@ Site prevalence and site intensity are confounded, as in real multi-site data, s
 on pixels beats chance a little when ``h > 0``; at ``h = 0`` it is near chance. Clipping at 1 trims
 the brightest calcification dots slightly, the only (tiny) class difference in mean brightness.
 
+**Masks** (``masks=True``, the segmentation task): the lesion of image ``i`` drawn with the
+Gaussian of std ``.6 u`` but without the scanner's blur, ``m_i``; pixel ``x`` belongs to the
+lesion where ``m_i(x) >= .3 max m_i``, and gets the image's class ``k`` (0, background,
+elsewhere and on every ``normal`` image, whose islands are tissue, not findings). The masks use no
+random draw, so the images are the same bytes with and without them; the image-level class is
+kept as the subgroup ``finding``.
+
 Splits are by patient within each site (:func:`fedjax_med.data.dataset.split_by_patient`).
 :func:`load_synthetic` caches the arrays as one ``.npz`` per spec.
 
@@ -101,6 +108,7 @@ _PATIENT_CORRELATION = 0.6
 _MASS = 20.0  # mean added lesion intensity, summed over pixels, at 32x32
 _HUB = 1.5  # spicules start this far (pixels at 32x32) from the distortion's centre
 _LESION_WIDTH = 0.6  # std (pixels at 32x32) of the Gaussian that draws lesion skeletons
+_MASK_LEVEL = 0.3  # a mask pixel reaches this fraction of its lesion's peak intensity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,11 +124,16 @@ class SyntheticSpec:
     test_fraction: float = 0.2
     val_fraction: float = 0.1
     seed: int = 0
+    masks: bool = False  # labels are per-pixel lesion masks (task "segmentation")
 
 
 def validate_spec(spec: SyntheticSpec) -> SyntheticSpec:
     """Raises ``ValueError`` naming the field and its allowed range; returns ``spec``."""
+    if not isinstance(spec.masks, bool):
+        raise ValueError(f"masks={spec.masks!r} must be True or False")
     for f in dataclasses.fields(spec):
+        if f.name == "masks":
+            continue
         value = getattr(spec, f.name)
         if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
             raise ValueError(f"{f.name}={value!r} must be a number")
@@ -149,14 +162,21 @@ def validate_spec(spec: SyntheticSpec) -> SyntheticSpec:
 
 def dataset_info(spec: SyntheticSpec) -> dataset.DatasetInfo:
     """The :class:`DatasetInfo` of the benchmark described by ``spec``."""
+    subgroups = {"sex": SEX_NAMES, "age_band": AGE_BAND_NAMES}
+    if spec.masks:
+        task, names = "segmentation", ("background", *CLASS_NAMES[1 : spec.num_classes])
+        subgroups["finding"] = CLASS_NAMES[: spec.num_classes]
+    else:
+        task = "binary" if spec.num_classes == 2 else "multiclass"
+        names = CLASS_NAMES[: spec.num_classes]
     return dataset.DatasetInfo(
         name="synthetic",
-        task="binary" if spec.num_classes == 2 else "multiclass",
+        task=task,
         num_classes=spec.num_classes,
-        class_names=CLASS_NAMES[: spec.num_classes],
+        class_names=names,
         site_names=tuple(f"hospital_{s}" for s in range(spec.num_sites)),
         image_shape=(spec.image_size, spec.image_size, 1),
-        subgroup_names={"sex": SEX_NAMES, "age_band": AGE_BAND_NAMES},
+        subgroup_names=subgroups,
     )
 
 
@@ -369,7 +389,8 @@ def _generate_site(
     spectrum *= np.float32(np.sqrt(1 - rho)) * tissue_filter[pid]
     spectrum += shared[pid]
     lesions = _lesion_skeletons(rng, label[pid], pid, num_patients, s)
-    spectrum += np.fft.rfft2(lesions) * (_gaussian_gain(f2, _LESION_WIDTH * s / 32) * scanner)
+    lesion_spectrum = np.fft.rfft2(lesions)
+    spectrum += lesion_spectrum * (_gaussian_gain(f2, _LESION_WIDTH * s / 32) * scanner)
 
     # Scanner: (blur above), bias field, gain, offset, noise, 8-bit quantisation.
     x = np.fft.irfft2(spectrum, s=(s, s))
@@ -381,14 +402,31 @@ def _generate_site(
 
     order = rng.permutation(n)  # interleave patients, as an unsorted archive would
     pid = pid[order]
+    subgroups = {"sex": sex[pid], "age_band": age[pid]}
+    labels = label[pid].astype(np.int32)
+    if spec.masks:
+        drawn_spectrum = lesion_spectrum * _gaussian_gain(f2, _LESION_WIDTH * s / 32)
+        drawn = np.fft.irfft2(drawn_spectrum, s=(s, s))
+        subgroups["finding"] = labels
+        labels = lesion_masks(drawn[order], labels)
     data = dataset.ImageDataset(
         images=images[order],
-        labels=label[pid].astype(np.int32),
+        labels=labels,
         sites=np.full(n, site, np.int32),
         patient_ids=(first_patient + pid).astype(np.int64),
-        subgroups={"sex": sex[pid].astype(np.int32), "age_band": age[pid].astype(np.int32)},
+        subgroups={k: v.astype(np.int32) for k, v in subgroups.items()},
     )
     return data, num_patients
+
+
+def lesion_masks(drawn: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """uint8 masks ``(n, S, S)``: class ``classes[i]`` where ``drawn[i] >= .3 max drawn[i]``.
+
+    Class 0 (``normal``) images get empty masks.
+    """
+    peak = drawn.max(axis=(1, 2), keepdims=True)
+    inside = (drawn >= _MASK_LEVEL * peak) & (peak > 0) & (classes[:, None, None] > 0)
+    return np.where(inside, classes[:, None, None], 0).astype(np.uint8)
 
 
 def generate(spec: SyntheticSpec) -> dataset.DatasetSplits:
@@ -428,6 +466,8 @@ def generate(spec: SyntheticSpec) -> dataset.DatasetSplits:
 def cache_path(spec: SyntheticSpec, cache_dir: str) -> str:
     """The ``.npz`` file that caches ``spec``: keyed by a hash of every field and the version."""
     fields = {k: repr(v) for k, v in dataclasses.asdict(spec).items()}
+    if not spec.masks:  # the files of specs without masks keep the names they always had
+        del fields["masks"]
     key = json.dumps({"version": GENERATOR_VERSION, **fields}, sort_keys=True).encode()
     return os.path.join(cache_dir, f"synthetic_{hashlib.sha256(key).hexdigest()[:20]}.npz")
 
@@ -444,13 +484,14 @@ def _to_arrays(splits: dataset.DatasetSplits) -> dict[str, np.ndarray]:
 def _from_arrays(spec: SyntheticSpec, arrays) -> dataset.DatasetSplits:
     parts = {}
     for name in _SPLITS:
-        a = {field: np.asarray(arrays[f"{name}.{field}"]) for field in _FIELDS}
+        fields = (*_FIELDS, "finding") if spec.masks else _FIELDS
+        a = {field: np.asarray(arrays[f"{name}.{field}"]) for field in fields}
         parts[name] = dataset.ImageDataset(
             images=a["images"],
             labels=a["labels"],
             sites=a["sites"],
             patient_ids=a["patient_ids"],
-            subgroups={"sex": a["sex"], "age_band": a["age_band"]},
+            subgroups={k: a[k] for k in dataset_info(spec).subgroup_names},
         )
     return dataset.validate_splits(dataset.DatasetSplits(info=dataset_info(spec), **parts))
 

@@ -257,9 +257,10 @@ def model_loss(apply_fn: Callable[[Params, jax.Array], jax.Array], task: str) ->
 
     Args:
       apply_fn: ``apply(params, images) -> logits`` (``Model.apply``).
-      task: ``"multiclass"``, ``"binary"`` or ``"multilabel"``.
+      task: one of :data:`fedjax_med.models.losses.TASKS`.
     """
-    losses.per_example_loss(jnp.zeros((1, 1)), jnp.zeros((1,), jnp.int32), task)  # checks task
+    if task not in losses.TASKS:
+        raise ValueError(f"task={task!r} must be one of {losses.TASKS}")
 
     def loss_fn(params, images, labels):
         return losses.per_example_loss(apply_fn(params, images), labels, task)

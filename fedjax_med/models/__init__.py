@@ -1,9 +1,9 @@
-"""Image classifiers selected by name, used as pure ``(init, apply)`` over a params pytree.
+"""Image classifiers and segmenters by name, used as pure ``(init, apply)`` over a params pytree.
 
 >>> from fedjax_med import models
 >>> models.available_models()  # doctest: +NORMALIZE_WHITESPACE
 ('cryptonets', 'linear', 'mlp', 'resnet_gn', 'scatter_cnn', 'scatter_linear', 'small_cnn',
- 'wide_resnet', 'wrn_16_4')
+ 'unet', 'wide_resnet', 'wrn_16_4')
 
 No model has BatchNorm or dropout: normalisation is GroupNorm (per example), so one example's
 logits never depend on the rest of the batch and per-example gradients can be taken by
@@ -11,7 +11,7 @@ logits never depend on the rest of the batch and per-example gradients can be ta
 """
 
 # Importing the architecture modules registers their factories.
-from fedjax_med.models import cnn, cryptonets, mlp, registry, resnet, scatternet
+from fedjax_med.models import cnn, cryptonets, mlp, registry, resnet, scatternet, unet
 from fedjax_med.models.registry import (
     Model,
     Params,
@@ -34,4 +34,5 @@ __all__ = [
     "registry",
     "resnet",
     "scatternet",
+    "unet",
 ]

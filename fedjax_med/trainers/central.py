@@ -41,6 +41,7 @@ from fedjax_med.training import (
     curves,
     evaluate,
     finetune,
+    metrics,
     optimizers,
     parallel,
     progress,
@@ -447,8 +448,8 @@ def finish(run: CentralRun, state, workdir: str, final_step: int) -> dict[str, A
     averaged, averaged_val = {}, {}
     for name, params in averaging.averaged_params(state.opt_state).items():
         for split, out in (("test", averaged), ("val", averaged_val)):
-            metrics = run.evaluate(params, final_step, split, {}, log=False)["metrics"]
-            out.update({f"{k}_{name}": v for k, v in evaluate.prefixed(metrics, split).items()})
+            values = run.evaluate(params, final_step, split, {}, log=False)["metrics"]
+            out.update({f"{k}_{name}": v for k, v in evaluate.prefixed(values, split).items()})
     result = report.build_report(
         config=config,
         info=experiment.splits.info,
@@ -466,11 +467,8 @@ def finish(run: CentralRun, state, workdir: str, final_step: int) -> dict[str, A
         curves.write_curves(workdir, run.metrics_path, unit="step")
     m = result["metrics"]
     logger.info(
-        "test accuracy %.4f, AUROC %.4f, balanced accuracy %.4f, ECE %.4f (%d steps, %.1f s)%s",
-        m["test_accuracy"],
-        m["test_auroc"],
-        m["test_balanced_accuracy"],
-        m["test_ece"],
+        "test %s (%d steps, %.1f s)%s",
+        metrics.headline(m, experiment.splits.info.task, "test_"),
         final_step,
         result["wall_time_s"],
         f"; {claim.guarantee}" if claim is not None else "",

@@ -310,6 +310,11 @@ def make_grad_sum_fn(
         loss_fn = finetune.frozen_loss_fn(loss_fn, trainable)
     method = p.method
     if p.augmult > 0:
+        if task == "segmentation":
+            raise ValueError(
+                f"config field 'privacy.augmult'={p.augmult} must be 0 for data.task="
+                "'segmentation': the views would move the images but not their masks"
+            )
         ops = augment.parse_operations(p.augmentations)
         shift = int(p.augment_shift)
         loss_fn = augmult.augmult_loss_fn(

@@ -59,7 +59,7 @@ from fedjax_med.secure import distributed_dp, he_ckks, secagg
 from fedjax_med.trainers import ledgers
 from fedjax_med.trainers import poisoning as poisoning_lib
 from fedjax_med.trainers import run as run_lib
-from fedjax_med.training import checkpoint, curves, evaluate, progress, report, setup
+from fedjax_med.training import checkpoint, curves, evaluate, metrics, progress, report, setup
 from fedjax_med.training import workdir as workdir_lib
 
 logger = logging.getLogger("fedjax_med")
@@ -816,11 +816,12 @@ def finish(plan, state, workdir: str, end: int, log: RoundLog) -> dict[str, Any]
     checkpoint.write_json_atomic(os.path.join(workdir, "report.json"), result)
     curves.write_curves(workdir, log.path, unit="round")
     m = result["metrics"]
+    primary = metrics.primary_metric(plan.splits.info.task)
     logger.info(
-        "test accuracy %.4f (worst site %.4f), AUROC %.4f after %d rounds (%.1f s)%s",
-        m["test_accuracy"],
-        result["site_summary"].get("worst_accuracy", float("nan")),
-        m["test_auroc"],
+        "test %s (worst site %s %.4f) after %d rounds (%.1f s)%s",
+        metrics.headline(m, plan.splits.info.task, "test_"),
+        primary,
+        result["site_summary"].get(f"worst_{primary}", float("nan")),
         end,
         result["wall_time_s"],
         f"; {claim.guarantee}" if claim is not None else "",

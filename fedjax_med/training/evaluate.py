@@ -83,7 +83,8 @@ def evaluate(
         )
         for name, codes in data.subgroups.items()
     }
-    summary = metrics.summarize_groups(per_site, "accuracy") if len(per_site) > 1 else {}
+    primary = metrics.primary_metric(info.task)
+    summary = metrics.summarize_groups(per_site, primary) if len(per_site) > 1 else {}
     return {
         "metrics": overall,
         "per_site": per_site,

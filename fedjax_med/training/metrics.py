@@ -13,6 +13,9 @@ Label conventions follow :mod:`fedjax_med.data.dataset`:
   in ``{0, 1}``. The predicted class is 1 when the probability is at least 0.5.
 * ``"multilabel"``: ``probs`` ``(N, K)`` sigmoid probabilities, ``labels`` ``(N, K)`` in
   ``{0, 1}``; each of the ``N * K`` entries is a binary prediction at threshold 0.5.
+* ``"segmentation"``: ``probs`` ``(N, H, W, K)`` per-pixel softmax, ``labels`` masks ``(N, H, W)``;
+  :func:`classification_metrics` hands them to
+  :func:`fedjax_med.training.segmentation.segmentation_metrics` (Dice, IoU, HD95).
 
 References:
   Hanley, McNeil (1982), "The meaning and use of the area under a receiver operating
@@ -28,12 +31,37 @@ from collections.abc import Sequence
 
 import numpy as np
 
-TASKS = ("multiclass", "binary", "multilabel")
+from fedjax_med.training import segmentation
+
+TASKS = ("multiclass", "binary", "multilabel", "segmentation")
+# The metric that ranks sites (site_summary) and the metrics of the final log line, per task.
+PRIMARY = {"segmentation": "dice"}
+HEADLINE = {
+    "segmentation": ("dice", "iou", "hd95", "accuracy"),
+    "": ("accuracy", "auroc", "balanced_accuracy", "ece"),
+}
 
 # Softmax and sigmoid in float32 can land a few ulps outside [0, 1].
 _PROB_TOLERANCE = 1e-5
 # Keys where a smaller value is better; everything else is higher-is-better.
-_LOWER_IS_BETTER = ("loss", "ece")
+_LOWER_IS_BETTER = ("loss", "ece", "hd95")
+
+
+def primary_metric(task: str) -> str:
+    """The metric :func:`summarize_groups` ranks sites by: ``dice`` for segmentation, else
+    ``accuracy``."""
+    return PRIMARY.get(task, "accuracy")
+
+
+def headline(values: dict[str, float], task: str, prefix: str = "") -> str:
+    """``"accuracy 0.9000, auroc 0.9500, ..."``: the task's main metrics, for a log line.
+
+    Examples:
+      >>> headline({"test_dice": 0.5, "test_iou": 0.4, "test_hd95": 3.0}, "segmentation", "test_")
+      'dice 0.5000, iou 0.4000, hd95 3.0000, accuracy nan'
+    """
+    keys = HEADLINE.get(task, HEADLINE[""])
+    return ", ".join(f"{k} {float(values.get(prefix + k, float('nan'))):.4f}" for k in keys)
 
 
 def classification_metrics(
@@ -92,7 +120,9 @@ def classification_metrics(
     if n == 0:
         raise ValueError("probs and labels hold 0 examples; metrics need at least 1")
     out: dict[str, float] = {}
-    if task == "multiclass":
+    if task == "segmentation":
+        out.update(segmentation.segmentation_metrics(probs, labels))
+    elif task == "multiclass":
         num_classes = probs.shape[1]
         pred = np.argmax(probs, axis=1)
         correct = pred == labels
@@ -224,6 +254,8 @@ def _validate(probs: np.ndarray, labels: np.ndarray, task: str) -> tuple[np.ndar
     """Checks shapes and ranges; returns float64 probs (binary squeezed to (N,)) and labels."""
     if task not in TASKS:
         raise ValueError(f"task={task!r} must be one of {TASKS}")
+    if task == "segmentation":
+        return segmentation.validate(probs, labels)
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != np.bool_:

@@ -24,6 +24,8 @@ SMALL = {
 }
 # Their scattering is slow to compile; tests/models/scatternet_test.py covers these properties.
 SCATTER = ("scatter_cnn", "scatter_linear")
+# Per-pixel logits (B, H, W, K); tests/models/unet_test.py covers these.
+SEGMENTERS = ("unet",)
 SHAPE = (16, 16, 3)
 BATCH = 3
 
@@ -47,13 +49,16 @@ def test_available_models():
         "scatter_cnn",
         "scatter_linear",
         "small_cnn",
+        "unet",
         "wide_resnet",
         "wrn_16_4",
     )
-    assert set(SMALL) | {"wrn_16_4", *SCATTER} == set(models.available_models())
+    assert set(SMALL) | {"wrn_16_4", *SCATTER, *SEGMENTERS} == set(models.available_models())
 
 
-@pytest.mark.parametrize("name", sorted(set(models.available_models()) - set(SCATTER)))
+@pytest.mark.parametrize(
+    "name", sorted(set(models.available_models()) - set(SCATTER) - set(SEGMENTERS))
+)
 @pytest.mark.parametrize("shape", [(16, 16, 1), (32, 32, 3), (20, 24, 2)])
 @pytest.mark.parametrize("num_outputs", [1, 10])
 def test_default_output_shapes_and_collections(name, shape, num_outputs):
