@@ -380,6 +380,13 @@ def _draw_patients(spec: SyntheticSpec, params: _Site, rng: np.random.Generator)
     return num_patients, pid, sex, age, label
 
 
+def _tissue_draws(rng: np.random.Generator, num_patients: int, s: int) -> tuple:
+    """Per-patient tissue mean ``mu_p``, contrast ``c_p`` and texture length ``l_p``."""
+    mu = rng.uniform(0.3, 0.5, num_patients).astype(np.float32)
+    contrast = rng.uniform(0.04, 0.08, num_patients)
+    return mu, contrast, rng.uniform(1.5, 3.0, num_patients) * s / 32
+
+
 def _generate_site(
     spec: SyntheticSpec, site: int, size_v: float, first_patient: int
 ) -> tuple[dataset.ImageDataset, int]:
@@ -391,9 +398,7 @@ def _generate_site(
     n = len(pid)
 
     # Tissue: patient-shared plus per-image white noise, low-passed at the patient's length.
-    mu = rng.uniform(0.3, 0.5, num_patients).astype(np.float32)
-    contrast = rng.uniform(0.04, 0.08, num_patients)
-    length = rng.uniform(1.5, 3.0, num_patients) * s / 32
+    mu, contrast, length = _tissue_draws(rng, num_patients, s)
     rho = _PATIENT_CORRELATION
     f2 = _freq2(s)
     # The scanner blur is folded into the same filters: the texture is periodic and lesions lie
@@ -540,9 +545,7 @@ def _generate_volume_site(
     d, s = spec.depth, spec.image_size
     num_patients, pid, sex, age, label = _draw_patients(spec, params, rng)
     n = len(pid)
-    mu = rng.uniform(0.3, 0.5, num_patients).astype(np.float32)
-    contrast = rng.uniform(0.04, 0.08, num_patients)
-    length = rng.uniform(1.5, 3.0, num_patients) * s / 32
+    mu, contrast, length = _tissue_draws(rng, num_patients, s)
     rho = _PATIENT_CORRELATION
     f2 = _freq3(d, s)
     scanner = _gaussian_gain(f2, params.blur)
