@@ -62,10 +62,11 @@ the brightest calcification dots slightly, the only (tiny) class difference in m
 **Volumes** (``depth = D > 0``, ``u = S / 32`` as above, voxels isotropic): the same sites,
 patients and classes, rendered as ``(D, S, S)`` volumes. The tissue is the 3-D analogue (white
 noise low-passed in 3-D, patient correlation 0.6); every volume gets lesion mass
-``M_i = 20 u^3 U(.8, 1.25)`` around a centre uniform in the middle half of each axis: ``normal``
-6-10 faint 3-D Gaussian islands, ``mass`` a solid ellipsoid (semi-axes ``r_p sqrt(q_p)``,
-``r_p / sqrt(q_p)``, ``r_p``, rotated in-plane), ``calcifications`` 5-8 dots in a ball,
-``architectural_distortion`` 4-7 spicules in random 3-D directions, ``cyst`` a spherical shell.
+``M_i = 100 u^3 U(.8, 1.25)`` (so a mass lesion's voxels are about as bright as its 2-D pixels)
+around a centre uniform in the middle half of each axis: ``normal`` 6-10 faint 3-D Gaussian
+islands, ``mass`` a solid ellipsoid (semi-axes ``r_p sqrt(q_p)``, ``r_p / sqrt(q_p)``, ``r_p``,
+rotated in-plane), ``calcifications`` 5-8 dots in a ball, ``architectural_distortion`` 4-7
+spicules in random 3-D directions, ``cyst`` a spherical shell.
 The site's blur is 3-D, its bias field is the 2-D one on every slice, offset, gain and noise as
 above.
 
@@ -109,6 +110,7 @@ _FIELDS = ("images", "labels", "sites", "patient_ids", "sex", "age_band")
 _SITE_STREAM, _IMAGE_STREAM, _SPLIT_STREAM, _SIZE_STREAM = 0, 1, 2, 3
 _PATIENT_CORRELATION = 0.6
 _MASS = 20.0  # mean added lesion intensity, summed over pixels, at 32x32
+_MASS_3D = 100.0  # the same summed over voxels, at 32x32x32
 _HUB = 1.5  # spicules start this far (pixels at 32x32) from the distortion's centre
 _LESION_WIDTH = 0.6  # std (pixels at 32x32) of the Gaussian that draws lesion skeletons
 
@@ -485,7 +487,7 @@ def _volume_lesions(
     angle = rng.uniform(0, 2 * np.pi, n)
     dots = _unit_vectors(rng, (n, 8)) * np.cbrt(rng.uniform(0, 1, (n, 8)))[..., None]
     spokes = _unit_vectors(rng, (n, 7))
-    mass = _MASS * u**3 * rng.uniform(0.8, 1.25, n)
+    mass = _MASS_3D * u**3 * rng.uniform(0.8, 1.25, n)
 
     out = np.zeros((n, d, s, s), np.float32)
     axes = [np.arange(k, dtype=np.float32) for k in (d, s, s)]
