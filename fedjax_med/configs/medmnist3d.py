@@ -3,17 +3,20 @@
     fedjax-med train --config medmnist3d --config.data.path=organmnist3d.npz --workdir runs/vol
 
 Volumes ``28 x 28 x 28`` (or 64) are read as ``(D, H, W, 1)`` and trained with ``cnn3d``
-(``models/cnn3d.py``: three stride-2 3-D convolutions with GroupNorm, about 18k parameters). The
+(``models/cnn3d.py``: three stride-2 3-D convolutions with GroupNorm, global max pooling, about
+18k parameters). The
 file carries no patient or site metadata, so each volume is its own patient, on one site.
 
 Variants, combinable (``medmnist3d:dp,federated``):
 
 * ``synthetic``: the embedded 3-D synthetic benchmark (``data.synthetic.depth``) instead of a file:
-  four hospitals, ``16 x 16 x 16`` volumes, four classes (chance 0.25);
+  four hospitals of about 1200 ``16 x 16 x 16`` volumes, four classes;
 * ``dp``: DP-SGD (Abadi et al. 2016), per-example clipping to C = 1 through the ghost path (3-D
-  convolutions included), noise calibrated to epsilon = 8 at delta = 1e-5 over the planned steps;
+  convolutions included), 300 Poisson-sampled steps of expected batch 64, noise calibrated to
+  epsilon = 8 at delta = 1e-5;
 * ``federated``: FedAvg (McMahan et al. 2017) over four clients (the synthetic hospitals, or an
-  IID split of the file); with ``dp``, local DP-SGD inside every client;
+  IID split of the file), 20 rounds of 5 local steps; with ``dp``, local DP-SGD inside every
+  client;
 * ``tiny``: a seconds-long smoke run.
 
 Measured numbers are in the README's "3-D volumes and DICOM" section.
@@ -32,7 +35,7 @@ def get_config(arg: str = ""):
         config.data.synthetic.depth = 16
         config.data.synthetic.image_size = 16
         config.data.synthetic.num_sites = 4
-        config.data.synthetic.examples_per_site = 300
+        config.data.synthetic.examples_per_site = 1200
     else:
         config.data.name = "medmnist"
         config.data.path = "organmnist3d.npz"
@@ -51,6 +54,8 @@ def get_config(arg: str = ""):
         config.privacy.delta = 1e-5
         config.privacy.method = "ghost"
         config.train.batch_size = 64
+        config.train.steps = 300
+        config.train.eval_every = config.train.checkpoint_every = 100
     if "federated" in options:
         config.trainer = "federated"
         for field in ("batch_size", "steps", "eval_every", "checkpoint_every"):
@@ -62,7 +67,7 @@ def get_config(arg: str = ""):
             config.federated.partition.method = "iid"
             config.federated.partition.num_clients = 4
         config.federated.algorithm = "fedavg"
-        config.federated.rounds = 30
+        config.federated.rounds = 20
         config.federated.local_steps = 5
         config.federated.client_batch_size = 32
         config.federated.client_lr = 0.1
