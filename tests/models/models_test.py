@@ -24,6 +24,8 @@ SMALL = {
 }
 # Their scattering is slow to compile; tests/models/scatternet_test.py covers these properties.
 SCATTER = ("scatter_cnn", "scatter_linear")
+# Models of volumes (D, H, W, C); tests/models/cnn3d_test.py covers them.
+VOLUME = ("cnn3d",)
 SHAPE = (16, 16, 3)
 BATCH = 3
 
@@ -40,6 +42,7 @@ def _small(name, num_outputs=4, shape=SHAPE):
 
 def test_available_models():
     assert models.available_models() == (
+        "cnn3d",
         "cryptonets",
         "linear",
         "mlp",
@@ -50,10 +53,10 @@ def test_available_models():
         "wide_resnet",
         "wrn_16_4",
     )
-    assert set(SMALL) | {"wrn_16_4", *SCATTER} == set(models.available_models())
+    assert set(SMALL) | {"wrn_16_4", *SCATTER, *VOLUME} == set(models.available_models())
 
 
-@pytest.mark.parametrize("name", sorted(set(models.available_models()) - set(SCATTER)))
+@pytest.mark.parametrize("name", sorted(set(models.available_models()) - {*SCATTER, *VOLUME}))
 @pytest.mark.parametrize("shape", [(16, 16, 1), (32, 32, 3), (20, 24, 2)])
 @pytest.mark.parametrize("num_outputs", [1, 10])
 def test_default_output_shapes_and_collections(name, shape, num_outputs):
