@@ -85,13 +85,14 @@ def stamp_trigger(images: np.ndarray, size: int) -> np.ndarray:
       [[255, 0], [0, 255]]
     """
     images = np.array(images, copy=True)
-    height, width = images.shape[1:3]
-    if not 1 <= size <= min(height, width):
-        raise ValueError(f"trigger {size=} must lie in [1, {min(height, width)}]")
+    spatial = images.shape[1:-1]  # (H, W), or (D, H, W) for volumes: a size^3 corner cube
+    if not 1 <= size <= min(spatial):
+        raise ValueError(f"trigger {size=} must lie in [1, {min(spatial)}]")
     bright = 255 if images.dtype == np.uint8 else 1.0
-    ii, jj = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
-    pattern = np.where((ii + jj) % 2 == 0, bright, 0).astype(images.dtype)
-    images[:, height - size :, width - size :, :] = pattern[None, :, :, None]
+    grids = np.meshgrid(*(np.arange(size),) * len(spatial), indexing="ij")
+    pattern = np.where(sum(grids) % 2 == 0, bright, 0).astype(images.dtype)
+    corner = (slice(None),) + tuple(slice(n - size, n) for n in spatial) + (slice(None),)
+    images[corner] = pattern[None, ..., None]
     return images
 
 

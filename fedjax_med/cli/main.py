@@ -190,9 +190,12 @@ def run_data_describe(args, overrides: Sequence[str]) -> int:
     print(json.dumps(summary, indent=2) if args.json else describe.format_table(summary))
     if args.png:
         train, info = splits.train, splits.info
+        images = train.images
+        if images.ndim == 5:  # volumes (N, D, H, W, C) are drawn by their middle slice
+            images = images[:, images.shape[1] // 2]
         path = plots.sample_grid(
             args.png,
-            train.images,
+            images,
             train.labels,
             train.sites,
             site_names=info.site_names,

@@ -18,8 +18,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # ---- data ------------------------------------------------------------------------------
     config.data = ml_collections.ConfigDict()
-    config.data.name = "synthetic"  # synthetic | medmnist | tfds | image_folder
-    config.data.path = ""  # medmnist: the .npz file; image_folder: the root folder
+    config.data.name = "synthetic"  # synthetic | medmnist | tfds | image_folder | volume_folder
+    config.data.path = ""  # medmnist: the .npz file; image_folder, volume_folder: the root folder
     config.data.tfds_name = ""  # tfds: dataset name, e.g. "patch_camelyon"
     config.data.data_dir = ""  # tfds: where prepared datasets live ("" = tfds default)
     config.data.cache_dir = ""  # synthetic: cache folder ("" = ~/.cache/fedjax_med, "none" = off)
@@ -43,6 +43,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.normalization = "per_site"  # per_site | fixed
     config.data.mean = 0.5  # fixed normalisation, on images scaled to [0, 1]
     config.data.std = 0.25
+    # DICOM (image_folder, volume_folder) and NIfTI display window after the rescale to
+    # Hounsfield units: header (the file's window; else its full range) | none (raw rescaled
+    # values) | "CENTRE,WIDTH", e.g. "40,400" soft tissue, "-600,1500" lung.
+    config.data.window = "header"
 
     config.data.synthetic = ml_collections.ConfigDict()
     config.data.synthetic.num_sites = 6
@@ -51,6 +55,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.synthetic.num_classes = 4
     config.data.synthetic.images_per_patient = 3
     config.data.synthetic.site_heterogeneity = 1.0
+    config.data.synthetic.depth = 0  # 0: 2-D images; D >= 8: 3-D volumes D x S x S
 
     # ---- model -----------------------------------------------------------------------------
     config.model = ml_collections.ConfigDict()

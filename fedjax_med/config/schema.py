@@ -21,7 +21,7 @@ from typing import Any
 import ml_collections
 
 from fedjax_med.config import base
-from fedjax_med.data import augment
+from fedjax_med.data import augment, dicom
 
 FREE_FORM = ("model.kwargs", "report.settings", "report.poisoning")
 
@@ -58,12 +58,20 @@ def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fal
     return Check(ok, f"in {left}{lo}, {hi}{right}")
 
 
+def _window_ok(value: str) -> bool:
+    try:
+        dicom.parse_window(value)
+    except ValueError:
+        return False
+    return True
+
+
 MECHANISMS = ("none", "dp_sgd", "local_dp_sgd", "dp_fedavg", "distributed_dp")
 
 CHECKS: dict[str, Check] = {
     "seed": in_range(0, 2**32 - 1),
     "trainer": one_of("central", "federated"),
-    "data.name": one_of("synthetic", "medmnist", "tfds", "image_folder"),
+    "data.name": one_of("synthetic", "medmnist", "tfds", "image_folder", "volume_folder"),
     "data.image_size": Check(lambda v: v == 0 or v >= 8, "0 (keep) or >= 8"),
     "data.channels": one_of(0, 1, 3),
     "data.task": one_of("", "multiclass", "binary", "multilabel", "segmentation"),
@@ -78,6 +86,8 @@ CHECKS: dict[str, Check] = {
     "data.synthetic.image_size": at_least(16),
     "data.synthetic.num_classes": in_range(2, 5),
     "data.synthetic.images_per_patient": at_least(1),
+    "data.synthetic.depth": Check(lambda v: v == 0 or 8 <= v <= 256, "0 (2-D) or in [8, 256]"),
+    "data.window": Check(_window_ok, "'header', 'none' or 'CENTRE,WIDTH' with width >= 1"),
     "data.synthetic.site_heterogeneity": in_range(0.0, 2.0),
     "federated.partition.method": one_of("by_site", "iid", "dirichlet", "quantity_skew"),
     "federated.partition.num_clients": at_least(0),
@@ -392,7 +402,7 @@ def _check_data_fields(config: ml_collections.ConfigDict) -> None:
 def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
     """Rules that involve several fields."""
     data = config.data
-    if data.name in ("medmnist", "image_folder") and not data.path:
+    if data.name in ("medmnist", "image_folder", "volume_folder") and not data.path:
         raise ConfigError(f"config field 'data.path' must name a file or folder for {data.name}")
     if data.name == "tfds" and not data.tfds_name:
         raise ConfigError("config field 'data.tfds_name' must name a tensorflow-datasets dataset")

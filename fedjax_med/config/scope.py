@@ -77,12 +77,14 @@ UNREAD_BY_TRAINER: Mapping[str, Mapping[str, str]] = {
 
 # data.name -> field or section prefix -> why that source cannot read it.
 _SPLITS_GIVEN = "MedMNIST files come with their train, val and test splits"
+_WINDOW = "only DICOM and NIfTI files (image_folder, volume_folder) have a display window"
 UNREAD_BY_SOURCE: Mapping[str, Mapping[str, str]] = {
     "synthetic": {
         "data.path": "the synthetic benchmark is generated, not read from a file",
         "data.tfds_name": "only data.name='tfds' names a tensorflow-datasets dataset",
         "data.data_dir": "only data.name='tfds' reads a tensorflow-datasets folder",
         "data.sparse_labels": "only MedMNIST files can have gaps between class ids",
+        "data.window": _WINDOW,
     },
     "medmnist": {
         "data.tfds_name": "only data.name='tfds' names a tensorflow-datasets dataset",
@@ -91,6 +93,7 @@ UNREAD_BY_SOURCE: Mapping[str, Mapping[str, str]] = {
         "data.synthetic.": "data.synthetic configures the generated benchmark only",
         "data.val_fraction": _SPLITS_GIVEN,
         "data.test_fraction": _SPLITS_GIVEN,
+        "data.window": _WINDOW,
     },
     "image_folder": {
         "data.tfds_name": "only data.name='tfds' names a tensorflow-datasets dataset",
@@ -101,6 +104,14 @@ UNREAD_BY_SOURCE: Mapping[str, Mapping[str, str]] = {
     },
     "tfds": {
         "data.path": "a tensorflow-datasets dataset is found by data.tfds_name and data.data_dir",
+        "data.cache_dir": "only the generated synthetic benchmark is cached",
+        "data.synthetic.": "data.synthetic configures the generated benchmark only",
+        "data.sparse_labels": "only MedMNIST files can have gaps between class ids",
+        "data.window": _WINDOW,
+    },
+    "volume_folder": {
+        "data.tfds_name": "only data.name='tfds' names a tensorflow-datasets dataset",
+        "data.data_dir": "only data.name='tfds' reads a tensorflow-datasets folder",
         "data.cache_dir": "only the generated synthetic benchmark is cached",
         "data.synthetic.": "data.synthetic configures the generated benchmark only",
         "data.sparse_labels": "only MedMNIST files can have gaps between class ids",

@@ -7,6 +7,10 @@ horizontal flip and a random crop of the image padded by reflection (a random sh
 (``"vflip"``): histology patches and dermoscopy have no preferred orientation, whereas chest
 X-rays do (the heart's side), so no flip is applied unless asked for. Every operation keeps the
 image's shape and dtype and is a pure function of ``(key, image)``.
+
+Volumes ``(D, H, W, C)`` take the same operations: the flips mirror W and H (never the slice
+axis D, along which a scan's anatomy has a direction), and the shift moves the volume in all three
+axes.
 """
 
 from __future__ import annotations
@@ -40,20 +44,25 @@ def parse_operations(spec: str) -> tuple[str, ...]:
 def augment(
     key: jax.Array, image: jax.Array, operations: tuple[str, ...], max_shift: int = 0
 ) -> jax.Array:
-    """One random view of ``image`` (``(H, W, C)``): the ``operations`` in the order flip,
-    vertical flip, shift, each drawn from its own split of ``key``.
+    """One random view of ``image`` (``(H, W, C)``, or a volume ``(D, H, W, C)``): the
+    ``operations`` in the order flip (W), vertical flip (H), shift, each drawn from its own split
+    of ``key``.
 
-    ``"shift"`` pads the image by ``max_shift`` pixels with reflection and crops an ``H x W``
-    window at a uniformly random offset in ``[0, 2 max_shift]^2`` (``max_shift = 0``: identity).
+    ``"shift"`` pads every spatial axis by ``max_shift`` pixels with reflection and crops a window
+    of the original size at a uniformly random offset in ``[0, 2 max_shift]`` per axis
+    (``max_shift = 0``: identity).
     """
+    if image.ndim not in (3, 4):
+        raise ValueError(f"image.shape={image.shape} must be (H, W, C) or (D, H, W, C)")
     k_flip, k_vflip, k_shift = jax.random.split(key, 3)
     if "flip" in operations:
-        image = jnp.where(jax.random.bernoulli(k_flip), image[:, ::-1], image)
+        image = jnp.where(jax.random.bernoulli(k_flip), jnp.flip(image, axis=-2), image)
     if "vflip" in operations:
-        image = jnp.where(jax.random.bernoulli(k_vflip), image[::-1], image)
+        image = jnp.where(jax.random.bernoulli(k_vflip), jnp.flip(image, axis=-3), image)
     if "shift" in operations and max_shift > 0:
-        h, w = image.shape[0], image.shape[1]
-        padded = jnp.pad(image, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)), "reflect")
-        dy, dx = jax.random.randint(k_shift, (2,), 0, 2 * max_shift + 1)
-        image = jax.lax.dynamic_slice(padded, (dy, dx, 0), (h, w, image.shape[2]))
+        spatial = image.ndim - 1
+        padding = ((max_shift, max_shift),) * spatial + ((0, 0),)
+        padded = jnp.pad(image, padding, "reflect")
+        offsets = jax.random.randint(k_shift, (spatial,), 0, 2 * max_shift + 1)
+        image = jax.lax.dynamic_slice(padded, (*offsets, 0), image.shape)
     return image

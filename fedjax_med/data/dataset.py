@@ -35,7 +35,7 @@ class DatasetInfo:
     num_classes: int
     class_names: tuple[str, ...]
     site_names: tuple[str, ...]
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, ...]  # (H, W, C) images or (D, H, W, C) volumes
     subgroup_names: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     @property
@@ -46,7 +46,8 @@ class DatasetInfo:
 
 @dataclasses.dataclass(frozen=True)
 class ImageDataset:
-    """One split: images ``(N, H, W, C)`` (uint8 or float32), labels and metadata."""
+    """One split: images ``(N, H, W, C)`` or volumes ``(N, D, H, W, C)`` (uint8 or float32),
+    labels and metadata."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -105,8 +106,11 @@ def validate_dataset(data: ImageDataset, info: DatasetInfo, split: str) -> None:
     n = len(data)
     if n == 0:
         raise ValueError(f"{where}: split is empty (0 examples); it must hold at least 1")
-    if data.images.ndim != 4:
-        raise ValueError(f"{where}: images must have shape (N, H, W, C), got {data.images.shape}")
+    if data.images.ndim not in (4, 5):
+        raise ValueError(
+            f"{where}: images must have shape (N, H, W, C) or volumes (N, D, H, W, C), got "
+            f"{data.images.shape}"
+        )
     if tuple(data.images.shape[1:]) != tuple(info.image_shape):
         raise ValueError(
             f"{where}: images have shape {data.images.shape[1:]}, info says {info.image_shape}"

@@ -3,7 +3,9 @@
 Each top-level folder of ``root`` is one site (a hospital, later one federated client); inside it,
 each folder is a class and every image below it (searched recursively, so per-patient subfolders
 are fine) is an example of that class. PNG, JPEG, BMP and TIFF are read with Pillow, DICOM
-(``.dcm``) with ``pydicom`` when the ``dicom`` extra is installed. Other files are ignored.
+(``.dcm``) with ``pydicom`` when the ``dicom`` extra is installed (:mod:`fedjax_med.data.dicom`:
+rescaled to Hounsfield units, windowed by ``data.window``, MONOCHROME1 inverted). Other
+files are ignored.
 
 An optional ``root/metadata.csv`` groups images per patient and adds subgroups::
 
@@ -12,14 +14,15 @@ An optional ``root/metadata.csv`` groups images per patient and adds subgroups::
 
 ``path`` is relative to ``root``; ``patient_id`` (any string) groups a patient's images so that
 splits and patient-level privacy never separate them; every other column becomes a subgroup whose
-string values are coded by their sorted order. Without the file each image is its own patient.
+string values are coded by their sorted order. Without the file, DICOM images of one site sharing
+a ``PatientID`` are one patient, and every other image is its own patient.
 
 Splits are drawn by patient within each site (:func:`dataset.split_by_patient`), unless ``root``
 holds ``train/`` and ``test/`` (and optionally ``val/``) folders, each with the layout above; those
 predefined splits are kept, and a missing ``val/`` is carved out of ``train/`` by patient.
 
-8-bit images come back as uint8; 16-bit and DICOM images as float32 holding the raw stored
-values (no rescaling, no windowing).
+8-bit images come back as uint8; 16-bit images as float32 holding the raw stored values; DICOM
+images as float32 display values (in ``[0, 1]`` when windowed).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from fedjax_med.data import dataset
+from fedjax_med.data import dataset, dicom
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 METADATA_FILE = "metadata.csv"
@@ -49,6 +52,7 @@ def load_image_folder(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
+    dicom_window: str = "header",
 ) -> dataset.DatasetSplits:
     """Reads a multi-site image folder into validated train / val / test splits.
 
@@ -62,6 +66,8 @@ def load_image_folder(
       test_fraction: share of each site's images (by patient) for test; unused with predefined
         splits.
       seed: seeds the patient shuffle of the split.
+      dicom_window: ``data.window`` for DICOM files: ``"header"``, ``"none"`` or
+        ``"CENTRE,WIDTH"`` (:func:`fedjax_med.data.dicom.parse_window`).
 
     Returns:
       Validated splits; task "binary" for two classes, else "multiclass"; ``sites`` index
@@ -91,6 +97,7 @@ def load_image_folder(
         raise ValueError(f"{channels=} must be 1 (grayscale) or 3 (RGB)")
     if image_size is not None and image_size < 1:
         raise ValueError(f"{image_size=} must be a positive integer or None")
+    window = dicom.parse_window(dicom_window)
     rootp = pathlib.Path(root)
     if not rootp.is_dir():
         raise FileNotFoundError(f"image folder root={root!r} does not exist or is not a folder")
@@ -115,8 +122,12 @@ def load_image_folder(
             f"{root}: found class folders {list(class_names)}; at least 2 classes are needed"
         )
     paths = [path for _, _, path in files]
-    patient_ids, subgroups, subgroup_names = _read_metadata(rootp, paths)
-    images = _decode_all(paths, channels=channels, image_size=image_size)
+    patient_ids, subgroups, subgroup_names = read_metadata(rootp, paths)
+    images, dicom_patients = _decode_all(
+        paths, channels=channels, image_size=image_size, window=window
+    )
+    if not (rootp / METADATA_FILE).is_file() and any(dicom_patients):
+        patient_ids = patient_keys([site for site, _, _ in files], dicom_patients)
 
     site_index = {s: i for i, s in enumerate(site_names)}
     class_index = {c: i for i, c in enumerate(class_names)}
@@ -247,7 +258,7 @@ def _list_files(base: pathlib.Path) -> list[tuple[str, str, pathlib.Path]]:
     return files
 
 
-def _read_metadata(
+def read_metadata(
     root: pathlib.Path, paths: list[pathlib.Path]
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, tuple[str, ...]]]:
     """Patient ids, subgroup codes and subgroup value names for ``paths``, in order."""
@@ -292,18 +303,40 @@ def _read_metadata(
     return patient_ids.astype(np.int64), subgroups, subgroup_names
 
 
+def patient_keys(sites: list[str], patients: list[str]) -> np.ndarray:
+    """int64 patient ids: one per distinct ``(site, PatientID)``, one per example where it is "".
+
+    Hospitals number their patients independently, so the same ``PatientID`` at two sites is two
+    patients.
+
+    Examples:
+      >>> patient_keys(["a", "a", "b", "a"], ["P1", "P1", "P1", ""]).tolist()
+      [0, 0, 1, 2]
+    """
+    keys = [
+        f"id:{site}/{p}" if p else f"none:{i:012d}"
+        for i, (site, p) in enumerate(zip(sites, patients, strict=True))
+    ]
+    _, ids = np.unique(keys, return_inverse=True)
+    return ids.astype(np.int64)
+
+
 def _normalise(path: str) -> str:
     return pathlib.PurePosixPath(path.replace("\\", "/")).as_posix().removeprefix("./")
 
 
-def _decode_all(paths: list[pathlib.Path], *, channels: int, image_size: int | None) -> np.ndarray:
-    """Decodes all images into one ``(N, H, W, C)`` array, checking they agree in shape."""
-    first = _decode(paths[0], channels, image_size)
+def _decode_all(
+    paths: list[pathlib.Path], *, channels: int, image_size: int | None, window
+) -> tuple[np.ndarray, list[str]]:
+    """All images as one ``(N, H, W, C)`` array (checked to agree in shape), and each image's
+    DICOM ``PatientID`` ("" for other files)."""
+    first, patient = _decode(paths[0], channels, image_size, window)
     out = np.empty((len(paths), *first.shape), first.dtype)
     out[0] = first
+    patients = [patient] + [""] * (len(paths) - 1)
 
     def fill(i: int) -> None:
-        image = _decode(paths[i], channels, image_size)
+        image, patients[i] = _decode(paths[i], channels, image_size, window)
         if image.shape != first.shape or image.dtype != first.dtype:
             hint = (
                 " or set data.image_size to resize them all"
@@ -320,35 +353,24 @@ def _decode_all(paths: list[pathlib.Path], *, channels: int, image_size: int | N
     workers = min(32, (os.cpu_count() or 1) + 4)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(fill, range(1, len(paths))))
-    return out
+    return out, patients
 
 
-def _decode(path: pathlib.Path, channels: int, image_size: int | None) -> np.ndarray:
+def _decode(
+    path: pathlib.Path, channels: int, image_size: int | None, window
+) -> tuple[np.ndarray, str]:
     if path.suffix.lower() == ".dcm":
-        pixels = _read_dicom(path)
         try:
-            return convert_image(pixels, channels=channels, image_size=image_size)
+            read = dicom.read_image(path, window)
+        except ImportError as e:
+            raise ImportError(f"{path} is a DICOM file: {e}") from e
+        try:
+            image = convert_image(read.pixels, channels=channels, image_size=image_size)
         except ValueError as e:
             raise ValueError(f"cannot convert DICOM file {path}: {e}") from e
+        return image, read.patient_id
     try:
         with Image.open(path) as image:
-            return convert_image(image, channels=channels, image_size=image_size)
+            return convert_image(image, channels=channels, image_size=image_size), ""
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image file {path}: {e}") from e
-
-
-def _read_dicom(path: pathlib.Path) -> np.ndarray:
-    try:
-        import pydicom
-    except ImportError as e:
-        raise ImportError(
-            f"{path} is a DICOM file and reading it needs pydicom: "
-            "install fedjax_med[dicom] (pip install 'fedjax_med[dicom]')"
-        ) from e
-    try:
-        pixels = np.asarray(pydicom.dcmread(path).pixel_array)
-    except Exception as e:  # pydicom raises many types for corrupt or unsupported files.
-        raise ValueError(f"cannot read DICOM file {path}: {e}") from e
-    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
-        raise ValueError(f"{path}: multi-frame DICOM {pixels.shape} is not supported")
-    return pixels

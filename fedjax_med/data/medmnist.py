@@ -3,7 +3,9 @@
 The public format (Yang et al., MedMNIST v2, https://arxiv.org/abs/2110.14795) stores six arrays:
 ``{train,val,test}_images`` uint8 of shape ``(N, H, W)`` (grayscale) or ``(N, H, W, 3)``, and
 ``{train,val,test}_labels`` of shape ``(N, 1)`` (one class index) or ``(N, K)`` (K binary
-findings, as ChestMNIST).
+findings, as ChestMNIST). The 3-D datasets (OrganMNIST3D, NoduleMNIST3D, AdrenalMNIST3D,
+FractureMNIST3D, VesselMNIST3D, SynapseMNIST3D) store volumes ``(N, D, H, W)`` (28 or 64 per
+side), read as ``(N, D, H, W, 1)``, with the same labels.
 
 The files carry no patient or site information: everything is one site named ``"medmnist"`` and
 each image gets its own patient id (a running index over train, val and test), so example-level
@@ -50,8 +52,9 @@ def load_medmnist(
         outputs; the unused ones are never a target).
 
     Returns:
-      Validated splits named after the file stem; uint8 images ``(N, H, W, C)``, int32 labels
-      ``(N,)`` (binary, multiclass) or ``(N, K)`` (multilabel).
+      Validated splits named after the file stem; uint8 images ``(N, H, W, C)`` (volumes
+      ``(N, D, H, W, 1)``), int32 labels ``(N,)`` (binary, multiclass) or ``(N, K)``
+      (multilabel).
 
     Examples:
       >>> import os, tempfile
@@ -68,6 +71,11 @@ def load_medmnist(
       ('toymnist', 'multiclass', 3, (28, 28, 1))
       >>> splits.train.labels
       array([0, 1, 2, 0, 1, 2], dtype=int32)
+      >>> volumes = dict(arrays, **{f"{s}_images": np.zeros((len(arrays[f"{s}_labels"]), 28, 28,
+      ...     28), np.uint8) for s in SPLITS})
+      >>> np.savez(path, **volumes)
+      >>> load_medmnist(path).info.image_shape
+      (28, 28, 28, 1)
       >>> tmp.cleanup()
     """
     if task is not None and task not in dataset.TASKS:
@@ -137,9 +145,13 @@ def _check_images(images: np.ndarray, key: str) -> np.ndarray:
         return images[..., None]
     if images.ndim == 4 and images.shape[-1] in (1, 3):
         return images
+    if images.ndim == 4:  # MedMNIST3D volumes (N, D, H, W); no 3-D file has a channel axis
+        return images[..., None]
+    if images.ndim == 5 and images.shape[-1] == 1:
+        return images
     raise ValueError(
-        f"{key}: shape {images.shape} must be (N, H, W) or (N, H, W, 1|3); "
-        "3-D volumes (MedMNIST3D) are not supported"
+        f"{key}: shape {images.shape} must be images (N, H, W) or (N, H, W, 1|3), or volumes "
+        "(N, D, H, W) or (N, D, H, W, 1)"
     )
 
 

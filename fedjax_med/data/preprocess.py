@@ -30,9 +30,10 @@ class Normalizer:
     def __call__(self, images: np.ndarray, sites: np.ndarray) -> np.ndarray:
         """Returns float32 images of the same shape, standardised with each example's site."""
         x = to_unit_range(images)
-        return (
-            (x - self.mean[sites][:, None, None, :]) / self.std[sites][:, None, None, :]
-        ).astype(np.float32)
+        # (B, C) -> (B, 1, ..., 1, C): images (B, H, W, C) and volumes (B, D, H, W, C) alike.
+        shape = (len(sites),) + (1,) * (x.ndim - 2) + (x.shape[-1],)
+        mean, std = self.mean[sites].reshape(shape), self.std[sites].reshape(shape)
+        return ((x - mean) / std).astype(np.float32)
 
 
 def to_unit_range(images: np.ndarray) -> np.ndarray:
@@ -72,9 +73,10 @@ def fit_normalizer(
             if idx.size == 0:
                 continue
             x = to_unit_range(train.images[idx])
-            means[site] = x.mean(axis=(0, 1, 2))
+            axes = tuple(range(x.ndim - 1))  # every axis but the channel
+            means[site] = x.mean(axis=axes)
             # A constant site (e.g. blank images) would divide by zero: floor the deviation.
-            stds[site] = np.maximum(x.std(axis=(0, 1, 2)), 1e-3)
+            stds[site] = np.maximum(x.std(axis=axes), 1e-3)
     elif method != "fixed":
         raise ValueError(f"data.normalization={method!r} must be 'per_site' or 'fixed'")
     return Normalizer(mean=means, std=stds, method=method)

@@ -1,10 +1,12 @@
 """One entry point from ``config.data`` to validated :class:`DatasetSplits`.
 
 ``data.name`` selects the source: ``synthetic`` (embedded, no download), ``medmnist`` (a local
-``.npz``), ``tfds`` (tensorflow-datasets by name, random access) or ``image_folder``
-(``root/<site>/<class>/*.png``). Each loader lives in its own module and is imported lazily so
-that, e.g., tensorflow-datasets is only imported when used. ``data.task = "segmentation"`` reads
-masks as labels (:mod:`fedjax_med.data.masks`; the synthetic data draws its lesions' masks).
+``.npz``, 2-D or 3-D), ``tfds`` (tensorflow-datasets by name, random access), ``image_folder``
+(``root/<site>/<class>/*.png``) or ``volume_folder`` (``root/<site>/<class>/<volume>``, NIfTI or
+DICOM; :mod:`fedjax_med.data.volumes`). Each loader lives in its own module and is imported
+lazily so that, e.g., tensorflow-datasets is only imported when used. ``data.task =
+"segmentation"`` reads masks as labels (:mod:`fedjax_med.data.masks`; the synthetic data draws
+its lesions' masks).
 
 Every ``data`` field acts on every source it applies to: where a loader does not do it itself,
 :func:`load_splits` caps each split at ``max_examples`` (round-robin over sites), converts to
@@ -74,6 +76,7 @@ def load_splits(data: ml_collections.ConfigDict, seed: int) -> dataset_lib.Datas
             num_classes=s.num_classes,
             images_per_patient=s.images_per_patient,
             site_heterogeneity=s.site_heterogeneity,
+            depth=s.depth,
             test_fraction=data.test_fraction,
             val_fraction=data.val_fraction,
             seed=seed,
@@ -124,6 +127,24 @@ def load_splits(data: ml_collections.ConfigDict, seed: int) -> dataset_lib.Datas
             val_fraction=data.val_fraction,
             test_fraction=data.test_fraction,
             seed=seed,
+            dicom_window=data.window,
+        )
+        if max_examples:
+            splits = dataset_lib.cap_per_split(splits, max_examples)
+    elif data.name == "volume_folder":
+        from fedjax_med.data import volumes
+
+        if channels not in (None, 1):
+            raise ValueError(
+                f"config field 'data.channels'={channels} must be 0 or 1 for volumes (one channel)"
+            )
+        splits = volumes.load_volume_folder(
+            data.path,
+            image_size=image_size,
+            val_fraction=data.val_fraction,
+            test_fraction=data.test_fraction,
+            seed=seed,
+            window=data.window,
         )
         if max_examples:
             splits = dataset_lib.cap_per_split(splits, max_examples)
@@ -143,7 +164,7 @@ def load_splits(data: ml_collections.ConfigDict, seed: int) -> dataset_lib.Datas
     else:
         raise ValueError(
             f"data.name={data.name!r} must be one of 'synthetic', 'medmnist', 'tfds', "
-            "'image_folder'"
+            "'image_folder', 'volume_folder'"
         )
     if task is not None:
         splits = dataset_lib.with_task(splits, task)
@@ -158,19 +179,27 @@ def convert_images(
     """Every split converted to ``channels`` and resized to ``image_size`` (None: keep).
 
     The same conversion as an image folder's (Pillow; ITU-R 601 luma for RGB to grayscale,
-    repeated gray for grayscale to RGB, bilinear resizing).
+    repeated gray for grayscale to RGB, bilinear resizing). Volumes ``(D, H, W, 1)`` are
+    resampled trilinearly to an ``image_size`` cube and keep their one channel.
     """
-    h, w, c = splits.info.image_shape
+    *spatial, c = splits.info.image_shape
     channels = channels or c
-    if channels == c and (image_size is None or (h, w) == (image_size, image_size)):
+    if channels == c and (image_size is None or tuple(spatial) == (image_size,) * len(spatial)):
         return splits
-    from fedjax_med.data import image_folder
+    if len(spatial) == 3 and channels != 1:
+        raise ValueError(
+            f"config field 'data.channels'={channels} must be 0 or 1 for volumes (one channel)"
+        )
+    from fedjax_med.data import image_folder, volumes
 
     def convert(d: dataset_lib.ImageDataset) -> dataset_lib.ImageDataset:
-        images = [
-            image_folder.convert_image(x, channels=channels, image_size=image_size)
-            for x in d.images
-        ]
+        if len(spatial) == 3:
+            images = [volumes.resize_volume(x[..., 0], image_size)[..., None] for x in d.images]
+        else:
+            images = [
+                image_folder.convert_image(x, channels=channels, image_size=image_size)
+                for x in d.images
+            ]
         return dataclasses.replace(d, images=np.stack(images))
 
     parts = {name: convert(splits.split(name)) for name in ("train", "val", "test")}

@@ -66,6 +66,17 @@ elsewhere and on every ``normal`` image, whose islands are tissue, not findings)
 random draw, so the images are the same bytes with and without them; the image-level class is
 kept as the subgroup ``finding``.
 
+**Volumes** (``depth = D > 0``, ``u = S / 32`` as above, voxels isotropic): the same sites,
+patients and classes, rendered as ``(D, S, S)`` volumes. The tissue is the 3-D analogue (white
+noise low-passed in 3-D, patient correlation 0.6); every volume gets lesion mass
+``M_i = 100 u^3 U(.8, 1.25)`` (so a mass lesion's voxels are about as bright as its 2-D pixels)
+around a centre uniform in the middle half of each axis: ``normal`` 6-10 faint 3-D Gaussian
+islands, ``mass`` a solid ellipsoid (semi-axes ``r_p sqrt(q_p)``, ``r_p / sqrt(q_p)``, ``r_p``,
+rotated in-plane), ``calcifications`` 5-8 dots in a ball, ``architectural_distortion`` 4-7
+spicules in random 3-D directions, ``cyst`` a spherical shell.
+The site's blur is 3-D, its bias field is the 2-D one on every slice, offset, gain and noise as
+above.
+
 Splits are by patient within each site (:func:`fedjax_med.data.dataset.split_by_patient`).
 :func:`load_synthetic` caches the arrays as one ``.npz`` per spec.
 
@@ -99,13 +110,14 @@ CLASS_NAMES = ("normal", "mass", "calcifications", "architectural_distortion", "
 SEX_NAMES = ("female", "male")
 AGE_BAND_NAMES = ("<40", "40-60", ">60")
 
-_INTEGER_FIELDS = ("num_sites", "examples_per_site", "image_size", "num_classes", "seed")
+_INTEGER_FIELDS = ("num_sites", "examples_per_site", "image_size", "num_classes", "seed", "depth")
 _SPLITS = ("train", "val", "test")
 _FIELDS = ("images", "labels", "sites", "patient_ids", "sex", "age_band")
 # Stream ids for np.random.default_rng([seed, stream, (site)]): one independent stream per purpose.
 _SITE_STREAM, _IMAGE_STREAM, _SPLIT_STREAM, _SIZE_STREAM = 0, 1, 2, 3
 _PATIENT_CORRELATION = 0.6
 _MASS = 20.0  # mean added lesion intensity, summed over pixels, at 32x32
+_MASS_3D = 100.0  # the same summed over voxels, at 32x32x32
 _HUB = 1.5  # spicules start this far (pixels at 32x32) from the distortion's centre
 _LESION_WIDTH = 0.6  # std (pixels at 32x32) of the Gaussian that draws lesion skeletons
 _MASK_LEVEL = 0.3  # a mask pixel reaches this fraction of its lesion's peak intensity
@@ -121,6 +133,7 @@ class SyntheticSpec:
     num_classes: int = 4
     images_per_patient: int = 3  # mean images per patient (>= 1)
     site_heterogeneity: float = 1.0  # 0 = identical sites, 1 = default realistic shifts
+    depth: int = 0  # 0: images (S, S); D >= 8: volumes (D, S, S)
     test_fraction: float = 0.2
     val_fraction: float = 0.1
     seed: int = 0
@@ -146,6 +159,7 @@ def validate_spec(spec: SyntheticSpec) -> SyntheticSpec:
         ("num_classes", 2 <= spec.num_classes <= len(CLASS_NAMES), f"in [2, {len(CLASS_NAMES)}]"),
         ("images_per_patient", spec.images_per_patient >= 1, ">= 1"),
         ("site_heterogeneity", 0 <= spec.site_heterogeneity <= 2, "in [0, 2]"),
+        ("depth", spec.depth == 0 or 8 <= spec.depth <= 256, "0 (images) or in [8, 256]"),
         ("test_fraction", 0 < spec.test_fraction < 1, "in (0, 1)"),
         ("val_fraction", 0 < spec.val_fraction < 1, "in (0, 1)"),
         ("seed", spec.seed >= 0, ">= 0"),
@@ -157,6 +171,8 @@ def validate_spec(spec: SyntheticSpec) -> SyntheticSpec:
         raise ValueError(
             f"test_fraction + val_fraction = {spec.test_fraction + spec.val_fraction} must be < 1"
         )
+    if spec.masks and spec.depth:
+        raise ValueError(f"masks=True (segmentation) needs 2-D images: depth={spec.depth} must be 0")
     return spec
 
 
@@ -175,7 +191,7 @@ def dataset_info(spec: SyntheticSpec) -> dataset.DatasetInfo:
         num_classes=spec.num_classes,
         class_names=names,
         site_names=tuple(f"hospital_{s}" for s in range(spec.num_sites)),
-        image_shape=(spec.image_size, spec.image_size, 1),
+        image_shape=(*((spec.depth,) if spec.depth else ()), spec.image_size, spec.image_size, 1),
         subgroup_names=subgroups,
     )
 
@@ -234,26 +250,37 @@ def _freq2(s: int) -> np.ndarray:
 
 def _gaussian_gain(f2: np.ndarray, std: np.ndarray | float) -> np.ndarray:
     """Fourier transform of a unit-sum Gaussian of standard deviation ``std`` pixels."""
-    std = np.asarray(std, np.float32)[..., None, None]
+    std = np.asarray(std, np.float32)
+    std = std.reshape(std.shape + (1,) * f2.ndim)
     return np.exp(np.float32(-2 * np.pi**2) * std**2 * f2)
 
 
-def _texture_std(s: int, length: np.ndarray) -> np.ndarray:
+def _freq3(d: int, s: int) -> np.ndarray:
+    """Squared spatial frequency on the ``rfftn`` grid of ``(D, S, S)``, ``(D, S, S // 2 + 1)``."""
+    fz = np.fft.fftfreq(d)[:, None, None]
+    fy = np.fft.fftfreq(s)[None, :, None]
+    fx = np.fft.rfftfreq(s)[None, None, :]
+    return (fz**2 + fy**2 + fx**2).astype(np.float32)
+
+
+def _texture_std(shape: tuple[int, ...], length: np.ndarray) -> np.ndarray:
     """Std of white unit noise after the periodic low-pass ``length`` with the mean removed."""
-    f2 = (np.fft.fftfreq(s)[:, None] ** 2 + np.fft.fftfreq(s)[None, :] ** 2).astype(np.float32)
+    grids = np.meshgrid(*(np.fft.fftfreq(n) for n in shape), indexing="ij", sparse=True)
+    f2 = sum(g**2 for g in grids).astype(np.float32)
     power = _gaussian_gain(f2, length) ** 2
-    return np.sqrt((power.sum(axis=(-2, -1)) - 1) / s**2)
+    return np.sqrt((power.sum(axis=tuple(range(-len(shape), 0))) - 1) / np.prod(shape))
 
 
-def _fourier_white(rng: np.random.Generator, n: int, s: int) -> np.ndarray:
-    """``rfft2`` of ``n`` white ``(S, S)`` fields of unit variance, drawn in the Fourier domain.
+def _fourier_white(rng: np.random.Generator, n: int, shape: tuple[int, ...]) -> np.ndarray:
+    """``rfftn`` of ``n`` white fields of ``shape`` and unit variance, drawn in the Fourier domain.
 
-    ``irfft2`` keeps only the Hermitian part of columns 0 and S/2, halving their power; scaling
-    them by sqrt(2) restores unit variance without a forward transform.
+    ``irfftn`` keeps only the Hermitian part of the last axis' frequencies 0 and S/2, halving
+    their power; scaling them by sqrt(2) restores unit variance without a forward transform.
     """
-    parts = rng.standard_normal((n, s, s // 2 + 1, 2), dtype=np.float32)
+    *lead, s = shape
+    parts = rng.standard_normal((n, *lead, s // 2 + 1, 2), dtype=np.float32)
     spectrum = parts.view(np.complex64)[..., 0]
-    spectrum *= np.float32(s / np.sqrt(2))
+    spectrum *= np.float32(np.sqrt(np.prod(shape)) / np.sqrt(2))
     spectrum[..., 0] *= np.float32(np.sqrt(2))
     if s % 2 == 0:
         spectrum[..., -1] *= np.float32(np.sqrt(2))
@@ -276,6 +303,21 @@ def _splat(out: np.ndarray, image: np.ndarray, y: np.ndarray, x: np.ndarray) -> 
     out += np.bincount(index, weight, minlength=out.size).reshape(out.shape).astype(out.dtype)
 
 
+def _lesion_shapes(rng: np.random.Generator, num_patients: int, u: float) -> tuple:
+    """Per-patient lesion shape draws (module docstring): island count and spread, mass radius
+    and axis ratio, dot count and cluster radius, spicule count and length."""
+    return (
+        rng.integers(6, 11, num_patients),
+        rng.uniform(2.0, 3.0, num_patients) * u,
+        rng.uniform(3.0, 4.5, num_patients) * u,
+        rng.uniform(1.0, 1.5, num_patients),
+        rng.integers(5, 9, num_patients),
+        rng.uniform(3.5, 5.5, num_patients) * u,
+        rng.integers(4, 8, num_patients),
+        rng.uniform(4.5, 7.0, num_patients) * u,
+    )
+
+
 def _lesion_skeletons(
     rng: np.random.Generator, labels: np.ndarray, pid: np.ndarray, num_patients: int, s: int
 ) -> np.ndarray:
@@ -283,14 +325,9 @@ def _lesion_skeletons(
     n = len(labels)
     u = s / 32
     # Per-patient shape parameters (the same lesion seen in several images).
-    blobs_p = rng.integers(6, 11, num_patients)
-    spread_p = rng.uniform(2.0, 3.0, num_patients) * u
-    size_p = rng.uniform(3.0, 4.5, num_patients) * u
-    ratio_p = rng.uniform(1.0, 1.5, num_patients)
-    count_p = rng.integers(5, 9, num_patients)
-    cluster_p = rng.uniform(3.5, 5.5, num_patients) * u
-    lines_p = rng.integers(4, 8, num_patients)
-    length_p = rng.uniform(4.5, 7.0, num_patients) * u
+    blobs_p, spread_p, size_p, ratio_p, count_p, cluster_p, lines_p, length_p = _lesion_shapes(
+        rng, num_patients, u
+    )
     # Per-image position, orientation and mass.
     margin = s / 4
     cy, cx = rng.uniform(margin, s - 1 - margin, (2, n))
@@ -351,18 +388,12 @@ def _lesion_skeletons(
     return out
 
 
-def _generate_site(
-    spec: SyntheticSpec, site: int, size_v: float, first_patient: int
-) -> tuple[dataset.ImageDataset, int]:
-    """All images of one site; returns them and the number of patients used."""
-    params = _site(spec, site, size_v)
-    rng = np.random.default_rng([spec.seed, _IMAGE_STREAM, site])
-    s, m = spec.image_size, float(spec.images_per_patient)
-
+def _draw_patients(spec: SyntheticSpec, params: _Site, rng: np.random.Generator):
+    """``(num_patients, pid per image, sex, age band, class)`` of one site (module docstring)."""
+    m = float(spec.images_per_patient)
     num_patients = max(1, round(params.size / m))
     counts = 1 + rng.poisson(m - 1, num_patients)
     pid = np.repeat(np.arange(num_patients), counts)
-    n = len(pid)
     sex = rng.integers(0, 2, num_patients)
     age = _categorical(rng, np.broadcast_to(params.age_probs, (num_patients, 3)))
     logits = np.log(params.prevalence)[None, :] + 0.2 * age[:, None] * (
@@ -370,22 +401,39 @@ def _generate_site(
     )
     probs = np.exp(logits)
     label = _categorical(rng, probs / probs.sum(-1, keepdims=True))
+    return num_patients, pid, sex, age, label
 
-    # Tissue: patient-shared plus per-image white noise, low-passed at the patient's length.
+
+def _tissue_draws(rng: np.random.Generator, num_patients: int, s: int) -> tuple:
+    """Per-patient tissue mean ``mu_p``, contrast ``c_p`` and texture length ``l_p``."""
     mu = rng.uniform(0.3, 0.5, num_patients).astype(np.float32)
     contrast = rng.uniform(0.04, 0.08, num_patients)
-    length = rng.uniform(1.5, 3.0, num_patients) * s / 32
+    return mu, contrast, rng.uniform(1.5, 3.0, num_patients) * s / 32
+
+
+def _generate_site(
+    spec: SyntheticSpec, site: int, size_v: float, first_patient: int
+) -> tuple[dataset.ImageDataset, int]:
+    """All images of one site; returns them and the number of patients used."""
+    params = _site(spec, site, size_v)
+    rng = np.random.default_rng([spec.seed, _IMAGE_STREAM, site])
+    s = spec.image_size
+    num_patients, pid, sex, age, label = _draw_patients(spec, params, rng)
+    n = len(pid)
+
+    # Tissue: patient-shared plus per-image white noise, low-passed at the patient's length.
+    mu, contrast, length = _tissue_draws(rng, num_patients, s)
     rho = _PATIENT_CORRELATION
     f2 = _freq2(s)
     # The scanner blur is folded into the same filters: the texture is periodic and lesions lie
     # inside the image, so blurring periodically in the Fourier domain matches a plain blur.
     scanner = _gaussian_gain(f2, params.blur)
-    scale = (contrast / _texture_std(s, length)).astype(np.float32)[:, None, None]
+    scale = (contrast / _texture_std((s, s), length)).astype(np.float32)[:, None, None]
     tissue_filter = scale * _gaussian_gain(f2, length) * scanner
     tissue_filter[:, 0, 0] = 0  # zero-mean texture: the patient's mean is mu alone
-    shared = _fourier_white(rng, num_patients, s)
+    shared = _fourier_white(rng, num_patients, (s, s))
     shared *= np.float32(np.sqrt(rho)) * tissue_filter
-    spectrum = _fourier_white(rng, n, s)
+    spectrum = _fourier_white(rng, n, (s, s))
     spectrum *= np.float32(np.sqrt(1 - rho)) * tissue_filter[pid]
     spectrum += shared[pid]
     lesions = _lesion_skeletons(rng, label[pid], pid, num_patients, s)
@@ -394,29 +442,167 @@ def _generate_site(
 
     # Scanner: (blur above), bias field, gain, offset, noise, 8-bit quantisation.
     x = np.fft.irfft2(spectrum, s=(s, s))
-    x += mu[pid, None, None]
+    images = _scan(rng, x, mu[pid], params)
+    drawn = None
+    if spec.masks:  # the lesions without the scanner's blur; no random draw
+        drawn_spectrum = lesion_spectrum * _gaussian_gain(f2, _LESION_WIDTH * s / 32)
+        drawn = np.fft.irfft2(drawn_spectrum, s=(s, s))
+    data = _site_dataset(rng, images, site, first_patient, pid, label, sex, age, drawn)
+    return data, num_patients
+
+
+def _scan(rng: np.random.Generator, x: np.ndarray, mu: np.ndarray, params: _Site) -> np.ndarray:
+    """uint8 ``(n, ..., 1)`` from tissue + lesions ``x`` ``(n, ...)``: the patient's mean ``mu``
+    ``(n,)``, then the site's bias field, gain, offset, noise and 8-bit quantisation."""
+    x += mu.reshape((-1,) + (1,) * (x.ndim - 1))
     x *= (params.gain * params.bias).astype(np.float32)
     x += np.float32(params.offset)
-    x += np.float32(params.noise) * rng.standard_normal((n, s, s), dtype=np.float32)
-    images = np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8)[..., None]
+    x += np.float32(params.noise) * rng.standard_normal(x.shape, dtype=np.float32)
+    return np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8)[..., None]
 
+
+def _site_dataset(
+    rng: np.random.Generator,
+    images: np.ndarray,
+    site: int,
+    first_patient: int,
+    pid: np.ndarray,
+    label: np.ndarray,
+    sex: np.ndarray,
+    age: np.ndarray,
+    drawn: np.ndarray | None = None,
+) -> dataset.ImageDataset:
+    """One site's examples in a shuffled order, with per-image metadata from per-patient arrays.
+
+    With ``drawn`` (each image's lesion drawing, in generation order) the labels are the lesions'
+    masks (:func:`lesion_masks`) and the image-level class becomes the subgroup ``finding``.
+    """
+    n = len(pid)
     order = rng.permutation(n)  # interleave patients, as an unsorted archive would
     pid = pid[order]
     subgroups = {"sex": sex[pid], "age_band": age[pid]}
     labels = label[pid].astype(np.int32)
-    if spec.masks:
-        drawn_spectrum = lesion_spectrum * _gaussian_gain(f2, _LESION_WIDTH * s / 32)
-        drawn = np.fft.irfft2(drawn_spectrum, s=(s, s))
+    if drawn is not None:
         subgroups["finding"] = labels
         labels = lesion_masks(drawn[order], labels)
-    data = dataset.ImageDataset(
+    return dataset.ImageDataset(
         images=images[order],
         labels=labels,
         sites=np.full(n, site, np.int32),
         patient_ids=(first_patient + pid).astype(np.int64),
         subgroups={k: v.astype(np.int32) for k, v in subgroups.items()},
     )
-    return data, num_patients
+
+
+def _splat3(out: np.ndarray, volume: np.ndarray, points: np.ndarray) -> None:
+    """Adds a unit at the nearest voxel of each ``points[j] = (z, y, x)`` of ``out[volume[j]]``;
+    points outside the volume are dropped."""
+    n, d, s, _ = out.shape
+    z, y, x = np.rint(points).astype(np.int64).T
+    inside = (z >= 0) & (z < d) & (y >= 0) & (y < s) & (x >= 0) & (x < s)
+    index = ((volume[inside] * d + z[inside]) * s + y[inside]) * s + x[inside]
+    out += np.bincount(index, minlength=out.size).reshape(out.shape).astype(out.dtype)
+
+
+def _unit_vectors(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Directions uniform on the sphere, ``shape + (3,)``."""
+    v = rng.standard_normal(shape + (3,))
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def _volume_lesions(
+    rng: np.random.Generator, labels: np.ndarray, pid: np.ndarray, num_patients: int, d: int, s: int
+) -> np.ndarray:
+    """Unblurred 3-D lesion intensity ``(n, D, S, S)``; each volume sums to its mass ``M_i``."""
+    n, u = len(labels), s / 32
+    blobs_p, spread_p, size_p, ratio_p, count_p, cluster_p, lines_p, length_p = _lesion_shapes(
+        rng, num_patients, u
+    )
+    low = np.array([d / 4, s / 4, s / 4])
+    high = np.array([d, s, s]) - 1 - low
+    centre = rng.uniform(low, high, (n, 3))
+    blob_at = rng.uniform(low, high, (n, 10, 3)).astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi, n)
+    dots = _unit_vectors(rng, (n, 8)) * np.cbrt(rng.uniform(0, 1, (n, 8)))[..., None]
+    spokes = _unit_vectors(rng, (n, 7))
+    mass = _MASS_3D * u**3 * rng.uniform(0.8, 1.25, n)
+
+    out = np.zeros((n, d, s, s), np.float32)
+    axes = [np.arange(k, dtype=np.float32) for k in (d, s, s)]
+    for k in np.unique(labels):
+        idx = np.flatnonzero(labels == k)
+        p = pid[idx]
+        dz, dy, dx = (axes[a][None, :] - centre[idx, a, None].astype(np.float32) for a in range(3))
+        if k == 0:  # normal: faint scattered islands, separable 3-D Gaussians
+            inv = (-0.5 / spread_p[p] ** 2).astype(np.float32)[:, None]
+            for j in range(10):
+                on = (j < blobs_p[p]).astype(np.float32)[:, None]
+                g = [
+                    np.exp((axes[a][None, :] - blob_at[idx, j, a, None]) ** 2 * inv)
+                    for a in range(3)
+                ]
+                out[idx] += (
+                    (g[0] * on)[:, :, None, None] * g[1][:, None, :, None] * g[2][:, None, None, :]
+                )
+        elif k == 1:  # mass: solid ellipsoid, rotated in-plane
+            c = np.cos(angle[idx]).astype(np.float32)[:, None, None, None]
+            sn = np.sin(angle[idx]).astype(np.float32)[:, None, None, None]
+            zz, yy, xx = dz[:, :, None, None], dy[:, None, :, None], dx[:, None, None, :]
+            r2 = (size_p[p] ** 2).astype(np.float32)[:, None, None, None]
+            q = ratio_p[p].astype(np.float32)[:, None, None, None]
+            out[idx] = (c * xx + sn * yy) ** 2 / (r2 * q) + (c * yy - sn * xx) ** 2 * q / r2 + (
+                zz**2 / r2
+            ) <= 1
+        elif k == 2:  # calcifications: tiny dots in a ball
+            on = np.arange(8)[None, :] < count_p[p][:, None]
+            points = centre[idx, None, :] + dots[idx] * cluster_p[p][:, None, None]
+            volume = np.broadcast_to(idx[:, None], on.shape)
+            _splat3(out, volume[on], points[on])
+        elif k == 3:  # architectural distortion: spicules in random 3-D directions
+            q = int(np.ceil(2 * 7 * u)) + 1
+            t = _HUB * u + np.linspace(0, 1, q)[None, None, :] * length_p[p][:, None, None]
+            points = centre[idx, None, None, :] + t[..., None] * spokes[idx][:, :, None, :]
+            shape = points.shape[:-1]
+            on = np.broadcast_to((np.arange(7)[None, :] < lines_p[p][:, None])[..., None], shape)
+            volume = np.broadcast_to(idx[:, None, None], shape)
+            _splat3(out, volume[on], points[on])
+        else:  # cyst: spherical shell
+            dist = np.sqrt(
+                dz[:, :, None, None] ** 2 + dy[:, None, :, None] ** 2 + dx[:, None, None, :] ** 2
+            )
+            out[idx] = np.abs(dist - size_p[p].astype(np.float32)[:, None, None, None]) <= 0.5
+        total = np.maximum(out[idx].sum(axis=(1, 2, 3), keepdims=True), 1e-6)
+        out[idx] *= mass[idx, None, None, None].astype(np.float32) / total
+    return out
+
+
+def _generate_volume_site(
+    spec: SyntheticSpec, site: int, size_v: float, first_patient: int
+) -> tuple[dataset.ImageDataset, int]:
+    """All volumes ``(n, D, S, S, 1)`` of one site (module docstring, "Volumes")."""
+    params = _site(spec, site, size_v)
+    rng = np.random.default_rng([spec.seed, _IMAGE_STREAM, site])
+    d, s = spec.depth, spec.image_size
+    num_patients, pid, sex, age, label = _draw_patients(spec, params, rng)
+    n = len(pid)
+    mu, contrast, length = _tissue_draws(rng, num_patients, s)
+    rho = _PATIENT_CORRELATION
+    f2 = _freq3(d, s)
+    scanner = _gaussian_gain(f2, params.blur)
+    scale = (contrast / _texture_std((d, s, s), length)).astype(np.float32)[:, None, None, None]
+    tissue_filter = scale * _gaussian_gain(f2, length) * scanner
+    tissue_filter[:, 0, 0, 0] = 0
+    spectrum = _fourier_white(rng, n, (d, s, s))
+    spectrum *= np.float32(np.sqrt(1 - rho)) * tissue_filter[pid]
+    spectrum += (_fourier_white(rng, num_patients, (d, s, s)) * np.float32(np.sqrt(rho)))[pid] * (
+        tissue_filter[pid]
+    )
+    lesions = _volume_lesions(rng, label[pid], pid, num_patients, d, s)
+    lesion_filter = _gaussian_gain(f2, _LESION_WIDTH * s / 32) * scanner
+    spectrum += np.fft.rfftn(lesions, axes=(1, 2, 3)) * lesion_filter
+    x = np.fft.irfftn(spectrum, s=(d, s, s), axes=(1, 2, 3)).astype(np.float32)
+    volumes = _scan(rng, x, mu[pid], params)
+    return _site_dataset(rng, volumes, site, first_patient, pid, label, sex, age), num_patients
 
 
 def lesion_masks(drawn: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -445,7 +631,8 @@ def generate(spec: SyntheticSpec) -> dataset.DatasetSplits:
     size_v = 2 * (size_rng.permutation(k) + size_rng.uniform(size=k)) / k - 1
     sites, first = [], 0
     for site in range(spec.num_sites):
-        data, used = _generate_site(spec, site, size_v[site], first)
+        render = _generate_volume_site if spec.depth else _generate_site
+        data, used = render(spec, site, size_v[site], first)
         sites.append(data)
         first += used
     everything = dataset.concatenate(sites)
@@ -465,9 +652,14 @@ def generate(spec: SyntheticSpec) -> dataset.DatasetSplits:
 
 def cache_path(spec: SyntheticSpec, cache_dir: str) -> str:
     """The ``.npz`` file that caches ``spec``: keyed by a hash of every field and the version."""
-    fields = {k: repr(v) for k, v in dataclasses.asdict(spec).items()}
-    if not spec.masks:  # the files of specs without masks keep the names they always had
-        del fields["masks"]
+    # depth = 0 (images) and masks = False are left out, so the 2-D classification benchmark
+    # keeps the key it had before volumes and masks.
+    defaults = {"depth": 0, "masks": False}
+    fields = {
+        k: repr(v)
+        for k, v in dataclasses.asdict(spec).items()
+        if not (k in defaults and v == defaults[k])
+    }
     key = json.dumps({"version": GENERATOR_VERSION, **fields}, sort_keys=True).encode()
     return os.path.join(cache_dir, f"synthetic_{hashlib.sha256(key).hexdigest()[:20]}.npz")
 

@@ -2,8 +2,8 @@
 
 >>> from fedjax_med import models
 >>> models.available_models()  # doctest: +NORMALIZE_WHITESPACE
-('cryptonets', 'linear', 'mlp', 'resnet_gn', 'scatter_cnn', 'scatter_linear', 'small_cnn',
- 'unet', 'wide_resnet', 'wrn_16_4')
+('cnn3d', 'cryptonets', 'linear', 'mlp', 'resnet_gn', 'scatter_cnn', 'scatter_linear',
+ 'small_cnn', 'unet', 'wide_resnet', 'wrn_16_4')
 
 No model has BatchNorm or dropout: normalisation is GroupNorm (per example), so one example's
 logits never depend on the rest of the batch and per-example gradients can be taken by
@@ -11,7 +11,7 @@ logits never depend on the rest of the batch and per-example gradients can be ta
 """
 
 # Importing the architecture modules registers their factories.
-from fedjax_med.models import cnn, cryptonets, mlp, registry, resnet, scatternet, unet
+from fedjax_med.models import cnn, cnn3d, cryptonets, mlp, registry, resnet, scatternet, unet
 from fedjax_med.models.registry import (
     Model,
     Params,
@@ -26,6 +26,7 @@ __all__ = [
     "Params",
     "available_models",
     "cnn",
+    "cnn3d",
     "cryptonets",
     "get_activation",
     "get_model",

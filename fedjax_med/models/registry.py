@@ -28,6 +28,9 @@ Factory = Callable[..., nn.Module]
 
 _FACTORIES: dict[str, Factory] = {}
 _MIN_SIZES: dict[str, int] = {}
+# Spatial dimensions of one example a model takes: 2 for images (H, W, C), 3 for volumes
+# (D, H, W, C).
+_SPATIAL_DIMS: dict[str, int] = {}
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"relu": nn.relu, "tanh": nn.tanh}
 
@@ -91,13 +94,13 @@ class Model:
     Attributes:
       name: the registered name the model was built from.
       module: the ``flax.linen`` module; it has no collections besides ``params``.
-      input_shape: ``(H, W, C)`` of one example.
+      input_shape: ``(H, W, C)`` of one image or ``(D, H, W, C)`` of one volume.
       num_outputs: number of logits per example (1 for binary, K for K classes or labels).
     """
 
     name: str
     module: nn.Module
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     num_outputs: int
 
     def init(self, rng: jax.Array) -> Params:
@@ -115,7 +118,7 @@ class Model:
         return flax.core.unfreeze(variables["params"])
 
     def apply(self, params: Params, images: jax.Array) -> jax.Array:
-        """Logits of shape ``(B, num_outputs)`` for float images of shape ``(B, H, W, C)``.
+        """Logits ``(B, num_outputs)`` for float images ``(B, H, W, C)`` or ``(B, D, H, W, C)``.
 
         Args:
           params: a pytree as returned by :meth:`init`.
@@ -123,7 +126,7 @@ class Model:
             e.g. a single example under ``jax.vmap``.
         """
         images = jnp.asarray(images)
-        if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
+        if images.ndim != len(self.input_shape) + 1 or tuple(images.shape[1:]) != self.input_shape:
             raise ValueError(
                 f"images.shape={tuple(images.shape)} must be (batch, *{self.input_shape}) "
                 f"for model {self.name!r}"
@@ -137,19 +140,25 @@ class Model:
         return sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
 
 
-def register(name: str, *, min_size: int = 1) -> Callable[[Factory], Factory]:
+def register(
+    name: str, *, min_size: int = 1, spatial_dims: int = 2
+) -> Callable[[Factory], Factory]:
     """Decorator registering ``factory(num_outputs, **kwargs) -> nn.Module`` under ``name``.
 
     Args:
       name: the name :func:`get_model` will accept; must not be taken.
-      min_size: smallest input height and width the architecture supports.
+      min_size: smallest input height and width (and depth) the architecture supports.
+      spatial_dims: 2 for a model of images ``(H, W, C)``, 3 for one of volumes ``(D, H, W, C)``.
     """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"{spatial_dims=} must be 2 (images) or 3 (volumes)")
 
     def decorator(factory: Factory) -> Factory:
         if name in _FACTORIES:
             raise ValueError(f"model name {name!r} is already registered")
         _FACTORIES[name] = factory
         _MIN_SIZES[name] = min_size
+        _SPATIAL_DIMS[name] = spatial_dims
         return factory
 
     return decorator
@@ -190,13 +199,14 @@ def _check_kwarg(name: str, key: str, value: Any, default: Any) -> None:
 
 
 def get_model(
-    name: str, *, input_shape: tuple[int, int, int], num_outputs: int, **kwargs: Any
+    name: str, *, input_shape: tuple[int, ...], num_outputs: int, **kwargs: Any
 ) -> Model:
     """Builds the registered model ``name`` for examples of shape ``input_shape``.
 
     Args:
       name: one of :func:`available_models`.
-      input_shape: ``(H, W, C)`` of one example.
+      input_shape: ``(H, W, C)`` of one image, or ``(D, H, W, C)`` of one volume for a model
+        registered with ``spatial_dims=3``.
       num_outputs: logits per example: 1 for binary, K for K classes or K labels.
       **kwargs: architecture options accepted by the model's factory (e.g. ``width``).
 
@@ -229,11 +239,23 @@ def get_model(
             )
         _check_kwarg(name, key, value, parameters[key].default)
     input_shape = tuple(int(d) for d in input_shape)
-    if len(input_shape) != 3 or min(input_shape) < 1:
-        raise ValueError(f"input_shape={input_shape} must be (H, W, C) with positive sizes")
+    dims = _SPATIAL_DIMS[name]
+    layout = "(H, W, C)" if dims == 2 else "(D, H, W, C)"
+    if len(input_shape) != dims + 1 or min(input_shape) < 1:
+        volumes = [m for m in available_models() if _SPATIAL_DIMS[m] == 3]
+        kind = (
+            f"3-D volumes need a volume model ({', '.join(volumes)})"
+            if len(input_shape) == 4
+            else "2-D images need an image model"
+        )
+        raise ValueError(
+            f"input_shape={input_shape}: model {name!r} (config field 'model.name') takes "
+            f"examples {layout} with positive sizes; {kind}"
+        )
     min_size = _MIN_SIZES[name]
-    if min(input_shape[:2]) < min_size:
-        raise ValueError(f"input_shape={input_shape}: model {name!r} needs H and W >= {min_size}")
+    if min(input_shape[:dims]) < min_size:
+        sides = "H and W" if dims == 2 else "D, H and W"
+        raise ValueError(f"input_shape={input_shape}: model {name!r} needs {sides} >= {min_size}")
     if isinstance(num_outputs, bool) or int(num_outputs) != num_outputs or num_outputs < 1:
         raise ValueError(f"num_outputs={num_outputs!r} must be a positive integer")
     spec = (name, input_shape, int(num_outputs), tuple(sorted(kwargs.items())))

@@ -17,7 +17,7 @@ import pytest
 from fedjax_med.cli import main as cli
 from fedjax_med.config import base, loading, schema, scope
 from fedjax_med.data import dataset as dataset_lib
-from fedjax_med.data import image_folder, medmnist, synthetic, tfds_source
+from fedjax_med.data import image_folder, medmnist, synthetic, tfds_source, volumes
 from fedjax_med.reporting import settings
 from fedjax_med.trainers import central, federated
 from fedjax_med.training import setup
@@ -25,6 +25,7 @@ from fedjax_med.training import setup
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIELDS = [path for path, _ in schema.flatten(base.get_base_config())]
 DEFAULTS = dict(schema.flatten(base.get_base_config()))
+SOURCES = ("synthetic", "medmnist", "image_folder", "tfds", "volume_folder")
 
 
 def _section_prefixes() -> dict[frozenset, str]:
@@ -180,12 +181,13 @@ def reads_by_source():
         (medmnist, "load_medmnist"),
         (image_folder, "load_image_folder"),
         (tfds_source, "load_tfds"),
+        (volumes, "load_volume_folder"),
     ]
     originals = [getattr(module, name) for module, name in patched]
     try:
         for module, name in patched:
             setattr(module, name, _tiny_splits)
-        for source in ("synthetic", "medmnist", "image_folder", "tfds"):
+        for source in SOURCES:
             config = base.get_base_config()
             data = config.data
             data.name, data.path, data.tfds_name = source, "x", "x"
@@ -218,7 +220,7 @@ def test_every_field_is_read_by_each_trainer_or_refused_with_a_reason(reads_by_t
     assert not stale, f"scope.UNREAD_BY_TRAINER[{trainer!r}] lists fields it reads: {stale}"
 
 
-@pytest.mark.parametrize("source", ["synthetic", "medmnist", "image_folder", "tfds"])
+@pytest.mark.parametrize("source", SOURCES)
 def test_every_data_field_is_read_by_each_source_or_refused(reads_by_source, source):
     reads = reads_by_source[source]
     data_fields = [f for f in FIELDS if f.startswith("data.")]

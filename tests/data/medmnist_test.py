@@ -127,7 +127,7 @@ def test_missing_keys_are_named(tmp_path):
     "override, match",
     [
         ({"train_images": np.zeros((12, 8, 8), np.uint16)}, "train_images: dtype uint16"),
-        ({"val_images": np.zeros((4, 8, 8, 8), np.uint8)}, "val_images: shape"),
+        ({"val_images": np.zeros((4, 8, 8, 8, 2), np.uint8)}, "val_images: shape"),
         ({"test_images": np.zeros((6, 9, 9), np.uint8)}, "image shapes differ"),
         ({"val_labels": np.zeros((3, 1), np.uint8)}, r"val_labels: shape \(3, 1\)"),
         ({"train_labels": np.zeros((12, 1), np.float32)}, "train_labels: dtype float32"),

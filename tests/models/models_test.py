@@ -26,6 +26,8 @@ SMALL = {
 SCATTER = ("scatter_cnn", "scatter_linear")
 # Per-pixel logits (B, H, W, K); tests/models/unet_test.py covers these.
 SEGMENTERS = ("unet",)
+# Models of volumes (D, H, W, C); tests/models/cnn3d_test.py covers them.
+VOLUME = ("cnn3d",)
 SHAPE = (16, 16, 3)
 BATCH = 3
 
@@ -42,6 +44,7 @@ def _small(name, num_outputs=4, shape=SHAPE):
 
 def test_available_models():
     assert models.available_models() == (
+        "cnn3d",
         "cryptonets",
         "linear",
         "mlp",
@@ -53,11 +56,13 @@ def test_available_models():
         "wide_resnet",
         "wrn_16_4",
     )
-    assert set(SMALL) | {"wrn_16_4", *SCATTER, *SEGMENTERS} == set(models.available_models())
+    assert set(SMALL) | {"wrn_16_4", *SCATTER, *SEGMENTERS, *VOLUME} == set(
+        models.available_models()
+    )
 
 
 @pytest.mark.parametrize(
-    "name", sorted(set(models.available_models()) - set(SCATTER) - set(SEGMENTERS))
+    "name", sorted(set(models.available_models()) - {*SCATTER, *SEGMENTERS, *VOLUME})
 )
 @pytest.mark.parametrize("shape", [(16, 16, 1), (32, 32, 3), (20, 24, 2)])
 @pytest.mark.parametrize("num_outputs", [1, 10])
