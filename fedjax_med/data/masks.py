@@ -32,7 +32,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from fedjax_med.data import dataset, image_folder, medmnist
+from fedjax_med.data import dataset, dicom, image_folder, medmnist
 
 IMAGES, MASKS = "images", "masks"
 SPLITS = ("train", "val", "test")
@@ -192,8 +192,13 @@ def load_mask_folder(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
+    dicom_window: str = "header",
 ) -> dataset.DatasetSplits:
-    """Reads ``root/<site>/{images,masks}/`` (module docstring) into validated splits."""
+    """Reads ``root/<site>/{images,masks}/`` (module docstring) into validated splits.
+
+    ``.dcm`` images are read as :func:`fedjax_med.data.image_folder.load_image_folder` reads them
+    (``dicom_window`` is ``data.window``).
+    """
     rootp = pathlib.Path(root)
     if not rootp.is_dir():
         raise FileNotFoundError(f"config field 'data.path'={root!r} is not a folder")
@@ -201,7 +206,10 @@ def load_mask_folder(
         raise ValueError(f"{val_fraction=} and {test_fraction=} must be > 0 and sum to less than 1")
     pairs = _pairs(rootp)
     image_paths = [image for _, image, _ in pairs]
-    images = image_folder._decode_all(image_paths, channels=channels, image_size=image_size)
+    window = dicom.parse_window(dicom_window)
+    images, dicom_patients = image_folder._decode_all(
+        image_paths, channels=channels, image_size=image_size, window=window
+    )
     masks = [_read_mask(mask) for _, _, mask in pairs]
     for (_, image, mask), m in zip(pairs, masks, strict=True):
         if image_size is None and m.shape != images.shape[1:3]:
@@ -209,7 +217,9 @@ def load_mask_folder(
     if image_size is not None:
         masks = [resize_masks(m[None], image_size)[0] for m in masks]
     k = check_num_classes(masks, num_classes, root)
-    patient_ids, subgroups, subgroup_names = image_folder._read_metadata(rootp, image_paths)
+    patient_ids, subgroups, subgroup_names = image_folder.read_metadata(rootp, image_paths)
+    if not (rootp / image_folder.METADATA_FILE).is_file() and any(dicom_patients):
+        patient_ids = image_folder.patient_keys([site for site, _, _ in pairs], dicom_patients)
     site_names = tuple(sorted({site for site, _, _ in pairs}))
     everything = dataset.ImageDataset(
         images=images,

@@ -103,6 +103,7 @@ def load_splits(data: ml_collections.ConfigDict, seed: int) -> dataset_lib.Datas
                 val_fraction=data.val_fraction,
                 test_fraction=data.test_fraction,
                 seed=seed,
+                dicom_window=data.window,
             )
             if max_examples:
                 splits = dataset_lib.cap_per_split(splits, max_examples)

@@ -172,7 +172,7 @@ def validate_spec(spec: SyntheticSpec) -> SyntheticSpec:
             f"test_fraction + val_fraction = {spec.test_fraction + spec.val_fraction} must be < 1"
         )
     if spec.masks and spec.depth:
-        raise ValueError(f"masks=True (segmentation) needs 2-D images: depth={spec.depth} must be 0")
+        raise ValueError(f"masks=True (segmentation) needs images: depth={spec.depth} must be 0")
     return spec
 
 
