@@ -67,6 +67,7 @@ class Experiment:
     optimizer: optax.GradientTransformation
     plan: dp_sgd.PrivatePlan | None = None  # DP-SGD plan when config.privacy.enabled
     trainable: Any = None  # bool per parameter leaf (train.trainable); None: all train
+    data_stats: Any = None  # DataNorm's statistics (registry.DATA_STATS params), or None
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -76,10 +77,11 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     plan = None
     if config.privacy.enabled:
         num_devices = parallel.make_data_parallel(config.train.num_devices).size
-        plan = dp_sgd.make_plan(config, splits.train, num_devices)
+        plan = dp_sgd.make_plan(config, splits.train, num_devices, model)
         optimizer = dp_sgd.make_private_optimizer(plan, optimizer)
+    data_stats = dp_sgd.data_norm_stats(model, splits.train, normalizer, plan)
     mask = None
-    if config.train.trainable != "all":
+    if config.train.trainable != "all" or data_stats is not None:
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
         mask = finetune.trainable_mask(shapes, config.train.trainable)
         # Noise and updates reach only the trained leaves; the frozen ones stay bit-identical.
@@ -88,7 +90,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     optimizer = averaging.with_averages(
         optimizer, config.train.ema_decay, config.train.polyak_start
     )
-    return Experiment(config, splits, normalizer, model, optimizer, plan, mask)
+    return Experiment(config, splits, normalizer, model, optimizer, plan, mask, data_stats)
 
 
 def pretrained_params(path: str) -> Any:
@@ -105,12 +107,16 @@ def init_state(experiment: Experiment) -> state_lib.TrainState:
     With ``root = PRNGKey(config.seed)``: parameters are initialised from
     ``fold_in(root, STREAM_PARAMS)``, the optimizer state is ``optimizer.init(params)`` and
     ``rng`` is ``fold_in(root, STREAM_STEPS)``. Restores use it as the template of the checkpoint.
+    DataNorm's statistics, released before step 0, replace the module
+    :data:`~fedjax_med.models.registry.DATA_STATS` (after any pretrained parameters).
     """
     root = jax.random.PRNGKey(experiment.config.seed)
     params = experiment.model.init(jax.random.fold_in(root, STREAM_PARAMS))
     if experiment.config.model.init_from:
         pretrained = pretrained_params(experiment.config.model.init_from)
         params = finetune.merge_pretrained(params, pretrained)
+    if experiment.data_stats is not None:
+        params = {**params, registry.DATA_STATS: dict(experiment.data_stats)}
     return state_lib.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

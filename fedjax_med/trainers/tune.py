@@ -38,7 +38,9 @@ from fedjax_med.training import figures, setup
 DISTRIBUTIONS = ("negative_binomial", "poisson")
 
 FIXED_PREFIXES = ("privacy.", "data.", "federated.", "secure_aggregation.")
+# model.kwargs.norm*: ScatterNet's DataNorm releases statistics before step 0 (its own events).
 FIXED_FIELDS = ("train.batch_size", "train.steps", "trainer", "seed")
+FIXED_MODEL_PREFIX = "model.kwargs.norm"
 
 
 def parse_space(text: str, config: ml_collections.ConfigDict) -> dict[str, list[Any]]:
@@ -57,10 +59,11 @@ def parse_space(text: str, config: ml_collections.ConfigDict) -> dict[str, list[
     for part in filter(None, (p.strip() for p in text.split(";"))):
         field, _, values = part.partition("=")
         field = field.strip()
-        if field.startswith(FIXED_PREFIXES) or field in FIXED_FIELDS:
+        if field.startswith((*FIXED_PREFIXES, FIXED_MODEL_PREFIX)) or field in FIXED_FIELDS:
             raise ValueError(
                 f"--space field {field!r} would change each trial's privacy event; the search "
-                f"space may not set fields under {FIXED_PREFIXES} nor {FIXED_FIELDS}"
+                f"space may not set fields under {FIXED_PREFIXES}, {FIXED_MODEL_PREFIX}* nor "
+                f"{FIXED_FIELDS}"
             )
         node = config
         for name in field.split("."):
@@ -85,8 +88,8 @@ def _rng(config: ml_collections.ConfigDict) -> np.random.Generator:
 def trial_event(config: ml_collections.ConfigDict):
     """The ``DpEvent`` every trial of ``config`` accounts: its plan's ledger over ``train.steps``
     (the planned steps: an upper bound for a run the budget stops), calibration included."""
-    splits, _, _ = setup.build_data_and_model(config)
-    plan = dp_sgd.make_plan(config, splits.train, num_devices=1)
+    splits, _, model = setup.build_data_and_model(config)
+    plan = dp_sgd.make_plan(config, splits.train, 1, model)
     return plan.ledger.event(config.train.steps)
 
 
