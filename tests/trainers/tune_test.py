@@ -34,7 +34,7 @@ def test_search_space_may_not_change_the_privacy_event():
     assert tune.parse_space("optimizer.learning_rate=0.5,1", config) == {
         "optimizer.learning_rate": [0.5, 1.0]
     }
-    for field in ("privacy.noise_multiplier", "train.batch_size", "data.name"):
+    for field in ("privacy.noise_multiplier", "train.batch_size", "data.name", "model.kwargs.norm"):
         with pytest.raises(ValueError, match=f"{field}' would change each trial's privacy event"):
             tune.parse_space(f"{field}=1,2", config)
     with pytest.raises(ValueError, match="'optimizer.nope' is not a config field"):
