@@ -505,6 +505,10 @@ def restore_for_eval(workdir: str) -> tuple[Experiment, state_lib.TrainState]:
 def restore(workdir: str) -> run_lib.Run:
     """The centralized run of ``workdir`` as a :class:`~fedjax_med.trainers.run.Run`."""
     experiment, state = restore_for_eval(workdir)
+    initial = init_state(experiment).params
+    if registry.DATA_STATS in state.params:
+        # The statistics the run released (a secure run's rebuild drew fresh noise, discarded).
+        initial = {**initial, registry.DATA_STATS: state.params[registry.DATA_STATS]}
     return run_lib.Run(
         trainer="central",
         config=experiment.config,
@@ -512,7 +516,7 @@ def restore(workdir: str) -> run_lib.Run:
         normalizer=experiment.normalizer,
         model=experiment.model,
         params=state.params,
-        initial_params=init_state(experiment).params,
+        initial_params=initial,
         step=int(state.step),
     )
 

@@ -83,6 +83,8 @@ def test_statistics_follow_the_formula_and_stay_frozen(run):
     np.testing.assert_array_equal(stats["mean"], experiment.data_stats["mean"])
     np.testing.assert_array_equal(stats["var"], experiment.data_stats["var"])
     assert not np.array_equal(state.params["head"]["kernel"], 0.0)
+    initial = central.restore(workdir).initial_params["data_stats"]
+    np.testing.assert_array_equal(initial["mean"], stats["mean"])
 
 
 def test_calibration_leaves_room_for_the_statistics():
