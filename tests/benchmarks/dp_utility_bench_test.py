@@ -1,23 +1,14 @@
 """The DP-SGD utility ablation runs end to end: pretraining, private fine-tuning, the table."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "dp_utility.py")
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("dp_utility_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+def bench(import_benchmark):
+    with import_benchmark("dp_utility.py") as module:
+        yield module
 
 
 def test_quick_fine_tuning_row_meets_the_fixed_epsilon(bench, tmp_path):
