@@ -45,6 +45,8 @@ SERVER = 2  # the federated server's root key; round t uses fold_in(server_key, 
 NOISE = zlib.crc32(b"noise")  # the DP-SGD noise key of the central trainer
 # Augmentation multiplicity's views (public randomness): fold_in(fold_in(., step), example index)
 AUGMULT = zlib.crc32(b"augmult")
+# The noise of the private feature statistics (DataNorm) released before step 0.
+DATA_NORM = zlib.crc32(b"data_norm")
 PERSONALIZATION = 10_000_019  # under the server key: per-site fine-tuning after training
 
 # ---- round streams: fold_in(round_key, STREAM) -------------------------------------------------

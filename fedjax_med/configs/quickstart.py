@@ -12,13 +12,22 @@ test accuracy 0.64 at per-site epsilon 3.2 to 7.6 (delta 1e-4) in about 95 s.
 
 Variants: ``configs/quickstart.py:central`` is the centralized, non-private baseline (0.92 in
 about 30 s); ``configs/quickstart.py:tiny`` is a seconds-long smoke run of the centralized trainer.
+``configs/quickstart.py:scatter`` is the same federated local DP-SGD (same sampling, noise and
+steps, so the same per-site epsilon 3.2 to 7.6) on ScatterNet features with a linear model
+(Tramer & Boneh 2021; GroupNorm, so no privacy is spent on statistics) at client learning rate
+0.25: test accuracy 0.81, worst site 0.73, in 214 s wall time on a shared 2-core machine at load
+average 2.5-3.9 (client learning rate 0.5: 0.78 / 0.72; 1: 0.73 / 0.68; 2: 0.69 / 0.65; the CNN
+quickstart run beside them: 0.66 / 0.56).
+``:scatter,smoke`` runs it in seconds.
 """
 
 from fedjax_med.config import base, loading
 
 
 def get_config(arg: str = ""):
-    options = loading.parse_arg(arg, ("central", "tiny", "smoke"), "configs/quickstart.py")
+    options = loading.parse_arg(
+        arg, ("central", "tiny", "smoke", "scatter"), "configs/quickstart.py"
+    )
     config = base.get_base_config()
     config.data.name = "synthetic"
     config.model.name = "small_cnn"
@@ -49,6 +58,9 @@ def get_config(arg: str = ""):
         config.privacy.clip_norm = 1.0
         config.privacy.noise_multiplier = 1.5
         config.privacy.delta = 1e-4
+        if "scatter" in options:  # pip install 'fedjax_med[scatter]'
+            config.model.name = "scatter_linear"
+            config.federated.client_lr = 0.25
     if "smoke" in options:  # seconds: the quickstart's own federated local DP-SGD, shrunk
         config.data.synthetic.num_sites = 3
         config.data.synthetic.examples_per_site = 60

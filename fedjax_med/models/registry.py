@@ -26,6 +26,10 @@ import numpy as np
 Params = Mapping[str, Any]
 Factory = Callable[..., nn.Module]
 
+# A top-level module of this name holds statistics of the training data that the trainer sets
+# before step 0 (ScatterNet's private DataNorm) and never trains.
+DATA_STATS = "data_stats"
+
 _FACTORIES: dict[str, Factory] = {}
 _MIN_SIZES: dict[str, int] = {}
 # Spatial dimensions of one example a model takes: 2 for images (H, W, C), 3 for volumes

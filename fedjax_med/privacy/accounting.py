@@ -278,6 +278,30 @@ sample_size=10, event=GaussianDpEvent(noise_multiplier=1.0)), count=100)
     return dp_accounting.SelfComposedDpEvent(one_step, int(steps))
 
 
+def with_preceding(
+    event: dp_accounting.DpEvent, preceding_noise_multipliers: tuple[float, ...] = ()
+) -> dp_accounting.DpEvent:
+    """``event`` after Gaussian releases on the whole training set (no sampling), e.g. the two
+    sums of private feature statistics (:mod:`fedjax_med.privacy.data_norm`).
+
+    ``ComposedDpEvent((GaussianDpEvent(s_1), ..., GaussianDpEvent(s_m), event))``; ``event``
+    itself when there are none. Each ``s_j`` is a noise stddev over that release's sensitivity
+    under the event's relation, as in :func:`dpsgd_event`.
+
+    Examples:
+      >>> with_preceding(dpsgd_event(1.0, 0.5, 1), (4.0,))
+      ComposedDpEvent(events=(GaussianDpEvent(noise_multiplier=4.0), \
+SelfComposedDpEvent(event=PoissonSampledDpEvent(sampling_probability=0.5, \
+event=GaussianDpEvent(noise_multiplier=1.0)), count=1)))
+    """
+    if not preceding_noise_multipliers:
+        return event
+    for sigma in preceding_noise_multipliers:
+        check_noise_multiplier(sigma)
+    gaussians = tuple(dp_accounting.GaussianDpEvent(float(s)) for s in preceding_noise_multipliers)
+    return dp_accounting.ComposedDpEvent((*gaussians, event))
+
+
 def neighbouring_relation(event: dp_accounting.DpEvent) -> dp_accounting.NeighboringRelation:
     """Replace-one if ``event`` contains sampling without replacement, add/remove one otherwise."""
     if isinstance(event, dp_accounting.SampledWithoutReplacementDpEvent):
@@ -374,6 +398,7 @@ def calibrate_noise_multiplier(
     num_examples: int | None = None,
     batch_size: int | None = None,
     progress: Callable[[str, float, float], None] | None = None,
+    preceding_noise_multipliers: tuple[float, ...] = (),
 ) -> float:
     """The smallest noise multiplier (within ``tolerance``) with epsilon ``<= target_epsilon``.
 
@@ -400,6 +425,8 @@ def calibrate_noise_multiplier(
       batch_size: ``b``, required for ``"shuffle"``.
       progress: called as ``progress(accountant, sigma, epsilon)`` after every epsilon
         evaluation of the search (for a command line to show long work; also a work count).
+      preceding_noise_multipliers: fixed Gaussian releases before the steps
+        (:func:`with_preceding`), whose cost the calibrated steps leave room for.
 
     Returns:
       ``sigma`` with ``epsilon(dpsgd_event(sigma, q, T, sampling, N, b), delta) <=
@@ -438,6 +465,7 @@ def calibrate_noise_multiplier(
     def eps_fn(acc):
         def fn(sigma):
             event = dpsgd_event(sigma, sampling_rate, steps, sampling, num_examples, batch_size)
+            event = with_preceding(event, preceding_noise_multipliers)
             eps = epsilon(
                 event, delta, acc, value_discretization_interval=value_discretization_interval
             )

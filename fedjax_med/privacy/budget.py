@@ -39,6 +39,9 @@ class PrivacyLedger:
       num_examples: number of units ``N``; required for ``"shuffle"``; if given, ``delta`` is
         checked against ``1 / N``.
       batch_size: fixed batch size, required for ``"shuffle"``.
+      preceding_noise_multipliers: Gaussian releases on the whole training set made before step
+        0 (e.g. the two sums of private feature statistics, :mod:`~fedjax_med.privacy.data_norm`),
+        composed with the steps (:func:`accounting.with_preceding`).
 
     Examples:
       >>> ledger = PrivacyLedger(noise_multiplier=1.1, sampling_rate=0.01, delta=1e-5,
@@ -59,8 +62,12 @@ class PrivacyLedger:
     sampling: str = "poisson"
     num_examples: int | None = None
     batch_size: int | None = None
+    preceding_noise_multipliers: tuple[float, ...] = ()
 
     def __post_init__(self):
+        # A tuple (hashable, for the epsilon cache) also when read back from JSON's list.
+        preceding = tuple(float(s) for s in self.preceding_noise_multipliers)
+        object.__setattr__(self, "preceding_noise_multipliers", preceding)
         if not (isinstance(self.target_epsilon, numbers.Real) and self.target_epsilon > 0):
             raise ValueError(f"target_epsilon={self.target_epsilon!r} must be > 0")
         accounting.check_noise_multiplier(self.noise_multiplier)
@@ -71,8 +78,9 @@ class PrivacyLedger:
         self.event(0)  # validates sampling, num_examples and batch_size
 
     def event(self, steps: int | None = None):
-        """The ``DpEvent`` of ``steps`` steps in total (default: the steps taken)."""
-        return accounting.dpsgd_event(
+        """The ``DpEvent`` of ``steps`` steps in total (default: the steps taken), after the
+        preceding releases."""
+        event = accounting.dpsgd_event(
             self.noise_multiplier,
             self.sampling_rate,
             self.steps_taken if steps is None else steps,
@@ -80,6 +88,7 @@ class PrivacyLedger:
             num_examples=self.num_examples,
             batch_size=self.batch_size,
         )
+        return accounting.with_preceding(event, self.preceding_noise_multipliers)
 
     def epsilon(self, steps: int | None = None) -> float:
         """Epsilon at ``delta`` after ``steps`` steps in total (default: the steps taken)."""
@@ -171,6 +180,7 @@ def planned_ledger(
     sampling: str = "poisson",
     num_examples: int | None = None,
     batch_size: int | None = None,
+    preceding_noise_multipliers: tuple[float, ...] = (),
 ) -> PrivacyLedger:
     """The ledger of a run that plans ``planned_steps`` releases (DP-SGD steps, DP-FedAvg rounds).
 
@@ -190,6 +200,7 @@ def planned_ledger(
         event = accounting.dpsgd_event(
             noise_multiplier, sampling_rate, planned_steps, sampling=sampling, **extra
         )
+        event = accounting.with_preceding(event, tuple(preceding_noise_multipliers))
         target = max(accounting.epsilon(event, delta, accountant), 1e-12)
     return PrivacyLedger(
         noise_multiplier=noise_multiplier,
@@ -199,6 +210,7 @@ def planned_ledger(
         accountant=accountant,
         unit=unit,
         sampling=sampling,
+        preceding_noise_multipliers=tuple(preceding_noise_multipliers),
         **extra,
     )
 

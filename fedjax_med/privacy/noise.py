@@ -8,8 +8,9 @@ where the sum runs over a Poisson-sampled batch (each example kept with probabil
 ``C`` is the sensitivity of the clipped sum (:func:`fedjax_med.privacy.clipping.sensitivity`),
 ``sigma`` the noise multiplier calibrated by :mod:`fedjax_med.privacy.accounting`, and ``L = q N``
 the *expected* batch size. :func:`privatize_sum` is this release, the only implementation of it
-in the library: :func:`dp_aggregate` (the central trainer's optax step) and local DP-SGD inside a
-federated client (:func:`fedjax_med.federated.client.private_step_release`) both call it.
+in the library: :func:`dp_aggregate` (the central trainer's optax step), local DP-SGD inside a
+federated client (:func:`fedjax_med.federated.client.private_step_release`) and the private
+feature statistics (:func:`fedjax_med.privacy.data_norm.release`) call it.
 
 Why the expected and not the realised batch size: with Poisson sampling the realised size
 ``|B|`` depends on whether a given example was sampled, so it is itself private; dividing by it

@@ -68,6 +68,7 @@ class Experiment:
     optimizer: optax.GradientTransformation
     plan: dp_sgd.PrivatePlan | None = None  # DP-SGD plan when config.privacy.enabled
     trainable: Any = None  # bool per parameter leaf (train.trainable); None: all train
+    data_stats: Any = None  # DataNorm's statistics (registry.DATA_STATS params), or None
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -77,10 +78,11 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     plan = None
     if config.privacy.enabled:
         num_devices = parallel.make_data_parallel(config.train.num_devices).size
-        plan = dp_sgd.make_plan(config, splits.train, num_devices)
+        plan = dp_sgd.make_plan(config, splits.train, num_devices, model)
         optimizer = dp_sgd.make_private_optimizer(plan, optimizer)
+    data_stats = dp_sgd.data_norm_stats(model, splits.train, normalizer, plan)
     mask = None
-    if config.train.trainable != "all":
+    if config.train.trainable != "all" or data_stats is not None:
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
         mask = finetune.trainable_mask(shapes, config.train.trainable)
         # Noise and updates reach only the trained leaves; the frozen ones stay bit-identical.
@@ -89,7 +91,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     optimizer = averaging.with_averages(
         optimizer, config.train.ema_decay, config.train.polyak_start
     )
-    return Experiment(config, splits, normalizer, model, optimizer, plan, mask)
+    return Experiment(config, splits, normalizer, model, optimizer, plan, mask, data_stats)
 
 
 def pretrained_params(path: str) -> Any:
@@ -106,12 +108,16 @@ def init_state(experiment: Experiment) -> state_lib.TrainState:
     With ``root = PRNGKey(config.seed)``: parameters are initialised from
     ``fold_in(root, STREAM_PARAMS)``, the optimizer state is ``optimizer.init(params)`` and
     ``rng`` is ``fold_in(root, STREAM_STEPS)``. Restores use it as the template of the checkpoint.
+    DataNorm's statistics, released before step 0, replace the module
+    :data:`~fedjax_med.models.registry.DATA_STATS` (after any pretrained parameters).
     """
     root = jax.random.PRNGKey(experiment.config.seed)
     params = experiment.model.init(jax.random.fold_in(root, STREAM_PARAMS))
     if experiment.config.model.init_from:
         pretrained = pretrained_params(experiment.config.model.init_from)
         params = finetune.merge_pretrained(params, pretrained)
+    if experiment.data_stats is not None:
+        params = {**params, registry.DATA_STATS: dict(experiment.data_stats)}
     return state_lib.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -497,6 +503,10 @@ def restore_for_eval(workdir: str) -> tuple[Experiment, state_lib.TrainState]:
 def restore(workdir: str) -> run_lib.Run:
     """The centralized run of ``workdir`` as a :class:`~fedjax_med.trainers.run.Run`."""
     experiment, state = restore_for_eval(workdir)
+    initial = init_state(experiment).params
+    if registry.DATA_STATS in state.params:
+        # The statistics the run released (a secure run's rebuild drew fresh noise, discarded).
+        initial = {**initial, registry.DATA_STATS: state.params[registry.DATA_STATS]}
     return run_lib.Run(
         trainer="central",
         config=experiment.config,
@@ -504,7 +514,7 @@ def restore(workdir: str) -> run_lib.Run:
         normalizer=experiment.normalizer,
         model=experiment.model,
         params=state.params,
-        initial_params=init_state(experiment).params,
+        initial_params=initial,
         step=int(state.step),
     )
 

@@ -19,6 +19,11 @@ once per logical step, so accumulation changes memory, never the privacy or the 
 equal to the one-shot sum plus one noise draw). ``optimizer.warmup_steps`` ramps the learning rate
 linearly from 0 over the first steps.
 
+A ScatterNet with private DataNorm (``model.kwargs.norm = "data"``, Tramer & Boneh 2021) first
+releases the training set's feature statistics (:func:`data_norm_stats`, two Gaussian releases
+of :mod:`~fedjax_med.privacy.data_norm`); the ledger composes those two events with the steps,
+and a calibrated noise multiplier leaves room for them.
+
 The :class:`~fedjax_med.privacy.budget.PrivacyLedger` accounts the same event the sampler
 realises; the run stops before a step that would pass ``privacy.target_epsilon``. The noise key
 lives in the optimizer state, so checkpoints resume the exact noise stream; in ``secure`` mode the
@@ -41,10 +46,10 @@ import optax
 
 from fedjax_med import randomness
 from fedjax_med.config import schema
-from fedjax_med.data import augment
+from fedjax_med.data import augment, pipeline, preprocess
 from fedjax_med.data import dataset as dataset_lib
-from fedjax_med.models import losses
-from fedjax_med.privacy import accounting, augmult, budget, clipping, noise, sampling
+from fedjax_med.models import losses, registry, scatternet
+from fedjax_med.privacy import accounting, augmult, budget, clipping, data_norm, noise, sampling
 from fedjax_med.privacy import claim as claim_lib
 from fedjax_med.trainers import ledgers
 from fedjax_med.training import finetune
@@ -112,14 +117,39 @@ def make_sampler(config, ids, q, sampling_kind, num_devices, rng):
     return sampler
 
 
+def preceding_releases(
+    config: ml_collections.ConfigDict, model: registry.Model | None
+) -> tuple[float, ...]:
+    """The noise multipliers of the releases made before step 0: DataNorm's two, or none.
+
+    Raises:
+      ValueError: DataNorm with ``privacy.unit = "patient"`` (a patient's images would add
+        several clipped vectors to each sum, a sensitivity the releases are not scaled to).
+    """
+    module = None if model is None else scatternet.data_norm_of(model.module)
+    if module is None:
+        return ()
+    if config.privacy.unit != "example":
+        raise ValueError(
+            "config field 'model.kwargs.norm'='data' estimates the feature statistics per "
+            f"example; privacy.unit={config.privacy.unit!r} must be 'example' with it, or use "
+            "model.kwargs.norm='group' (no privacy spent)"
+        )
+    return tuple(e.noise_multiplier for e in data_norm.events(module.norm_noise))
+
+
 def make_plan(
-    config: ml_collections.ConfigDict, train: dataset_lib.ImageDataset, num_devices: int
+    config: ml_collections.ConfigDict,
+    train: dataset_lib.ImageDataset,
+    num_devices: int,
+    model: registry.Model | None = None,
 ) -> PrivatePlan:
     """Calibrates noise (if asked), builds the sampler and the ledger, checks the budget.
 
     The noise multiplier is ``privacy.noise_multiplier`` when > 0, otherwise the smallest one that
     reaches ``privacy.target_epsilon`` in ``train.steps`` steps at ``q = train.batch_size / N``
-    under the run's own sampling. Poisson batches are split into chunks whose capacity is a
+    under the run's own sampling, after the releases ``model`` makes before step 0
+    (:func:`preceding_releases`). Poisson batches are split into chunks whose capacity is a
     multiple of ``num_devices``.
 
     Raises:
@@ -143,6 +173,7 @@ def make_plan(
     extra = {}
     if sampling_kind == "shuffle":
         extra = {"num_examples": num_units, "batch_size": batch}
+    preceding = preceding_releases(config, model)
     if p.noise_multiplier > 0:
         sigma = float(p.noise_multiplier)
     else:
@@ -154,6 +185,7 @@ def make_plan(
             p.delta,
             accountant=p.accountant,
             sampling=sampling_kind,
+            preceding_noise_multipliers=preceding,
             **extra,
         )
         logger.info(
@@ -172,6 +204,7 @@ def make_plan(
         accountant=p.accountant,
         unit=p.unit,
         sampling=sampling_kind,
+        preceding_noise_multipliers=preceding,
         **extra,
     )
     budget.check_affords_one(ledger, release="step")
@@ -192,6 +225,51 @@ def make_plan(
         ledger=ledger,
         planned_steps=steps,
     )
+
+
+# Examples per jitted call of the feature statistics (padded; one compilation).
+DATA_NORM_CHUNK = 256
+
+
+def data_norm_stats(
+    model: registry.Model,
+    train: dataset_lib.ImageDataset,
+    normalizer: preprocess.Normalizer,
+    plan: PrivatePlan | None,
+) -> dict[str, jax.Array] | None:
+    """DataNorm's ``{"mean", "var"}`` of ``model``'s features on ``train`` (``None``: no DataNorm).
+
+    Private with ``plan`` (:func:`fedjax_med.privacy.data_norm.release` with the model's clip
+    norms and noise multiplier, the noise key from the run's
+    :data:`~fedjax_med.randomness.DATA_NORM` stream, the sensitivity under the plan's relation):
+    exactly the two releases the plan's ledger composes. Without ``plan`` (a non-private run) the
+    exact statistics (no clipping, no noise).
+    """
+    module = scatternet.data_norm_of(model.module)
+    if module is None:
+        return None
+    clips = module.norm_clip if plan is not None else (math.inf, math.inf)
+
+    @jax.jit
+    def chunk_sums(images, mask):
+        first, second = scatternet.channel_moments(images)
+        return data_norm.clipped_sums(first, second, mask, *clips)
+
+    sums = None
+    for start in range(0, len(train), DATA_NORM_CHUNK):
+        indices = np.arange(start, start + DATA_NORM_CHUNK)
+        mask = indices < len(train)
+        images, _ = pipeline.gather(train, np.minimum(indices, len(train) - 1), normalizer)
+        sums = add_trees(sums, chunk_sums(images, mask))
+    if plan is None:
+        mean, var = data_norm.release(*sums, len(train), *clips, 0.0, jax.random.key(0))
+    else:
+        relation = accounting.sensitivity_relation(plan.ledger.sampling)
+        key = plan.randomness.key(randomness.DATA_NORM)
+        mean, var = data_norm.release(
+            *sums, plan.num_units, *clips, module.norm_noise, key, relation=relation
+        )
+    return {"mean": mean, "var": var}
 
 
 @dataclasses.dataclass
@@ -413,6 +491,7 @@ def privacy_claim(
             "max_images_per_patient": (
                 config.privacy.max_images_per_patient if plan.unit == "patient" else None
             ),
+            "preceding_noise_multipliers": list(ledger.preceding_noise_multipliers),
             "budget_exhausted": not ledger.can_take(1),
             "stopped_by_budget": stopped_by_budget,
         },
@@ -453,7 +532,7 @@ def check_resumed_ledger(saved: budget.PrivacyLedger, planned: budget.PrivacyLed
       ValueError: naming every field of the ledger that differs (old -> new).
     """
     fields = ("noise_multiplier", "sampling_rate", "delta", "accountant", "unit", "sampling")
-    fields += ("num_examples", "batch_size", "target_epsilon")
+    fields += ("num_examples", "batch_size", "target_epsilon", "preceding_noise_multipliers")
     ledgers.check_unchanged(
         {f: getattr(saved, f) for f in fields},
         {f: getattr(planned, f) for f in fields},

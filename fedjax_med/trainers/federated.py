@@ -53,7 +53,7 @@ from fedjax_med.federated import (
     server_optimizers,
 )
 from fedjax_med.federated import client as client_lib
-from fedjax_med.models import registry
+from fedjax_med.models import registry, scatternet
 from fedjax_med.privacy import accounting, budget
 from fedjax_med.secure import distributed_dp, he_ckks, secagg
 from fedjax_med.trainers import ledgers
@@ -470,6 +470,12 @@ def _server_key(config, mechanism, rng) -> jax.Array:
 def build_plan(config: ml_collections.ConfigDict) -> FederatedPlan:
     """Data, federation, algorithm, sampler, ledger and keys of a federated run."""
     splits, normalizer, model = setup.build_data_and_model(config)
+    if scatternet.data_norm_of(model.module) is not None:
+        raise ValueError(
+            "config field 'model.kwargs.norm'='data' (private DataNorm statistics of one "
+            "training set) is for the central trainer; federated runs use model.kwargs.norm="
+            "'group' (per-example GroupNorm, no privacy spent)"
+        )
     f = config.federated
     federation = build_federation(config, splits)
     cohort = f.clients_per_round or federation.num_clients

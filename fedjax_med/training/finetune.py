@@ -9,7 +9,9 @@ fresh initialisation elsewhere (a head sized for another number of classes).
 
 ``train.trainable`` chooses what trains: ``all``; ``head`` (the last layer: the last top-level
 module of the parameter tree, which flax orders by creation); ``head+norm`` (the head and every
-normalisation layer, whose module name contains ``Norm``). :func:`frozen_loss_fn` stops the
+normalisation layer, whose module name contains ``Norm``). Statistics set from the data before
+training (the top-level module :data:`~fedjax_med.models.registry.DATA_STATS`) never train, under
+any choice. :func:`frozen_loss_fn` stops the
 gradient of the frozen leaves, so their per-example gradients are exactly zero: each example's
 gradient norm, hence its clipping, covers only the trained parameters, and :func:`freeze`
 routes the frozen leaves to ``optax.set_to_zero`` so neither noise nor updates reach them
@@ -27,6 +29,8 @@ import flax.traverse_util
 import jax
 import numpy as np
 import optax
+
+from fedjax_med.models import registry
 
 logger = logging.getLogger("fedjax_med")
 
@@ -98,7 +102,7 @@ def trainable_mask(params: PyTree, trainable: str) -> PyTree:
         trains = trainable == "all" or path[0] == head
         if trainable == "head+norm":
             trains = trains or any("Norm" in str(name) for name in path[:-1])
-        mask[path] = trains
+        mask[path] = trains and path[0] != registry.DATA_STATS
     return flax.traverse_util.unflatten_dict(mask)
 
 

@@ -50,3 +50,12 @@ def test_configs_subcommand_lists_names_with_docstrings(capsys):
     lines = {line.split()[0]: line for line in out.splitlines()}
     assert set(lines) == set(loading.builtin_configs())
     assert "local DP-SGD" in lines["quickstart"]
+
+
+def test_quickstart_scatter_keeps_the_quickstart_mechanism():
+    base_config, scatter = (loading.load_config(f"quickstart{a}") for a in ("", ":scatter"))
+    assert scatter.model.name == "scatter_linear" and base_config.model.name == "small_cnn"
+    # Same sampling, noise and steps: the same per-site epsilons.
+    assert scatter.privacy.to_dict() == base_config.privacy.to_dict()
+    for field in ("rounds", "local_steps", "client_batch_size", "partition"):
+        assert scatter.federated[field] == base_config.federated[field]

@@ -31,6 +31,13 @@ def test_two_variants_are_refused():
         loading.load_config("dp_tramer_boneh:cnn,scatter_cnn")
 
 
+def test_data_norm_variant_normalises_with_private_statistics():
+    config = loading.load_config("dp_tramer_boneh:scatter_linear,data_norm")
+    assert (config.model.kwargs.norm, config.model.kwargs.norm_noise) == ("data", 8.0)
+    with pytest.raises(ValueError, match="data_norm goes with a ScatterNet variant"):
+        loading.load_config("dp_tramer_boneh:cnn,data_norm")
+
+
 def test_de_wrn_carries_the_published_recipe():
     config = schema.validate(loading.load_config("dp_de_wrn"))
     assert config.model.name == "wrn_16_4" and config.train.batch_size == 4096

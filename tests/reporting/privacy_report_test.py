@@ -233,3 +233,17 @@ def test_settings_can_be_added_and_changed_from_the_command_line():
     assert by_name["central"].config.train.steps == 3
     assert by_name["local_dp"].defences == ("local_dp_sgd",)
     assert by_name["local_dp"].config.privacy.noise_multiplier == 1.5
+
+
+def test_recipe_settings_resolve_and_stay_out_of_the_default():
+    names = {s.name for s in settings.resolve(loading.load_config("privacy_report"))}
+    assert not names & {"dp_sgd_recipe", "dp_scatter_linear"}
+    for arg in ("recipe", "tiny,recipe"):
+        config = loading.load_config(f"privacy_report:{arg}")
+        resolved = {s.name: s.config for s in settings.resolve(config)}
+        recipe, scatter = resolved["dp_sgd_recipe"], resolved["dp_scatter_linear"]
+        assert (recipe.privacy.augmult, recipe.train.ema_decay) == (4, 0.99)
+        assert scatter.model.name == "scatter_linear"
+        assert recipe.privacy.target_epsilon == scatter.privacy.target_epsilon == 4.0
+        if arg == "recipe":  # the default settings, plus the two
+            assert set(resolved) == names | {"dp_sgd_recipe", "dp_scatter_linear"}

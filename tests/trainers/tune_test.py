@@ -7,7 +7,7 @@ import dp_accounting
 import pytest
 
 from fedjax_med.cli import main as cli
-from fedjax_med.config import base, schema
+from fedjax_med.config import base, loading, schema
 from fedjax_med.privacy import tuning
 from fedjax_med.trainers import tune
 
@@ -34,7 +34,7 @@ def test_search_space_may_not_change_the_privacy_event():
     assert tune.parse_space("optimizer.learning_rate=0.5,1", config) == {
         "optimizer.learning_rate": [0.5, 1.0]
     }
-    for field in ("privacy.noise_multiplier", "train.batch_size", "data.name"):
+    for field in ("privacy.noise_multiplier", "train.batch_size", "data.name", "model.kwargs.norm"):
         with pytest.raises(ValueError, match=f"{field}' would change each trial's privacy event"):
             tune.parse_space(f"{field}=1,2", config)
     with pytest.raises(ValueError, match="'optimizer.nope' is not a config field"):
@@ -63,3 +63,36 @@ def test_tune_releases_the_best_of_k_trials_with_the_search_epsilon(tmp_path, ca
     )
     assert result["epsilon"] == pytest.approx(tuning.search_epsilon(event, 1e-3, 1.0, 0.5))
     assert result["epsilon"] > result["epsilon_one_trial"]
+
+
+@pytest.mark.parametrize(("seed", "num_trials"), [(5, 0), (0, 1)])
+def test_poisson_search_may_release_nothing_and_plots_its_trials(tmp_path, seed, num_trials):
+    # Seed 5 draws K = 0 of Poisson(1) (no trial, no model released); seed 0 draws K = 1.
+    config = tune_config(seed)
+    result = tune.tune(
+        config, str(tmp_path), {"optimizer.learning_rate": [1.0]}, distribution="poisson", mu=1.0
+    )
+    assert result["num_trials"] == len(result["trials"]) == num_trials
+    assert result["distribution"] == {"name": "poisson", "mu": 1.0}
+    event = tune.trial_event(config)
+    assert result["epsilon"] == pytest.approx(tuning.poisson_search_epsilon(event, 1e-3, 1.0))
+    assert result["epsilon"] >= result["epsilon_one_trial"]
+    if num_trials == 0:
+        assert result["best_trial"] is None and result["best_workdir"] is None
+        assert not (tmp_path / "tune.png").exists()
+    else:
+        assert os.path.isfile(os.path.join(result["best_workdir"], "report.json"))
+        png = (tmp_path / "tune.png").read_bytes()
+        assert png.startswith(b"\x89PNG")
+
+
+def tune_config(seed):
+    return loading.load_config("dp_sgd:tiny", [*OVERRIDES, f"--config.seed={seed}"])
+
+
+def test_bad_poisson_mean_names_the_range():
+    config = tune_config(0)
+    with pytest.raises(ValueError, match=r"mu=0.5 \(the mean number of Poisson trials\)"):
+        tune.tune(
+            config, "unused", {"optimizer.learning_rate": [1.0]}, distribution="poisson", mu=0.5
+        )
