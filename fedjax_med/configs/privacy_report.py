@@ -28,7 +28,7 @@ coordinate-wise median, Krum, norm bounding and DP-FedAvg, beside the same feder
 an attacker; each reports clean accuracy and attack success per round. The whole default,
 poisoning included, took 5 min 41 s on 2 idle CPU cores. ``:gpu`` is the larger setting
 (32x32 images, more data, steps, shadows and audit trials) for an accelerator. ``:tiny`` is a
-first look in under a minute (central, fedavg and dp_sgd_eps1 on a tiny task; 55 s on 2 idle
+first look in under a minute (central, fedavg and dp_sgd_eps1 on a tiny task; 36 s on 2 idle
 cores) and ``:smoke`` every setting on that task; both compile without XLA's optimisation passes
 (``report.fast_compile``).
 
