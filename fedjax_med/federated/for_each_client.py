@@ -185,7 +185,7 @@ class ForEachClient:
     def _loop(self, shared, batched, client_mask):
         size = jax.tree.leaves(batched)[0].shape[0]
         run = np.ones(size, bool) if client_mask is None else np.asarray(client_mask, bool)
-        rows = [jax.tree.map(lambda x, i=i: x[i], batched) for i in range(size)]
+        rows = _unstack(batched)
         skipped = None
         outputs = []
         for i, row in enumerate(rows):
@@ -200,7 +200,22 @@ class ForEachClient:
                 outputs.append(self._jitted(shared, row))
             except Exception as e:
                 raise RuntimeError(f"local_update failed for client slot {i}: {e}") from e
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+        return _stack(outputs)
+
+
+# One dispatch each for cutting the cohort into client rows and stacking the clients' outputs:
+# indexing every leaf per client (and jnp.stack's per-array expand_dims) dispatched about ten
+# small ops per client, which cost the loop a quarter of its speed on a small CNN
+# (benchmarks/RESULTS.md, "Federated"). Traced once per cohort size and pytree structure.
+@jax.jit
+def _unstack(tree):
+    size = jax.tree.leaves(tree)[0].shape[0]
+    return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(size)]
+
+
+@jax.jit
+def _stack(outputs):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
 
 
 def for_each_client(
