@@ -148,30 +148,62 @@ def jax_steps(
             rng=jax.random.key_data(jax.random.key(1)),
         )
 
-    train_step = central.make_train_step(model.apply, sgd, TASK)
     nonprivate = {"state": new_state(sgd)}
+    train_step = central.make_train_step(model.apply, sgd, TASK)
+    train_step = train_step.lower(nonprivate["state"], x, y).compile()
 
     def nonprivate_step():
         nonprivate["state"], metrics = train_step(nonprivate["state"], x, y)
         jax.block_until_ready((nonprivate["state"], metrics))
 
+    nonprivate_step.xla_bytes = xla_buffer_bytes(train_step)
     steps = {"jax_nonprivate": nonprivate_step}
     loss_fn = losses.example_loss_fn(model.apply, TASK)
     dp_optimizer = optax.chain(
         noise.dp_aggregate(NOISE_MULTIPLIER, CLIP_NORM, float(setting.batch_size), 0), sgd
     )
-    apply_update = dp_sgd.make_apply_fn(dp_optimizer)
     for method in ("vmap", "ghost"):
-        grad_sum = jax.jit(clipping.clipped_grad_sum(loss_fn, clip_norm=CLIP_NORM, method=method))
         holder = {"state": new_state(dp_optimizer)}
+        grad_sum = jax.jit(clipping.clipped_grad_sum(loss_fn, clip_norm=CLIP_NORM, method=method))
+        grad_sum = grad_sum.lower(holder["state"].params, x, y, mask).compile()
+        total_shape = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+        apply_update = dp_sgd.make_apply_fn(dp_optimizer).lower(holder["state"], total_shape)
+        apply_update = apply_update.compile()
 
-        def dp_step(grad_sum=grad_sum, holder=holder):
+        def dp_step(grad_sum=grad_sum, apply_update=apply_update, holder=holder):
             total, aux = grad_sum(holder["state"].params, x, y, mask)
             holder["state"] = apply_update(holder["state"], total)
             jax.block_until_ready((holder["state"], aux))
 
+        # The two programs run one after the other: the step needs the larger of the two.
+        dp_step.xla_bytes = max_or_none(xla_buffer_bytes(grad_sum), xla_buffer_bytes(apply_update))
         steps[f"jax_dp_{method}"] = dp_step
     return steps, model.num_params(params)
+
+
+def xla_buffer_bytes(compiled: Any) -> int | None:
+    """Bytes XLA's buffer assignment reserves for one call of a compiled program.
+
+    Arguments + outputs + temporaries - aliased (donated) bytes, from
+    ``compiled.memory_analysis()``: the program's planned peak, fixed at compile time. It is the
+    honest per-variant figure on CPU, where ``memory_stats()`` does not exist and the process RSS
+    is a high-water mark over every variant; it leaves out the runtime's own scratch memory
+    (e.g. convolution workspaces). ``None`` where the backend reports no analysis.
+    """
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    return int(
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+
+
+def max_or_none(*values: int | None) -> int | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,6 +478,9 @@ def run_setting(
         "num_params": params,
         "torch_configs": configs,
         "errors": errors,
+        "xla_buffer_bytes": {
+            name: getattr(step, "xla_bytes", None) for name, step in steps.items()
+        },
         "dp_over_nonprivate": ratio(dp, speeds["jax_nonprivate"]),
         "ours_over_opacus": ratio(dp, max(opacus_modes) if opacus_modes else None),
     }
@@ -463,9 +498,16 @@ def print_setting(setting: Setting, result: dict[str, Any]) -> None:
     for name, value in speeds.items():
         if value is not None:
             config = result["torch_configs"].get(name, "")
+            size = result["xla_buffer_bytes"].get(name)
+            memory = "" if size is None else f"  XLA buffers {size / 2**20:7.1f} MB"
             print(
-                f"   {name:<18} {value:10.1f} ex/s  {value / base:5.2f}x jax_nonprivate  {config}"
+                f"   {name:<18} {value:10.1f} ex/s  {value / base:5.2f}x jax_nonprivate"
+                f"{memory}  {config}"
             )
+    print(
+        "   (XLA buffers: the compiled step's planned arguments + outputs + temporaries; the"
+        " PyTorch side has no per-variant figure here, and process RSS is a high-water mark)"
+    )
     for name, message in result["errors"].items():
         print(f"   {name:<18} failed: {message}")
     target = TARGETS[setting.name]
@@ -529,6 +571,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             k: v["examples_per_second_range"] for k, v in results.items()
         },
         "num_params": {k: v["num_params"] for k, v in results.items()},
+        "xla_buffer_bytes": {k: v["xla_buffer_bytes"] for k, v in results.items()},
         "torch_configs": {k: v["torch_configs"] for k, v in results.items() if v["torch_configs"]},
         "errors": {k: v["errors"] for k, v in results.items() if v["errors"]},
         "settings": {k: dataclasses.asdict(settings[k]) for k in args.models},

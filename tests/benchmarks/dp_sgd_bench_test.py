@@ -49,6 +49,12 @@ def test_quick_run_writes_promised_keys(bench, tmp_path):
     best_dp = max(speeds["jax_dp_vmap"], speeds["jax_dp_ghost"])
     assert out["cnn_dp_over_nonprivate"] == pytest.approx(best_dp / speeds["jax_nonprivate"])
     assert out["device"]["platform"] == "cpu" and out["device"]["jax"]
+    # The compiled programs' planned buffers: at least the parameters they read, and more for a
+    # DP step, which also holds per-example gradients or activations.
+    buffers = out["xla_buffer_bytes"]["cnn"]
+    assert set(buffers) == set(VARIANTS[:3])
+    assert buffers["jax_nonprivate"] >= 4 * out["num_params"]["cnn"]["jax"]
+    assert buffers["jax_dp_vmap"] > buffers["jax_nonprivate"]
 
 
 def test_same_padding_matches_flax_same(bench):
