@@ -40,6 +40,8 @@ def test_quick_run_writes_promised_keys(bench, tmp_path):
             speeds["vmap"] / speeds["centralized"]
         )
         assert out["best_backend"][k] in variants - {"centralized"}
+        best = max(speeds[b] for b in variants - {"centralized"})
+        assert out["best_over_centralized"][k] == pytest.approx(best / speeds["centralized"])
     assert out["auto_backend"] == "loop"  # CPU
     assert all(ratio == 1.0 for ratio in out["auto_over_loop"].values())
     memory = out["peak_memory"]
