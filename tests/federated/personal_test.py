@@ -8,7 +8,7 @@ from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 
 from fedjax_med import randomness
-from fedjax_med.federated import algorithms, client, personal, sampling
+from fedjax_med.federated import algorithms, client, personal, sampling, secure_rounds
 
 FEATURES, OUTPUTS, ROWS = 3, 2, 6
 LR = 0.2
@@ -207,3 +207,25 @@ def test_ditto_round_stores_personal_models_and_averages_global_deltas():
         np.testing.assert_allclose(a, b, atol=1e-6)
     kernels = np.asarray(ditto.site_params["Dense_0"]["kernel"])
     assert kernels.shape == (2, FEATURES, OUTPUTS) and not np.allclose(kernels[0], kernels[1])
+
+
+def test_fedbn_over_secure_aggregation_sends_only_shared_coordinates(shifted_fedbn):
+    plain, data, state = shifted_fedbn
+    secure = secure_rounds.secure_algorithm(
+        plain,
+        method="secagg",
+        secagg_clip=8.0,
+        randomness=randomness.Randomness("reproducible", 0),
+    )
+    cohort = sampling.padded_cohort(np.arange(3), 3)
+    masked, metrics = secure.apply_round(state, cohort)
+    clear, _ = plain.apply_round(state, cohort)
+    shared_size = ravel_pytree(personal.NORM_LOCAL.shared(state.params))[0].size
+    assert metrics["plaintext_bytes_per_client"] == 4.0 * (shared_size + 1)
+    for a, b in zip(jax.tree.leaves(masked.params), jax.tree.leaves(clear.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    # Each site kept its own normalisation leaves, outside the secure sum.
+    for a, b in zip(
+        jax.tree.leaves(masked.site_params), jax.tree.leaves(clear.site_params), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
