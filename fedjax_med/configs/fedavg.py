@@ -44,7 +44,7 @@ def get_config(arg: str = ""):
         config.federated.algorithm = "fedbn"
         config.model.name = "resnet_gn"  # GroupNorm: the scales and biases FedBN keeps local
         config.model.kwargs = ml_collections.ConfigDict(
-            {"stage_sizes": (1, 1), "width": 8, "num_groups": 4}
+            {"stage_sizes": [1, 1], "width": 8, "num_groups": 4}
         )
     if "ditto" in options:
         config.federated.algorithm = "ditto"

@@ -84,3 +84,13 @@ def test_fedbn_without_normalisation_layers_is_refused_before_training(tmp_path)
     config.model.kwargs = type(config.model.kwargs)()
     with pytest.raises(ValueError, match="model has none"):
         federated.run_rounds(config, str(tmp_path), quiet=True)
+
+
+def test_fedbn_resumes_each_sites_own_params_exactly(fedbn_run, tmp_path):
+    _, full = fedbn_run
+    config = load("fedavg:fedbn,tiny")
+    assert federated.run_rounds(config, str(tmp_path), quiet=True, stop_at_round=2) == {
+        "stopped_at_step": 2
+    }
+    resumed = federated.run_rounds(config, str(tmp_path), resume=True, quiet=True)
+    assert resumed["per_site"] == full["per_site"]
