@@ -827,6 +827,9 @@ def finish(plan, state, workdir: str, end: int, log: RoundLog) -> dict[str, Any]
         extra["per_site_personalized"], released = personalize(plan, state.params)
     personal, personal_released = site_model_metrics(plan, state)
     released += personal_released
+    if len(personal) > 1:
+        primary = f"personal_test_{metrics.primary_metric(plan.splits.info.task)}"
+        extra["personal_site_summary"] = metrics.summarize_groups(personal, primary)
     claim = plan.ledger.claim(_claim_context(plan, state, released))
     if claim is not None:
         extra["privacy"] = claim.to_report()
@@ -855,6 +858,8 @@ def finish(plan, state, workdir: str, end: int, log: RoundLog) -> dict[str, Any]
         result["wall_time_s"],
         f"; {claim.guarantee}" if claim is not None else "",
     )
+    if "personal_site_summary" in extra:
+        logger.info("each site's own %s model: %s", f.algorithm, extra["personal_site_summary"])
     return result
 
 

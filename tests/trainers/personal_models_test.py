@@ -30,6 +30,9 @@ def test_fedbn_reports_each_site_model_beside_the_global_one(fedbn_run):
         assert 0.0 <= metrics["test_accuracy"] <= 1.0  # the global model's, as before
         assert 0.0 <= metrics["personal_test_accuracy"] <= 1.0
         assert metrics["personal_test_num_examples"] == metrics["test_num_examples"]
+    summary = report["personal_site_summary"]
+    personal = [m["personal_test_accuracy"] for m in report["per_site"].values()]
+    assert summary["worst_personal_test_accuracy"] == min(personal)
 
 
 def test_fedbn_keeps_each_sites_norm_params_and_the_server_none(fedbn_run):
