@@ -229,3 +229,15 @@ def test_fedbn_over_secure_aggregation_sends_only_shared_coordinates(shifted_fed
         jax.tree.leaves(masked.site_params), jax.tree.leaves(clear.site_params), strict=True
     ):
         np.testing.assert_array_equal(a, b)
+
+
+def test_ditto_personal_models_fit_their_shifted_sites_better_than_the_global_model():
+    data = site_arrays(2, shift=1.0)  # site 1: other gain, offset and targets
+    algorithm = algorithms.ditto(local_update(), data, lam=0.1, options=OPTIONS)
+    state = run(algorithm, 4, 2)
+
+    def loss(params, k):
+        return float(jnp.mean(normed_linear(params, data.images[k], data.labels[k])))
+
+    for k in range(2):
+        assert loss(algorithm.site_model(state, k), k) < 0.9 * loss(state.params, k)
