@@ -16,7 +16,9 @@ in the algorithm and the ledger :func:`build_plan` chooses (:func:`fedjax_med.co
 mechanism`). Outputs in ``workdir`` are those of the centralized trainer; ``metrics.jsonl`` gets
 one ``split = "round"`` record per round and ``report.json`` gets ``federated`` (algorithm,
 clients, rounds) and, for a private run, ``privacy``: the ledger's
-:class:`~fedjax_med.privacy.claim.PrivacyClaim`.
+:class:`~fedjax_med.privacy.claim.PrivacyClaim`. With per-site models (``fedbn``, ``ditto``:
+:func:`site_model_metrics`) each ``per_site[site]`` also gets the site's own model's
+``personal_test_*`` metrics, and ``personal_site_summary`` their worst, mean and spread.
 
 Randomness (:mod:`fedjax_med.randomness`): cohorts, client training, dropouts and noise all
 derive from the server key and the cohort sampler. In ``reproducible`` mode both follow from
