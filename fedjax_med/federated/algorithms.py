@@ -499,7 +499,11 @@ def _secure_parts(data, options, server_optimizer, spec, round_steps, for_each, 
     jitted_run = jax.jit(run_clients) if for_each.traceable else run_clients
     fns = [jax.jit(f) for f in (screen, spec.message, spec.server_update, clipped_deltas)]
     jitted_step = jax.jit(server_step)
-    jitted_keep = jax.jit(keep_site_params)
+    def keep(state, indices, outputs, kept):
+        # A closure per algorithm: jit caches by function, and _cache_size() is per algorithm.
+        return keep_site_params(state, indices, outputs, kept)
+
+    jitted_keep = jax.jit(keep)
     jitted = (jitted_prepare, *fns, jitted_step, jitted_keep)
     if for_each.traceable:
         jitted = (jitted_run, *jitted)
