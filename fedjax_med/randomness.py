@@ -59,6 +59,10 @@ ROUND_AGGREGATOR_NOISE = 3  # the weak-DP noise of norm-bounded aggregation (Sun
 STEP_BATCH = 0  # which rows a local step samples
 STEP_NOISE = 1  # the local DP-SGD noise of that step
 
+# ---- client streams: fold_in(client_key, STREAM) -----------------------------------------------
+# Ditto's personal-model steps; the global-model steps use jax.random.split(client_key, S).
+CLIENT_PERSONAL = zlib.crc32(b"personal")
+
 # ---- host streams: default_rng([seed, *STREAM, *index]) ----------------------------------------
 BATCHES: tuple[int, ...] = ()  # DP-SGD batches of step t: default_rng([seed, t])
 COHORTS: tuple[int, ...] = ()  # federated cohorts of round t: default_rng([seed, t])

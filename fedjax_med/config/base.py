@@ -110,7 +110,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # ---- federated simulation (config.trainer = "federated") ---------------------------------
     config.federated = ml_collections.ConfigDict()
-    # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedadagrad | scaffold | dp_fedavg
+    # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedadagrad | scaffold | dp_fedavg |
+    # fedbn (Li et al. 2021: each site keeps its own normalisation scales and biases) | ditto
+    # (Li et al. 2021: each site also trains a personal model near the global one)
     config.federated.algorithm = "fedavg"
     # How the training split becomes clients (a patient's images stay on one client).
     config.federated.partition = ml_collections.ConfigDict()
@@ -129,6 +131,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.federated.server_momentum = 0.9  # fedavgm
     config.federated.server_tau = 1e-3  # fedadam / fedyogi / fedadagrad adaptivity
     config.federated.prox_mu = 0.01  # fedprox
+    # ditto: lambda of the personal objective f_k(v) + (lambda / 2) ||v - w||^2, in
+    # [0, 2 / client_lr) (0 = purely local personal models; larger = closer to the global one)
+    config.federated.ditto_lambda = 0.1
     config.federated.dropout_prob = 0.0  # a sampled client fails to report with this probability
     config.federated.max_update_norm = 0.0  # exclude larger updates (0 = only non-finite ones)
     config.federated.backend = "auto"  # auto | vmap | sharded | loop

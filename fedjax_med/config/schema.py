@@ -118,7 +118,16 @@ CHECKS: dict[str, Check] = {
     "train.polyak_start": at_least(-1),
     "privacy.augment_shift": at_least(0),
     "federated.algorithm": one_of(
-        "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold", "dp_fedavg"
+        "fedavg",
+        "fedavgm",
+        "fedprox",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "scaffold",
+        "dp_fedavg",
+        "fedbn",
+        "ditto",
     ),
     "federated.rounds": at_least(1),
     "federated.clients_per_round": at_least(0),
@@ -129,6 +138,7 @@ CHECKS: dict[str, Check] = {
     "federated.server_momentum": in_range(0.0, 1.0, hi_open=True),
     "federated.server_tau": greater_than(0.0),
     "federated.prox_mu": at_least(0.0),
+    "federated.ditto_lambda": at_least(0.0),
     "federated.dropout_prob": in_range(0.0, 1.0, hi_open=True),
     "federated.max_update_norm": at_least(0.0),
     "federated.backend": one_of("auto", "vmap", "sharded", "loop"),
@@ -469,6 +479,7 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
                 "config field 'privacy.noise_multiplier' must be > 0 for local DP-SGD "
                 "(privacy.target_epsilon is each site's budget)"
             )
+    _check_site_model_fields(config)
     _check_poisoning_fields(config)
     broken = [m for m in config.report.broken_mechanisms.split(",") if m.strip()]
     allowed = ("no_noise", "wrong_scale", "no_clipping")
@@ -500,6 +511,25 @@ def _check_utility_fields(config: ml_collections.ConfigDict) -> None:
             f"config field 'privacy.augmentations'={spec!r} must be distinct comma-separated "
             f"names from {augment.OPERATIONS}"
         ) from None
+
+
+def _check_site_model_fields(config: ml_collections.ConfigDict) -> None:
+    """FedBN and Ditto: per-site models that other fields must not contradict."""
+    f = config.federated
+    if config.trainer != "federated" or f.algorithm not in ("fedbn", "ditto"):
+        return
+    if f.personalization_steps:
+        raise ConfigError(
+            f"config field 'federated.personalization_steps'={f.personalization_steps} must be 0 "
+            f"with federated.algorithm={f.algorithm!r}: its sites already keep models of their "
+            "own (report.json per_site personal_test_*)"
+        )
+    if f.algorithm == "ditto" and not f.ditto_lambda * f.client_lr < 2:
+        raise ConfigError(
+            f"config field 'federated.ditto_lambda'={f.ditto_lambda} must be in [0, "
+            f"{2 / f.client_lr:g}) = [0, 2 / federated.client_lr): the personal model's "
+            "proximal SGD step (Ditto, Algorithm 1) diverges beyond it"
+        )
 
 
 def _check_poisoning_fields(config: ml_collections.ConfigDict) -> None:

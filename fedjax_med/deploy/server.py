@@ -130,6 +130,12 @@ def check_deployable(config: ml_collections.ConfigDict) -> None:
         )
     if config.federated.personalization_steps:
         raise ValueError("deployment does not run federated.personalization_steps (set it to 0)")
+    if config.federated.algorithm in ("fedbn", "ditto"):
+        raise ValueError(
+            f"deployment does not run federated.algorithm={config.federated.algorithm!r}: its "
+            "per-site parameters are simulated (stored beside the server state), and a deployed "
+            "site would have to keep them on its own disk"
+        )
     if config.robust_aggregation.method != "mean":
         raise ValueError(
             "deployment runs robust_aggregation.method='mean' only (the robust rules are wired "

@@ -28,6 +28,16 @@ Algorithms:
 * SCAFFOLD (Karimireddy et al., ICML 2020, https://arxiv.org/abs/1910.06378), option II:
   ``x <- x + eta_g mean_S(Delta y)``, ``c <- c + (1/N) sum_S Delta c``, ``c_k <- c_k + Delta c_k``
   for the clients that reported; ``c`` and every ``c_k`` (stored ``(N, ...)``) start at 0.
+* FedBN (Li et al., ICLR 2021, https://arxiv.org/abs/2102.07623): FedAvg of the shared leaves;
+  each site keeps its own normalisation ``scale`` and ``bias`` (:mod:`~fedjax_med.federated.
+  personal`), which it never submits.
+* Ditto (Li et al., ICML 2021, https://arxiv.org/abs/2012.04989): FedAvg for the global model;
+  each site also trains a personal model ``v_k`` on ``f_k(v) + (lambda/2)||v - w||^2``.
+
+FedBN's local leaves and Ditto's personal models are stored ``(N, ...)`` in
+``ServerState.site_params`` like SCAFFOLD's ``c_k``, as the simulation's stand-in for the sites'
+disks: the round writes what each site kept (:func:`keep_site_params`) and no server step or
+aggregate reads it.
 
 Every round has the shapes of the padded cohort, so it compiles once; with the ``loop`` backend
 the gather and the server step are jitted and the clients run one by one in between.
@@ -58,7 +68,13 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 
 from fedjax_med import randomness
-from fedjax_med.federated import aggregation, robust_aggregation, sampling, server_optimizers
+from fedjax_med.federated import (
+    aggregation,
+    personal,
+    robust_aggregation,
+    sampling,
+    server_optimizers,
+)
 from fedjax_med.federated import client as client_lib
 from fedjax_med.federated import for_each_client as fec
 
@@ -88,6 +104,9 @@ class ServerState:
       server_control: SCAFFOLD's ``c`` (params-shaped); ``None`` for other algorithms.
       client_controls: SCAFFOLD's ``c_k`` of all ``N`` clients, params with a leading ``N``.
       clip_norm: DP-FedAvg's current clipping norm ``S`` (adapted by adaptive clipping).
+      site_params: FedBN's local normalisation leaves or Ditto's personal models of all ``N``
+        sites, stacked ``(N, ...)``. A simulation's stand-in for the sites' own disks: in a
+        deployment they never leave the site; no server step reads them (``None`` otherwise).
     """
 
     round: jax.Array
@@ -97,6 +116,7 @@ class ServerState:
     server_control: Params | None = None
     client_controls: Params | None = None
     clip_norm: jax.Array | None = None
+    site_params: Params | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +192,8 @@ class SecureParts:
         norm ``clip`` (distributed DP's client message).
       server_step: ``server_step(state, mean_delta_flat) -> state``: the server optimizer's step
         on a flat mean delta (``-mean`` is the pseudo-gradient); round not advanced.
+      keep_site_params: :func:`keep_site_params`, jitted: what each site keeps (FedBN, Ditto),
+        written to the simulation's per-site store, outside the secure sum.
       jitted: the jitted functions (``_cache_size()`` shows recompilations).
     """
 
@@ -184,6 +206,7 @@ class SecureParts:
     server_update: Callable[..., tuple[ServerState, Metrics]]
     clipped_deltas: Callable[..., jax.Array]
     server_step: Callable[..., ServerState]
+    keep_site_params: Callable[..., ServerState]
     jitted: tuple[Any, ...]
 
 
@@ -216,6 +239,9 @@ class FederatedAlgorithm:
         outputs) -> (state, metrics)`` screens the outputs of the slots ``inputs.reporting``
         marks, combines the rest and advances the round (steps 4-5 of the module doc), for
         clients whose local updates ran elsewhere (``fedjax_med.deploy``).
+      site_model: ``site_model(state, k) -> params``: site ``k``'s own model (FedBN: the global
+        shared leaves with its normalisation leaves; Ditto: its personal model); ``None`` when
+        the sites have no model of their own.
     """
 
     name: str
@@ -226,6 +252,7 @@ class FederatedAlgorithm:
     sampler: Any = None
     secure: SecureParts | None = None
     finish: Callable[..., tuple[ServerState, Metrics]] | None = None
+    site_model: Callable[[ServerState, int], Params] | None = None
 
 
 @flax.struct.dataclass
@@ -242,6 +269,7 @@ class CohortInputs:
     num_dropped: jax.Array
     unit_ids: jax.Array | None = None  # (C, M): each row's patient (patient-level local DP)
     indices: jax.Array | None = None  # (C,): each slot's client
+    site_params: Params | None = None  # (C, ...): each slot's own parameters (FedBN, Ditto)
 
 
 def round_key(state: ServerState) -> jax.Array:
@@ -277,7 +305,22 @@ def gather_cohort(
         num_dropped=num_dropped,
         unit_ids=None if data.unit_ids is None else data.unit_ids[indices],
         indices=indices,
+        site_params=None if state.site_params is None else personal.row(state.site_params, indices),
     )
+
+
+def keep_site_params(
+    state: ServerState, indices: jax.Array, outputs: client_lib.ClientOutput, kept: jax.Array
+) -> ServerState:
+    """``state`` with each kept client's ``outputs.site_params`` in its row of the per-site store.
+
+    What a site keeps after training (FedBN's local leaves, Ditto's personal model); a client
+    that was dropped or excluded keeps its previous row. No aggregate reads them.
+    """
+    if state.site_params is None:
+        return state
+    stored = personal.scatter_rows(state.site_params, indices, outputs.site_params, kept)
+    return state.replace(site_params=stored)
 
 
 def tree_select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
@@ -302,6 +345,8 @@ def build_algorithm(
     init_extra: Callable[[Params], dict[str, Any]] | None = None,
     sampler: Any = None,
     message_spec: MessageSpec | None = None,
+    split: personal.ParamSplit = personal.ALL_SHARED,
+    site_model: Callable[[ServerState, int], Params] | None = None,
 ) -> FederatedAlgorithm:
     """Assembles a :class:`FederatedAlgorithm` from its server step (the round of the module doc).
 
@@ -316,6 +361,9 @@ def build_algorithm(
       init_extra: extra :class:`ServerState` fields from the initial parameters.
       sampler: recorded as :attr:`FederatedAlgorithm.sampler`.
       message_spec: the round as a sum of client messages, for secure aggregation.
+      split: which leaves the server updates (``shared``; FedBN keeps the normalisation leaves
+        at the sites); the server optimizer's state covers only those.
+      site_model: recorded as :attr:`FederatedAlgorithm.site_model`.
     """
     for_each = fec.for_each_client(
         local_update, backend=options.backend, chunk_size=options.chunk_size, mesh=options.mesh
@@ -326,7 +374,7 @@ def build_algorithm(
         return ServerState(
             round=jnp.zeros((), jnp.int32),
             params=params,
-            server_opt_state=server_optimizer.init(params),
+            server_opt_state=server_optimizer.init(split.shared(params)),
             rng=rng,
             **extra,
         )
@@ -346,6 +394,7 @@ def build_algorithm(
             inputs.client_controls,
             client_mask=inputs.reporting,
             unit_ids=inputs.unit_ids,
+            site_params=inputs.site_params,
         )
         if options.tamper is None:
             return outputs
@@ -358,6 +407,7 @@ def build_algorithm(
             outputs.delta, inputs.reporting, options.max_update_norm
         )
         new_state, metrics = combine(state, indices, outputs, kept)
+        new_state = keep_site_params(new_state, indices, outputs, kept)
         metrics.update(
             num_sampled=jnp.sum(cohort_mask).astype(jnp.int32),
             num_dropped=inputs.num_dropped,
@@ -405,16 +455,30 @@ def build_algorithm(
     secure = None
     if message_spec is not None:
         secure = _secure_parts(
-            data, options, server_optimizer, message_spec, check, prepare, run_clients, for_each
+            data,
+            options,
+            server_optimizer,
+            message_spec,
+            (check, prepare, run_clients),
+            for_each,
+            split,
         )
     return FederatedAlgorithm(
-        name, init, apply_round, for_each, jitted, sampler, secure, finish=jitted_finish
+        name,
+        init,
+        apply_round,
+        for_each,
+        jitted,
+        sampler,
+        secure,
+        finish=jitted_finish,
+        site_model=site_model,
     )
 
 
-def _secure_parts(
-    data, options, server_optimizer, spec, check, prepare, run_clients, for_each
-) -> SecureParts:
+def _secure_parts(data, options, server_optimizer, spec, round_steps, for_each, split):
+    check, prepare, run_clients = round_steps
+
     def screen(outputs, reporting):
         return aggregation.screen(outputs.delta, reporting, options.max_update_norm)
 
@@ -422,19 +486,25 @@ def _secure_parts(
         return flatten_clients(aggregation.clip_updates(outputs.delta, clip))
 
     def server_step(state, mean_flat):
-        _, unravel = ravel_pytree(state.params)
+        shared = split.shared(state.params)
+        _, unravel = ravel_pytree(shared)
         mean = unravel(mean_flat.astype(jnp.float32))
         updates, opt_state = server_optimizer.update(
-            jax.tree.map(jnp.negative, mean), state.server_opt_state, state.params
+            jax.tree.map(jnp.negative, mean), state.server_opt_state, shared
         )
-        params = optax.apply_updates(state.params, updates)
+        params = split.merge(optax.apply_updates(shared, updates), split.local(state.params))
         return state.replace(params=params, server_opt_state=opt_state)
 
     jitted_prepare = jax.jit(prepare)
     jitted_run = jax.jit(run_clients) if for_each.traceable else run_clients
     fns = [jax.jit(f) for f in (screen, spec.message, spec.server_update, clipped_deltas)]
     jitted_step = jax.jit(server_step)
-    jitted = (jitted_prepare, *fns, jitted_step)
+    def keep(state, indices, outputs, kept):
+        # A closure per algorithm: jit caches by function, and _cache_size() is per algorithm.
+        return keep_site_params(state, indices, outputs, kept)
+
+    jitted_keep = jax.jit(keep)
+    jitted = (jitted_prepare, *fns, jitted_step, jitted_keep)
     if for_each.traceable:
         jitted = (jitted_run, *jitted)
     return SecureParts(
@@ -447,6 +517,7 @@ def _secure_parts(
         server_update=fns[2],
         clipped_deltas=fns[3],
         server_step=jitted_step,
+        keep_site_params=jitted_keep,
         jitted=jitted,
     )
 
@@ -456,6 +527,7 @@ def fedopt_combine(
     weighting: str,
     num_clients: int,
     aggregator: robust_aggregation.Aggregator = robust_aggregation.MEAN,
+    split: personal.ParamSplit = personal.ALL_SHARED,
 ) -> Combine:
     """The server step of FedAvg / FedAvgM / FedProx / FedOpt, and SCAFFOLD's when controls exist.
 
@@ -463,7 +535,8 @@ def fedopt_combine(
     ``aggregator``'s robust rule over them; the server optimizer takes ``-Delta``. SCAFFOLD
     (state with controls) also applies ``c <- c + (1/N) sum_S Delta c_k`` and
     ``c_k <- c_k + Delta c_k``. A robust rule adds the metric ``below_breakdown`` (1 when fewer
-    clients took part than it needs to tolerate its ``f``).
+    clients took part than it needs to tolerate its ``f``). With a FedBN ``split`` the deltas and
+    the step cover the shared leaves only; the local leaves of ``state.params`` stay as they are.
     """
 
     def combine(state, indices, outputs, kept):
@@ -473,10 +546,9 @@ def fedopt_combine(
         key = jax.random.fold_in(round_key(state), STREAM_AGGREGATOR)
         mean_delta = aggregator.aggregate(outputs.delta, weights, key)
         pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
-        updates, opt_state = server_optimizer.update(
-            pseudo_grad, state.server_opt_state, state.params
-        )
-        params = optax.apply_updates(state.params, updates)
+        shared = split.shared(state.params)
+        updates, opt_state = server_optimizer.update(pseudo_grad, state.server_opt_state, shared)
+        params = split.merge(optax.apply_updates(shared, updates), split.local(state.params))
         contributed = jnp.sum(weights) > 0
         new_state = state.replace(
             params=tree_select(contributed, params, state.params),
@@ -508,7 +580,10 @@ def fedopt_combine(
 
 
 def fedopt_message_spec(
-    server_optimizer: optax.GradientTransformation, weighting: str, padded_size: int
+    server_optimizer: optax.GradientTransformation,
+    weighting: str,
+    padded_size: int,
+    split: personal.ParamSplit = personal.ALL_SHARED,
 ) -> MessageSpec:
     """FedAvg / FedOpt as a sum: client k submits ``[w_k clip_c(delta_k), w_k]``.
 
@@ -516,7 +591,8 @@ def fedopt_message_spec(
     uniform; ``clip_c`` clips each coordinate to ``[-c, c]``. The server divides the first ``d``
     coordinates of the sum by the last, ``sum_k w_k``, to get the weighted mean delta ``Delta``
     (McMahan et al. 2017), and its optimizer steps on ``-Delta``; a zero total weight leaves the
-    state unchanged.
+    state unchanged. With a FedBN ``split``, ``delta_k`` and ``d`` are those of the shared leaves:
+    no coordinate of a message is a site's local parameter.
     """
 
     def message(state, outputs, clip):
@@ -533,14 +609,15 @@ def fedopt_message_spec(
         return max(float(clip), 1.0)
 
     def server_update(state, total):
-        _, unravel = ravel_pytree(state.params)
+        shared = split.shared(state.params)
+        _, unravel = ravel_pytree(shared)
         weight = total[-1]
         contributed = weight > 0
         mean = unravel((total[:-1] / jnp.where(contributed, weight, 1.0)).astype(jnp.float32))
         updates, opt_state = server_optimizer.update(
-            jax.tree.map(jnp.negative, mean), state.server_opt_state, state.params
+            jax.tree.map(jnp.negative, mean), state.server_opt_state, shared
         )
-        params = optax.apply_updates(state.params, updates)
+        params = split.merge(optax.apply_updates(shared, updates), split.local(state.params))
         new_state = state.replace(
             params=tree_select(contributed, params, state.params),
             server_opt_state=tree_select(contributed, opt_state, state.server_opt_state),
@@ -565,6 +642,8 @@ def fedopt(
     *,
     options: RoundOptions | None = None,
     name: str = "fedopt",
+    init_extra: Callable[[Params], dict[str, Any]] | None = None,
+    site_model: Callable[[ServerState, int], Params] | None = None,
 ) -> FederatedAlgorithm:
     """FedAvg-style rounds with any optax server optimizer of the pseudo-gradient ``-Delta``.
 
@@ -576,21 +655,28 @@ def fedopt(
       server_optimizer: optax transformation applied to ``-Delta``.
       options: :class:`RoundOptions`; ``None`` = defaults (weighting ``"examples"``).
       name: reported name.
+      init_extra, site_model: as in :func:`build_algorithm` (FedBN and Ditto's per-site store).
     """
     options = RoundOptions() if options is None else options
     _check_local_update(local_update, False, name)
     weighting = options.weighting or "examples"
+    split = local_update.split
     return build_algorithm(
         name,
         local_update,
         data,
         server_optimizer=server_optimizer,
-        combine=fedopt_combine(server_optimizer, weighting, data.num_clients, options.aggregator),
+        combine=fedopt_combine(
+            server_optimizer, weighting, data.num_clients, options.aggregator, split
+        ),
         options=options,
+        init_extra=init_extra,
         # A robust rule needs every individual update: it has no form as a secure sum.
-        message_spec=fedopt_message_spec(server_optimizer, weighting, data.mask.shape[1])
+        message_spec=fedopt_message_spec(server_optimizer, weighting, data.mask.shape[1], split)
         if options.aggregator is robust_aggregation.MEAN
         else None,
+        split=split,
+        site_model=site_model,
     )
 
 
@@ -743,4 +829,103 @@ def scaffold(
         combine=fedopt_combine(tx, weighting, num_clients, options.aggregator),
         options=options,
         init_extra=init_extra,
+    )
+
+
+def fedbn(
+    local_update: client_lib.LocalUpdate,
+    data: client_lib.ClientData,
+    *,
+    server_lr: float = 1.0,
+    split: personal.ParamSplit = personal.NORM_LOCAL,
+    options: RoundOptions | None = None,
+) -> FederatedAlgorithm:
+    """FedBN (Li, Jiang, Zhang, Kamp, Dou, ICLR 2021, arXiv:2102.07623): local normalisation.
+
+    FedAvg over the shared leaves only: site ``k`` trains ``(theta_s, theta_l^k)`` from the
+    global ``theta_s`` and its own ``theta_l^k`` (every ``theta_l^k`` starts at the initial
+    model's), submits ``Delta theta_s`` and keeps ``theta_l^k``; the server steps
+    ``theta_s <- theta_s + server_lr Delta`` on the example-weighted mean. ``split`` picks
+    ``theta_l`` (default: every normalisation ``scale`` and ``bias``,
+    :func:`fedjax_med.federated.personal.is_norm_param`). The released global model's local
+    leaves stay at their initial values (the server never learns a site's); site ``k``'s model
+    is :attr:`FederatedAlgorithm.site_model`. The sites' ``theta_l^k`` are stored
+    ``(N, ...)`` in ``ServerState.site_params`` for the simulation only: in a deployment they
+    never leave the site, and here no server step reads them. Composes with secure
+    aggregation: the submitted vector has only shared coordinates.
+
+    Raises:
+      ValueError: at ``init``, for a model without leaves ``split`` keeps local.
+    """
+    if not split.keeps_local:
+        raise ValueError("fedbn needs a split with a local-leaf predicate (personal.NORM_LOCAL)")
+    local_update = dataclasses.replace(local_update, split=split)
+    num_clients = data.num_clients
+
+    def init_extra(params):
+        local = split.local(params)
+        if not jax.tree.leaves(local):
+            raise ValueError(
+                "fedbn keeps each site's normalisation parameters, but the model has none (no "
+                "'scale' or 'bias' under a module whose name contains 'norm'): use a model with "
+                "GroupNorm, e.g. model.name='resnet_gn'"
+            )
+        return {"site_params": personal.stack(local, num_clients)}
+
+    def site_model(state, k):
+        return split.merge(split.shared(state.params), personal.row(state.site_params, k))
+
+    return fedopt(
+        local_update,
+        data,
+        server_optimizers.fedavg(server_lr),
+        options=options,
+        name="fedbn",
+        init_extra=init_extra,
+        site_model=site_model,
+    )
+
+
+def ditto(
+    local_update: client_lib.LocalUpdate,
+    data: client_lib.ClientData,
+    *,
+    lam: float,
+    server_lr: float = 1.0,
+    options: RoundOptions | None = None,
+) -> FederatedAlgorithm:
+    """Ditto (Li, Hu, Beirami, Smith, ICML 2021, arXiv:2012.04989, Algorithm 1).
+
+    The global model ``w`` is trained by FedAvg; every sampled site ``k`` also takes ``S`` steps
+    ``v_k <- v_k - eta (grad f_k(v_k) + lam (v_k - w^t))`` of its personal model (the same local
+    training, with the proximal term towards the round's global model ``w^t``) and keeps
+    ``v_k``; it submits only ``w_k^t - w^t``. Every ``v_k`` starts at the initial model.
+    ``lam = 0`` is purely local training of ``v_k``; a large ``lam`` keeps ``v_k`` near ``w``.
+    The personal models are stored ``(N, ...)`` in ``ServerState.site_params`` for the
+    simulation only (in a deployment they stay on site; no server step reads them). Under local
+    DP-SGD the personal steps are privatised like the global ones: a site's ledger counts
+    ``2 S`` steps per round (:attr:`~fedjax_med.federated.client.LocalUpdate.steps_per_round`).
+
+    Raises:
+      ValueError: if ``lam < 0``, or ``lam >= 2 / client_lr`` for SGD clients (the explicit
+        proximal step diverges).
+    """
+    local_update = dataclasses.replace(local_update, ditto_lambda=float(lam))
+    client_lib.check_site_params(local_update)
+    num_clients = data.num_clients
+
+    def init_extra(params):
+        return {"site_params": personal.stack(params, num_clients)}
+
+    def site_model(state, k):
+        return personal.row(state.site_params, k)
+
+    return fedopt(
+        local_update,
+        data,
+        server_optimizers.fedavg(server_lr),
+        options=options,
+        name="ditto",
+        init_extra=init_extra,
+        site_model=site_model,
     )

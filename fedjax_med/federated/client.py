@@ -15,6 +15,13 @@ Local objectives:
 * SCAFFOLD (Karimireddy et al., ICML 2020, https://arxiv.org/abs/1910.06378): corrected steps
   ``y <- y - lr (g_k(y) - c_k + c)`` and, option II, the new client control variate
   ``c_k+ = c_k - c + (x - y_S) / (S lr)``; the client reports ``delta_c = c_k+ - c_k``.
+* FedBN (Li et al., ICLR 2021, https://arxiv.org/abs/2102.07623): the FedAvg objective from the
+  global shared leaves and the site's own normalisation leaves, which it keeps; only the shared
+  leaves' delta is reported (:mod:`fedjax_med.federated.personal`).
+* Ditto (Li et al., ICML 2021, https://arxiv.org/abs/2012.04989): the FedAvg objective for the
+  global model, then ``S`` steps of the site's personal model on
+  ``f_k(v) + (lambda / 2) ||v - x||^2``, which it keeps; only the global model's delta is
+  reported.
 
 Local DP-SGD (Abadi et al., CCS 2016, https://arxiv.org/abs/1607.00133): with ``dp_clip_norm``
 set, every local step is one :func:`private_step_release`, built only from the privacy
@@ -48,6 +55,7 @@ import numpy as np
 import optax
 
 from fedjax_med import randomness
+from fedjax_med.federated import personal
 from fedjax_med.models import losses
 from fedjax_med.privacy import accounting, clipping, noise, sampling
 
@@ -244,12 +252,17 @@ class ClientOutput:
         term), each measured at the iterate before its step. Not released under local DP-SGD:
         NaN there (a plaintext loss would be a data-dependent value outside the guarantee).
       control_delta: SCAFFOLD only: ``c_k+ - c_k``; ``None`` otherwise.
+      site_params: FedBN's trained local leaves or Ditto's personal model: what the site
+        *keeps*, never part of what it submits (no server step reads it; the simulation stores
+        it in ``ServerState.site_params`` in place of the site's disk); ``None`` otherwise.
+        Under FedBN ``delta`` holds only the shared leaves.
     """
 
     delta: Params
     num_examples: jax.Array
     loss: jax.Array
     control_delta: Params | None = None
+    site_params: Params | None = None
 
 
 def model_loss(apply_fn: Callable[[Params, jax.Array], jax.Array], task: str) -> LossFn:
@@ -481,7 +494,15 @@ class LocalUpdate:
     """Local training of one client, callable as a pure function (see :func:`make_local_update`).
 
     ``__call__(global_params, images, labels, mask, count, key, server_control=None,
-    client_control=None, unit_ids=None) -> ClientOutput``.
+    client_control=None, unit_ids=None, site_params=None) -> ClientOutput``.
+
+    FedBN (``split`` with a predicate, Li et al. 2021, arXiv:2102.07623): training starts from
+    ``merge(shared(x), theta_l^k)`` with the site's own local leaves ``site_params``; the delta
+    holds only the shared leaves and the trained local leaves are returned as ``site_params``.
+    Ditto (``ditto_lambda``, Li et al. 2021, arXiv:2012.04989, Algorithm 1): after the global
+    model's ``S`` steps, the personal model ``v_k = site_params`` takes ``S`` steps of the same
+    local training on ``f_k(v) + (lambda / 2) ||v - x||^2`` (keys from
+    ``fold_in(key, randomness.CLIENT_PERSONAL)``; privatised like the others under local DP-SGD).
     """
 
     loss_fn: LossFn
@@ -500,6 +521,21 @@ class LocalUpdate:
     dp_microbatch_size: int | None = None
     dp_unit: str = "example"
     dp_max_per_unit: int | None = None
+    split: personal.ParamSplit = personal.ALL_SHARED  # FedBN: the leaves that stay at the site
+    ditto_lambda: float | None = None  # Ditto's lambda; None: no personal model
+
+    @property
+    def keeps_site_params(self) -> bool:
+        """Whether the site keeps parameters of its own between rounds (FedBN or Ditto)."""
+        return self.split.keeps_local or self.ditto_lambda is not None
+
+    @property
+    def steps_per_round(self) -> int:
+        """Steps on the site's data per call: ``S``, or ``2 S`` with Ditto's personal steps.
+
+        Under local DP-SGD each is a release the site's ledger counts.
+        """
+        return self.local_steps * (2 if self.ditto_lambda is not None else 1)
 
     @property
     def private(self) -> bool:
@@ -571,6 +607,7 @@ class LocalUpdate:
         server_control: Params | None = None,
         client_control: Params | None = None,
         unit_ids: jax.Array | None = None,
+        site_params: Params | None = None,
     ) -> ClientOutput:
         """Runs ``local_steps`` steps from ``global_params`` on one client's padded arrays.
 
@@ -585,6 +622,8 @@ class LocalUpdate:
           client_control: SCAFFOLD's ``c_k`` (params-shaped).
           unit_ids: ``(M,)`` patient of each row (``ClientData.unit_ids[k]``); needed by
             ``dp_unit="patient"``, unused otherwise.
+          site_params: what the site keeps between rounds: FedBN's local leaves
+            (``split.local``), or Ditto's personal model ``v_k``; ``None`` otherwise.
 
         Returns:
           The :class:`ClientOutput` (``loss`` NaN under local DP-SGD).
@@ -594,11 +633,48 @@ class LocalUpdate:
             raise ValueError("scaffold=True needs server_control and client_control")
         if self.scaffold and self.optimizer_name != "sgd":
             raise ValueError("scaffold=True needs client_optimizer='sgd' (option II assumes SGD)")
-        batch_size = min(self.batch_size, mask.shape[0])
+        if self.keeps_site_params and site_params is None:
+            raise ValueError("a FedBN or Ditto local update needs the site's site_params")
+        data = (images, labels, mask, count, unit_ids)
         x = global_params
+        if self.split.keeps_local:
+            # FedBN: the global shared leaves with the site's own normalisation leaves.
+            x = self.split.merge(self.split.shared(global_params), site_params)
+        correction = None
         if self.scaffold:
             # g - c_k + c: the correction is constant over the local steps.
             correction = jax.tree.map(jnp.subtract, server_control, client_control)
+        y, loss = self._steps(x, x, self.prox_mu, correction, key, data)
+        delta = jax.tree.map(jnp.subtract, y, x)
+        kept = None
+        if self.split.keeps_local:
+            kept = self.split.local(y)
+        if self.ditto_lambda is not None:
+            # Ditto: v_k's own steps on f_k(v) + (lambda / 2) ||v - w^t||^2, w^t = global_params.
+            personal_key = jax.random.fold_in(key, randomness.CLIENT_PERSONAL)
+            kept, _ = self._steps(
+                site_params, global_params, self.ditto_lambda, None, personal_key, data
+            )
+        control_delta = None
+        if self.scaffold:
+            # Option II: c_k+ - c_k = -c + (x - y) / (S lr) = -c - delta / (S lr).
+            scale = 1.0 / (self.local_steps * self.learning_rate)
+            control_delta = jax.tree.map(lambda c, d: -c - scale * d, server_control, delta)
+        return ClientOutput(
+            delta=self.split.shared(delta),
+            num_examples=jnp.asarray(count, jnp.float32),
+            loss=loss,
+            control_delta=control_delta,
+            site_params=kept,
+        )
+
+    def _steps(self, start, anchor, mu, correction, key, data):
+        """``local_steps`` steps from ``start`` with the proximal term ``mu (y - anchor)``.
+
+        Returns ``(y_S, mean minibatch loss)`` (NaN under local DP-SGD).
+        """
+        images, labels, mask, count, unit_ids = data
+        batch_size = min(self.batch_size, mask.shape[0])
 
         def minibatch_loss(params, batch_images, batch_labels, is_real):
             per_example = self.loss_fn(params, batch_images, batch_labels)
@@ -615,29 +691,18 @@ class LocalUpdate:
                 loss, grads = jax.value_and_grad(minibatch_loss)(
                     y, images[idx], labels[idx], is_real
                 )
-            if self.prox_mu:
-                grads = jax.tree.map(lambda g, p, p0: g + self.prox_mu * (p - p0), grads, y, x)
-            if self.scaffold:
+            if mu:
+                grads = jax.tree.map(lambda g, p, p0: g + mu * (p - p0), grads, y, anchor)
+            if correction is not None:
                 grads = jax.tree.map(jnp.add, grads, correction)
             updates, opt_state = self.optimizer.update(grads, opt_state, y)
             return (optax.apply_updates(y, updates), opt_state), loss
 
         step_keys = jax.random.split(key, self.local_steps)
         (y, _), step_losses = jax.lax.scan(
-            step, (x, self.optimizer.init(x)), step_keys, unroll=self.unroll
+            step, (start, self.optimizer.init(start)), step_keys, unroll=self.unroll
         )
-        delta = jax.tree.map(jnp.subtract, y, x)
-        control_delta = None
-        if self.scaffold:
-            # Option II: c_k+ - c_k = -c + (x - y) / (S lr) = -c - delta / (S lr).
-            scale = 1.0 / (self.local_steps * self.learning_rate)
-            control_delta = jax.tree.map(lambda c, d: -c - scale * d, server_control, delta)
-        return ClientOutput(
-            delta=delta,
-            num_examples=jnp.asarray(count, jnp.float32),
-            loss=jnp.mean(step_losses),
-            control_delta=control_delta,
-        )
+        return y, jnp.mean(step_losses)
 
 
 def make_local_update_for_loss(
@@ -657,6 +722,8 @@ def make_local_update_for_loss(
     dp_microbatch_size: int | None = None,
     dp_unit: str = "example",
     dp_max_per_unit: int | None = None,
+    split: personal.ParamSplit = personal.ALL_SHARED,
+    ditto_lambda: float | None = None,
 ) -> LocalUpdate:
     """Local training for any per-example loss ``loss_fn(params, images, labels) -> (B,)``.
 
@@ -703,8 +770,11 @@ def make_local_update_for_loss(
         dp_microbatch_size=dp_microbatch_size,
         dp_unit=dp_unit,
         dp_max_per_unit=dp_max_per_unit,
+        split=split,
+        ditto_lambda=None if ditto_lambda is None else float(ditto_lambda),
     )
     _check_dp(update)
+    check_site_params(update)
     return update
 
 
@@ -726,6 +796,8 @@ def make_local_update(
     dp_microbatch_size: int | None = None,
     dp_unit: str = "example",
     dp_max_per_unit: int | None = None,
+    split: personal.ParamSplit = personal.ALL_SHARED,
+    ditto_lambda: float | None = None,
 ) -> LocalUpdate:
     """Builds a client's local training: ``S`` minibatch steps of (FedProx / SCAFFOLD) SGD.
 
@@ -774,6 +846,10 @@ def make_local_update(
       dp_microbatch_size: ``None`` or rows per microbatch of the clipped sum (bounds memory).
       dp_unit: ``"example"`` or ``"patient"`` (needs ``unit_ids`` in the call).
       dp_max_per_unit: ``dp_unit="patient"`` only: ``k >= 1`` images per sampled patient.
+      split: FedBN: the leaves that stay at the site
+        (:data:`fedjax_med.federated.personal.NORM_LOCAL`); default: all shared.
+      ditto_lambda: Ditto's ``lambda`` in ``[0, 2 / client_lr)`` for SGD: the site also trains
+        its personal model (``None``: no personal model).
 
     Returns:
       A :class:`LocalUpdate`, a pure function of one client's arrays.
@@ -794,7 +870,28 @@ def make_local_update(
         dp_microbatch_size=dp_microbatch_size,
         dp_unit=dp_unit,
         dp_max_per_unit=dp_max_per_unit,
+        split=split,
+        ditto_lambda=ditto_lambda,
     )
+
+
+def check_site_params(update: LocalUpdate) -> None:
+    """Raises for a FedBN or Ditto local update that cannot run as asked."""
+    lam = update.ditto_lambda
+    if update.keeps_site_params and update.scaffold:
+        raise ValueError("scaffold=True cannot be combined with FedBN or Ditto (per-site models)")
+    if update.split.keeps_local and lam is not None:
+        raise ValueError("a local update runs FedBN (split) or Ditto (ditto_lambda), not both")
+    if lam is None:
+        return
+    if not lam >= 0:
+        raise ValueError(f"ditto_lambda={lam} must be >= 0")
+    # v - w contracts by (1 - lr lambda) per plain SGD step: beyond 2 / lr it diverges.
+    if update.optimizer_name == "sgd" and not lam * update.learning_rate < 2:
+        raise ValueError(
+            f"ditto_lambda={lam} must be < 2 / client_lr = {2 / update.learning_rate:g} (the "
+            "proximal step of Ditto's Algorithm 1 diverges beyond it)"
+        )
 
 
 def _check_dp(update: LocalUpdate) -> None:

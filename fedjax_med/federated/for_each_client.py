@@ -103,10 +103,11 @@ class ForEachClient:
     """Runs a :class:`~fedjax_med.federated.client.LocalUpdate` over a cohort (see module doc).
 
     Call as ``for_each(global_params, images, labels, mask, counts, keys, server_control=None,
-    client_controls=None, client_mask=None, unit_ids=None)`` with per-client arrays of leading
-    size ``C`` (``images``: ``(C, M, ...)``, ``counts``: ``(C,)``, ``keys``: ``(C, ...)``,
-    ``client_controls``: params with a leading ``C``; ``unit_ids``: ``(C, M)`` patient of each
-    row, for patient-level local DP-SGD). ``client_mask`` marks the slots whose
+    client_controls=None, client_mask=None, unit_ids=None, site_params=None)`` with per-client
+    arrays of leading size ``C`` (``images``: ``(C, M, ...)``, ``counts``: ``(C,)``, ``keys``:
+    ``(C, ...)``, ``client_controls``: params with a leading ``C``; ``unit_ids``: ``(C, M)``
+    patient of each row, for patient-level local DP-SGD; ``site_params``: each site's own
+    parameters with a leading ``C``, for FedBN and Ditto). ``client_mask`` marks the slots whose
     output will be used; the loop backend skips the others (their outputs are zeros), the
     traced backends compute every slot. Returns a
     :class:`~fedjax_med.federated.client.ClientOutput` whose leaves have a leading ``C`` axis.
@@ -135,9 +136,18 @@ class ForEachClient:
 
     def _single(self, shared, row):
         params, server_control = shared
-        images, labels, mask, count, key, client_control, unit_ids = row
+        images, labels, mask, count, key, client_control, unit_ids, site_params = row
         return self.local_update(
-            params, images, labels, mask, count, key, server_control, client_control, unit_ids
+            params,
+            images,
+            labels,
+            mask,
+            count,
+            key,
+            server_control,
+            client_control,
+            unit_ids,
+            site_params=site_params,
         )
 
     def __call__(
@@ -152,9 +162,10 @@ class ForEachClient:
         client_controls=None,
         client_mask=None,
         unit_ids=None,
+        site_params=None,
     ) -> client_lib.ClientOutput:
         shared = (global_params, server_control)
-        batched = (images, labels, mask, counts, keys, client_controls, unit_ids)
+        batched = (images, labels, mask, counts, keys, client_controls, unit_ids, site_params)
         if self.backend == "vmap":
             return chunked_vmap(self._single, self.chunk_size)(shared, batched)
         if self.backend == "sharded":

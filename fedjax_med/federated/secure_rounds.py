@@ -250,6 +250,8 @@ def _apply_round(setup: _Setup, state: algorithms.ServerState, cohort: sampling.
     subs = _submissions(state, inputs, mask, kept, num_excluded, messages)
     result, secure_seconds, plaintext_seconds = _timed_sum(setup, state, subs)
     new_state, server_metrics = _server_update(setup, state, result)
+    # What each site kept (FedBN, Ditto) stays outside the sum, whether or not it was released.
+    new_state = setup.parts.keep_site_params(new_state, inputs.indices, outputs, kept)
     metrics = _metrics(server_metrics, subs, result, secure_seconds, plaintext_seconds)
     return new_state.replace(round=state.round + 1), metrics
 

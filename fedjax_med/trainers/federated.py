@@ -16,7 +16,9 @@ in the algorithm and the ledger :func:`build_plan` chooses (:func:`fedjax_med.co
 mechanism`). Outputs in ``workdir`` are those of the centralized trainer; ``metrics.jsonl`` gets
 one ``split = "round"`` record per round and ``report.json`` gets ``federated`` (algorithm,
 clients, rounds) and, for a private run, ``privacy``: the ledger's
-:class:`~fedjax_med.privacy.claim.PrivacyClaim`.
+:class:`~fedjax_med.privacy.claim.PrivacyClaim`. With per-site models (``fedbn``, ``ditto``:
+:func:`site_model_metrics`) each ``per_site[site]`` also gets the site's own model's
+``personal_test_*`` metrics, and ``personal_site_summary`` their worst, mean and spread.
 
 Randomness (:mod:`fedjax_med.randomness`): cohorts, client training, dropouts and noise all
 derive from the server key and the cohort sampler. In ``reproducible`` mode both follow from
@@ -197,6 +199,8 @@ DEFAULT_SERVER_LR = {
     "fedadam": 1e-2,
     "fedyogi": 1e-2,
     "fedadagrad": 1e-1,
+    "fedbn": 1.0,
+    "ditto": 1.0,
 }
 
 
@@ -285,6 +289,16 @@ ALGORITHMS = {
     "fedyogi": _fedopt,
     "fedadagrad": _fedopt,
     "dp_fedavg": _dp_fedavg,
+    "fedbn": lambda i: algorithms.fedbn(
+        i.local_update, i.data, server_lr=server_lr(i.config.federated), options=i.options
+    ),
+    "ditto": lambda i: algorithms.ditto(
+        i.local_update,
+        i.data,
+        lam=i.config.federated.ditto_lambda,
+        server_lr=server_lr(i.config.federated),
+        options=i.options,
+    ),
 }
 
 
@@ -327,7 +341,7 @@ def _client_level_ledger(config, federation, noise_multiplier):
     return ledgers.ClientLevelLedger(budget.check_affords_one(ledger, release="round"))
 
 
-def _site_ledgers(config, federation, data, noise_multiplier):
+def _site_ledgers(config, federation, data, noise_multiplier, steps_per_round):
     p, f = config.privacy, config.federated
     names = tuple(federation.client_names)
     # Patient-level: each site's Poisson sampling and accounting run over its patients.
@@ -342,18 +356,18 @@ def _site_ledgers(config, federation, data, noise_multiplier):
         targets=parse_site_targets(f.site_target_epsilons, names, p.target_epsilon),
         noise_multiplier=float(p.noise_multiplier),
         batch_size=f.client_batch_size,
-        local_steps=f.local_steps,
+        local_steps=steps_per_round,
         delta=p.delta,
         accountant=p.accountant,
     )
     # A site that cannot afford one round would silently never contribute: refuse it up front.
     for k, name in enumerate(names):
-        if not site_ledgers.can_take(k, f.local_steps):
-            one = site_ledgers.epsilon(k, f.local_steps)
+        if not site_ledgers.can_take(k, steps_per_round):
+            one = site_ledgers.epsilon(k, steps_per_round)
             raise ValueError(
                 f"site {name!r}: target epsilon {site_ledgers.targets[k]:g} (privacy."
                 "target_epsilon or federated.site_target_epsilons) cannot afford one round: "
-                f"{f.local_steps} local steps at privacy.noise_multiplier={p.noise_multiplier:g} "
+                f"{steps_per_round} local steps at privacy.noise_multiplier={p.noise_multiplier:g} "
                 f"and sampling rate {site_ledgers.sampling_rate(k):.4g} already spend epsilon "
                 f"{one:.4g} at delta {p.delta:g}; set that site's target >= {one:.4g}, or raise "
                 "the noise or lower federated.local_steps"
@@ -361,7 +375,8 @@ def _site_ledgers(config, federation, data, noise_multiplier):
     return site_ledgers
 
 
-def _distributed_ledger(config, federation, data, noise_multiplier, ddp):
+def _distributed_ledger(config, federation, data, noise_multiplier, ddp, steps_per_round):
+    del steps_per_round  # client-level: the sum of a round is one release
     sa, p = config.secure_aggregation, config.privacy
     return ledgers.DistributedLedger(
         epsilon_fn=ddp.epsilon,  # counts only rounds that released a sum
@@ -384,17 +399,22 @@ def _distributed_ledger(config, federation, data, noise_multiplier, ddp):
     )
 
 
-# mechanism -> ledger builder (config, federation, client data, noise multiplier, distributed DP).
+# mechanism -> ledger builder (config, federation, client data, noise multiplier, distributed DP,
+# each site's private steps per round: S, or 2 S with Ditto's personal steps).
 LEDGERS = {
     "none": lambda *_: ledgers.NoPrivacy(),
-    "dp_fedavg": lambda c, fed, data, sigma, _: _client_level_ledger(c, fed, sigma),
-    "local_dp_sgd": lambda c, fed, data, sigma, _: _site_ledgers(c, fed, data, sigma),
+    "dp_fedavg": lambda c, fed, data, sigma, *_: _client_level_ledger(c, fed, sigma),
+    "local_dp_sgd": lambda c, fed, data, sigma, _, steps: _site_ledgers(c, fed, data, sigma, steps),
     "distributed_dp": _distributed_ledger,
 }
 
 
-def _distributed_dp(config, model, sampler, rng) -> distributed_dp.DistributedDP | None:
-    """Client-side integer noise summed by secure aggregation, or ``None``."""
+def _distributed_dp(config, model, sampler, rng, split) -> distributed_dp.DistributedDP | None:
+    """Client-side integer noise summed by secure aggregation, or ``None``.
+
+    Its dimension is that of what a client submits: the ``split``'s shared leaves (FedBN keeps
+    the normalisation leaves at the site).
+    """
     f, p = config.federated, config.privacy
     if config.secure_aggregation.distributed_dp == "none":
         return None
@@ -413,7 +433,7 @@ def _distributed_dp(config, model, sampler, rng) -> distributed_dp.DistributedDP
     return distributed_dp.DistributedDP(
         config.secure_aggregation.distributed_dp,
         num_clients=n,
-        dim=model.num_params(model.init(jax.random.PRNGKey(0))),
+        dim=model.num_params(split.shared(model.init(jax.random.PRNGKey(0)))),
         clip=p.clip_norm,
         noise_multiplier=p.noise_multiplier,
         delta=p.delta,
@@ -537,10 +557,11 @@ def build_round_parts(
     local_update = make_local_update(config, model, task, f.local_steps)
     inputs = AlgorithmInputs(config, local_update, data, options, sampler, sigma)
     algorithm = ALGORITHMS[f.algorithm](inputs)
-    ddp = _distributed_dp(config, model, sampler, rng)
+    trained = algorithm.for_each.local_update  # the update the algorithm runs (FedBN, Ditto)
+    ddp = _distributed_dp(config, model, sampler, rng, trained.split)
     if config.secure_aggregation.method != "none":
         algorithm = _secure(config, algorithm, rng, ddp)
-    ledger = LEDGERS[mechanism](config, federation, data, sigma, ddp)
+    ledger = LEDGERS[mechanism](config, federation, data, sigma, ddp, trained.steps_per_round)
     return RoundParts(
         algorithm=algorithm,
         sampler=sampler,
@@ -806,6 +827,11 @@ def finish(plan, state, workdir: str, end: int, log: RoundLog) -> dict[str, Any]
     released = ()
     if f.personalization_steps > 0:
         extra["per_site_personalized"], released = personalize(plan, state.params)
+    personal, personal_released = site_model_metrics(plan, state)
+    released += personal_released
+    if len(personal) > 1:
+        primary = f"personal_test_{metrics.primary_metric(plan.splits.info.task)}"
+        extra["personal_site_summary"] = metrics.summarize_groups(personal, primary)
     claim = plan.ledger.claim(_claim_context(plan, state, released))
     if claim is not None:
         extra["privacy"] = claim.to_report()
@@ -819,6 +845,8 @@ def finish(plan, state, workdir: str, end: int, log: RoundLog) -> dict[str, Any]
         elapsed=log.elapsed,
         extra=extra,
     )
+    for site, entries in report.json_safe(personal).items():
+        result["per_site"].setdefault(site, {}).update(entries)
     checkpoint.write_json_atomic(os.path.join(workdir, "report.json"), result)
     curves.write_curves(workdir, log.path, unit="round")
     m = result["metrics"]
@@ -832,7 +860,56 @@ def finish(plan, state, workdir: str, end: int, log: RoundLog) -> dict[str, Any]
         result["wall_time_s"],
         f"; {claim.guarantee}" if claim is not None else "",
     )
+    if "personal_site_summary" in extra:
+        logger.info("each site's own %s model: %s", f.algorithm, extra["personal_site_summary"])
     return result
+
+
+def site_model_metrics(
+    plan: FederatedPlan, state: algorithms.ServerState
+) -> tuple[dict[str, dict[str, float]], tuple]:
+    """Each site's own model (FedBN, Ditto) on its own test images, as ``personal_test_*``.
+
+    The keys go into ``report.json``'s ``per_site[site]`` beside the global model's ``test_*``.
+    Nothing is trained here: the models are the ones the rounds left at the sites. Under local
+    DP-SGD their training was counted in each site's ledger (post-processing); under any other
+    mechanism the metrics are named as released outside the claim. Clients are sites
+    (``by_site`` partition); an algorithm without per-site models gives ``{}``.
+
+    Returns:
+      ``(site -> {"personal_test_accuracy": ..., ...}, what the claim must name as released)``.
+    """
+    site_model = plan.algorithm.site_model
+    if site_model is None:
+        return {}, ()
+    if plan.config.federated.partition.method != "by_site":
+        logger.warning("per-site model metrics need federated.partition.method='by_site'")
+        return {}, ()
+    info = plan.splits.info
+    predict_fn = evaluate.make_predict_fn(plan.model.apply, info.task)
+    results = {}
+    for k, name in enumerate(plan.federation.client_names):
+        site = info.site_names.index(name)
+        test = plan.splits.test.take(np.flatnonzero(plan.splits.test.sites == site))
+        if len(test) == 0:
+            continue
+        result = evaluate.evaluate(
+            predict_fn,
+            site_model(state, k),
+            test,
+            info,
+            plan.normalizer,
+            plan.config.train.eval_batch_size,
+        )
+        results[name] = evaluate.prefixed(result["metrics"], "personal_test")
+    released = ()
+    if plan.mechanism not in ("none", "local_dp_sgd"):
+        released = (
+            f"per-site test metrics of each site's own {plan.config.federated.algorithm} model "
+            "(report.json per_site personal_test_*), whose site-kept parameters are trained "
+            "outside the claim's mechanism",
+        )
+    return results, released
 
 
 def personalize(plan: FederatedPlan, params: Any) -> tuple[dict[str, dict[str, float]], tuple]:

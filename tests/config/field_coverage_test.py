@@ -147,6 +147,8 @@ FEDERATED_PLANS = [
     ("poisoning:tiny",),
     ("poisoning:tiny", "robust_aggregation.method=multi_krum"),
     ("poisoning:tiny", "robust_aggregation.method=norm_bound"),
+    ("fedavg:ditto,tiny",),
+    ("fedavg:fedbn,tiny",),
 ]
 
 

@@ -14,6 +14,7 @@ from fedjax_med.deploy import runtime
         ("--config.federated.partition.method=iid", "federated.partition.method='by_site'"),
         ("--config.robust_aggregation.method=krum", "robust_aggregation.method='mean'"),
         ("--config.poisoning.kind=label_flip", "'poisoning.kind'"),
+        ("--config.federated.algorithm=ditto", "federated.algorithm='ditto'"),
     ],
 )
 def test_a_config_the_deployment_cannot_run_fails_naming_the_field(

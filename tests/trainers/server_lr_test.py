@@ -35,7 +35,9 @@ def _config(algorithm, extra=()):
     overrides = [f"--config.federated.algorithm={algorithm}", *TINY, *extra]
     if algorithm == "dp_fedavg":
         overrides += DP_FEDAVG
-    return loading.load_config("fedavg:tiny", overrides)
+    # FedBN keeps normalisation layers local: its variant has a GroupNorm model.
+    spec = "fedavg:fedbn,tiny" if algorithm == "fedbn" else "fedavg:tiny"
+    return loading.load_config(spec, overrides)
 
 
 def _initial_val_loss(config):

@@ -60,10 +60,11 @@ def test_local_dp_sgd_site_ledgers_refuse_naming_the_site():
     config.privacy.target_epsilon = 0.0  # no budget except the one site below
     fed = federated.build_federation(config, splits)
     config.federated.site_target_epsilons = f"{fed.client_names[1]}=0.01"
+    steps = config.federated.local_steps
     with pytest.raises(ValueError, match=rf"site '{fed.client_names[1]}': target epsilon 0.01"):
-        federated._site_ledgers(config, fed, None, 0.5)
+        federated._site_ledgers(config, fed, None, 0.5, steps)
     config.federated.site_target_epsilons = ""
-    federated._site_ledgers(config, fed, None, 0.5)  # no budgets: nothing to refuse
+    federated._site_ledgers(config, fed, None, 0.5, steps)  # no budgets: nothing to refuse
 
 
 def test_cli_exits_2_before_training(tmp_path, capsys):
