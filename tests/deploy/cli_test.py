@@ -91,3 +91,16 @@ def test_the_client_app_is_named_module_colon_attribute():
     assert worker.load_app(worker.DEFAULT_APP) is flower_app.client_app
     with pytest.raises(ValueError, match="--app 'flower_app' must be MODULE:ATTRIBUTE"):
         worker.load_app("flower_app")
+
+
+def test_the_compilation_cache_is_off_unless_asked_for(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert "JAX_COMPILATION_CACHE_DIR" not in runtime.environment(str(tmp_path / "home"))
+    env = runtime.environment(str(tmp_path / "home"), str(tmp_path / "cache"))
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "cache")
+    # Every program is kept, however fast it compiled (a small model's are all fast).
+    assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"
+    args = cli.build_parser().parse_args(
+        ["deploy", "server", "--config", "c", "--workdir", "w", "--compilation-cache", "d"]
+    )
+    assert args.compilation_cache == "d"
