@@ -134,8 +134,12 @@ def train(message, context):
         _record_steps(context, site, steps, epsilon)
     if "secure" in message.content:  # only the protocol's public keys leave the site
         session = (context.run_id, context.node_id, message.metadata.group_id)
+        record = message.content["secure"]
         try:
-            keys = secure.begin(output, request["padded_size"], message.content["secure"], session)
+            ddp = site.distributed_dp(int(record.get("ddp_clients", 0)))
+            keys = secure.begin(
+                output, request["padded_size"], record, session, ddp, request["round"]
+            )
         except ValueError as e:
             return _reply(message, protocol.refusal(str(e)))
         return _reply(message, fl.app.RecordDict({"secagg": secure.to_record(keys)}))
