@@ -11,7 +11,9 @@
   ``DIR/sites/NAME``, the only two files a hospital needs).
 
 ``--config.FIELD=VALUE`` overrides are passed to every party: server and hospitals must run the
-same config (the server refuses a hospital whose config digest differs).
+same config (the server refuses a hospital whose config digest differs). ``--compilation-cache
+DIR`` (server, client; off by default) keeps JAX's compiled programs in the party's own ``DIR``
+for later processes (:func:`fedjax_med.deploy.runtime.compilation_cache_environment`).
 """
 
 from __future__ import annotations
