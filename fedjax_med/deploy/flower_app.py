@@ -175,6 +175,7 @@ server_app = fl.serverapp.ServerApp()
 @server_app.main()
 def main(grid, context) -> None:
     """Runs :func:`fedjax_med.deploy.server.serve` with the run config of ``flwr run``."""
+    flower.quick_object_pulls("flwr.superlink.grid.http_grid", "pull_objects")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedjax_med").setLevel(logging.INFO)
     rc = context.run_config
