@@ -104,3 +104,21 @@ def test_the_compilation_cache_is_off_unless_asked_for(tmp_path, monkeypatch):
         ["deploy", "server", "--config", "c", "--workdir", "w", "--compilation-cache", "d"]
     )
     assert args.compilation_cache == "d"
+
+
+def test_object_pulls_retry_after_a_twentieth_of_a_second(monkeypatch):
+    import sys
+    import types
+
+    from fedjax_med.deploy import flower
+
+    def pull_objects(ids, fn, *, initial_backoff=1.0, backoff_cap=10.0):
+        return initial_backoff, backoff_cap
+
+    module = types.ModuleType("flower_like")
+    module.pull_objects = pull_objects
+    monkeypatch.setitem(sys.modules, "flower_like", module)
+    assert flower.quick_object_pulls("flower_like", "pull_objects")
+    assert flower.quick_object_pulls("flower_like", "pull_objects")  # once only
+    assert module.pull_objects([], None) == (0.05, 1.0)
+    assert not flower.quick_object_pulls("no_such_module_here", "pull_objects")
