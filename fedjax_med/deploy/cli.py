@@ -11,7 +11,9 @@
   ``DIR/sites/NAME``, the only two files a hospital needs).
 
 ``--config.FIELD=VALUE`` overrides are passed to every party: server and hospitals must run the
-same config (the server refuses a hospital whose config digest differs).
+same config (the server refuses a hospital whose config digest differs). ``--compilation-cache
+DIR`` (server, client; off by default) keeps JAX's compiled programs in the party's own ``DIR``
+for later processes (:func:`fedjax_med.deploy.runtime.compilation_cache_environment`).
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def register(sub) -> None:
         "--poll",
         type=float,
         default=0.5,
-        help="longest wait in seconds between two checks for a message (Flower's own: 3)",
+        help="longest wait in seconds between two checks for a message, by the SuperNode and "
+        "by this command's executor (Flower's own: 3)",
     )
     client.add_argument(
         "--app",
@@ -110,6 +113,14 @@ def register(sub) -> None:
         default=600.0,
         help="seconds to keep retrying while the SuperLink refuses or is not up yet",
     )
+    for p in (server, client):
+        p.add_argument(
+            "--compilation-cache",
+            default="",
+            metavar="DIR",
+            help="keep JAX's compiled programs in DIR (this party's own folder) and reuse them in "
+            "later processes: compiled code only, no data, parameters or keys (default: off)",
+        )
     for p in (certs, server, client):
         p.add_argument("--quiet", action="store_true", help="warnings only")
         p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -179,7 +190,7 @@ def run_server(args, overrides: str) -> int:
     flwr_dir = os.path.join(workdir, "flower")
     os.makedirs(flwr_dir, exist_ok=True)
     certs = runtime.Certificates(args.certificates) if args.certificates else None
-    env = runtime.environment(os.path.join(flwr_dir, "home"))
+    env = runtime.environment(os.path.join(flwr_dir, "home"), args.compilation_cache)
     runtime.write_connection(env["FLWR_HOME"], args.address, certs.ca if certs else None)
     app = runtime.write_app(os.path.join(flwr_dir, "app"))
     sites = _sites(args.sites)
@@ -276,7 +287,7 @@ def run_client(args, overrides: str) -> int:
         poll=args.poll,
     )
     deadline = time.monotonic() + args.join_timeout
-    env = runtime.environment(home)
+    env = runtime.environment(home, args.compilation_cache)
     loaded = []
 
     def load():
@@ -284,12 +295,15 @@ def run_client(args, overrides: str) -> int:
         if not loaded:
             from fedjax_med.deploy import worker
 
+            if args.compilation_cache:
+                runtime.use_compilation_cache(args.compilation_cache)
             _check_config(args.config, overrides)
             loaded.append(worker.load_app(args.app) if args.isolation == "process" else None)
         return loaded[0]
 
     while True:
-        code, admitted = _supernode(runtime, command, env, load, f"127.0.0.1:{args.port}")
+        api = f"127.0.0.1:{args.port}"
+        code, admitted = _supernode(runtime, command, env, load, api, args.poll)
         if admitted or time.monotonic() > deadline:
             if not admitted:
                 print(
@@ -302,7 +316,7 @@ def run_client(args, overrides: str) -> int:
         time.sleep(2.0)
 
 
-def _supernode(runtime, command, env, load, runtime_api: str) -> tuple[int, bool]:
+def _supernode(runtime, command, env, load, runtime_api: str, poll: float) -> tuple[int, bool]:
     """Runs the SuperNode, echoing its log, and serves its tasks; ``(exit code, admitted)``.
 
     A SuperNode the SuperLink refuses (not up yet, or this key not registered yet) logs Flower's
@@ -335,7 +349,7 @@ def _supernode(runtime, command, env, load, runtime_api: str) -> tuple[int, bool
     try:
         app = load()
         if app is not None:
-            worker.serve(runtime_api, app, stop)
+            worker.serve(runtime_api, app, stop, poll=poll)
         else:
             stop.wait()
         if refused.is_set():

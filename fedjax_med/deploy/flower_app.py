@@ -134,8 +134,12 @@ def train(message, context):
         _record_steps(context, site, steps, epsilon)
     if "secure" in message.content:  # only the protocol's public keys leave the site
         session = (context.run_id, context.node_id, message.metadata.group_id)
+        record = message.content["secure"]
         try:
-            keys = secure.begin(output, request["padded_size"], message.content["secure"], session)
+            ddp = site.distributed_dp(int(record.get("ddp_clients", 0)))
+            keys = secure.begin(
+                output, request["padded_size"], record, session, ddp, request["round"]
+            )
         except ValueError as e:
             return _reply(message, protocol.refusal(str(e)))
         return _reply(message, fl.app.RecordDict({"secagg": secure.to_record(keys)}))
@@ -171,6 +175,7 @@ server_app = fl.serverapp.ServerApp()
 @server_app.main()
 def main(grid, context) -> None:
     """Runs :func:`fedjax_med.deploy.server.serve` with the run config of ``flwr run``."""
+    flower.quick_object_pulls("flwr.superlink.grid.http_grid", "pull_objects")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedjax_med").setLevel(logging.INFO)
     rc = context.run_config

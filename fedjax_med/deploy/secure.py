@@ -10,7 +10,10 @@ exchange each:
    ``t``, the ring ``2^bits``, the clip ``c`` and the number of clients ``n``): the site trains,
    forms its message ``m_k = [w_k clip_c(delta_k), w_k]`` (:func:`site_message`, the
    simulation's :func:`fedjax_med.federated.algorithms.fedopt_message_spec`), encodes it into
-   the ring and answers only its two public keys (``AdvertiseKeys``);
+   the ring and answers only its two public keys (``AdvertiseKeys``); with distributed DP
+   (``secure_aggregation.distributed_dp``, Kairouz, Liu, Steinke 2021; Agarwal, Kairouz, Liu
+   2021) its message is instead its L2-clipped delta, quantised, plus its own share of the
+   integer noise (:func:`site_noisy_update`, the simulation's client message);
 2. ``query.secagg_share_keys``: the neighbours' public keys in, encrypted Shamir shares out;
 3. ``query.secagg_masked_input``: the shares addressed to the site in, ``y_k = m_k + masks`` out;
 4. ``query.secagg_unmask``: the survivors and the dropped in, the site's shares out.
@@ -18,8 +21,10 @@ exchange each:
 The server (:func:`secure_round`) routes, checks and logs each message with
 :class:`fedjax_med.secure.secagg.Server`, rebuilds only the sum ``sum_k m_k`` and takes the
 algorithm's server step from it (``MessageSpec.server_update`` of
-:mod:`fedjax_med.federated.algorithms`), as :mod:`fedjax_med.federated.secure_rounds` does in
-the simulation: the same quantisation, so the deployed model equals the simulated one. It never
+:mod:`fedjax_med.federated.algorithms`; with distributed DP the server optimizer's step on the
+decoded noisy sum over the calibrated number of clients ``N``), as
+:mod:`fedjax_med.federated.secure_rounds` does in the simulation: the same quantisation (and,
+in reproducible mode, the same noise), so the deployed model equals the simulated one. It never
 receives a delta, a loss or a plaintext message; the sender of a message is the node that sent
 it, never what the message claims.
 
@@ -29,7 +34,12 @@ The site's protocol state (its keys and shares) lives in the process that answer
 
 Guarantees: those of :mod:`fedjax_med.secure.secagg` against an honest-but-curious server, with
 each site's keys from its operating system's entropy; a round whose protocol aborts (too few
-survivors, a disconnected SecAgg+ graph) releases nothing and leaves the model unchanged.
+survivors, a disconnected SecAgg+ graph) releases nothing and leaves the model unchanged. With
+distributed DP, each site calibrates its noise from its own config (the server names only the
+number of clients it is shared among) and, in ``secure`` mode, draws it from a fresh OS-keyed
+CSPRNG that is never stored; the threshold is at least distributed DP's, so no released sum
+holds fewer clients' noise than the accountant (:class:`~fedjax_med.secure.distributed_dp.
+DistributedDP`) counts.
 """
 
 from __future__ import annotations
@@ -48,8 +58,8 @@ import optax
 
 from fedjax_med import randomness as randomness_lib
 from fedjax_med.deploy import flower, protocol
-from fedjax_med.federated import algorithms
-from fedjax_med.secure import field, secagg
+from fedjax_med.federated import aggregation, algorithms
+from fedjax_med.secure import distributed_dp, field, secagg
 
 logger = logging.getLogger("fedjax_med")
 
@@ -125,20 +135,57 @@ def site_message(output: Any, padded_size: int, clip: float) -> np.ndarray:
     return np.asarray(spec.message(None, stacked, clip), np.float64)[0]
 
 
-def begin(output: Any, padded_size: int, secure: Any, session: tuple[int, int, str]):
-    """Step 1 at the site: its protocol party for this round and its ``AdvertiseKeys``.
+def site_noisy_update(
+    output: Any, ddp: distributed_dp.DistributedDP, round_index: int, client: int
+) -> np.ndarray:
+    """Distributed DP at the site: ``encode(clip_S(delta_k)) + z_k mod 2^bits``, a ring vector.
+
+    The simulation's client message (``SecureParts.clipped_deltas`` then
+    :meth:`~fedjax_med.secure.distributed_dp.DistributedDP.encode`): the flat delta clipped to
+    L2 norm ``S``, quantised, plus this site's share of the integer noise, drawn from
+    ``ddp.randomness`` (in ``secure`` mode a fresh OS-keyed CSPRNG, never stored).
 
     Raises:
       ValueError: for a non-finite update (the site does not submit it).
     """
-    row = site_message(output, padded_size, float(secure["clip"]))
+    delta = jax.tree.map(lambda x: jnp.asarray(x)[None], output.delta)
+    row = np.asarray(algorithms.flatten_clients(aggregation.clip_updates(delta, ddp.clip)))[0]
     if not np.all(np.isfinite(row)):
         raise ValueError("the local update is not finite: not submitted")
+    return ddp.encode(row.astype(np.float64), round_index, client)
+
+
+def begin(
+    output: Any,
+    padded_size: int,
+    secure: Any,
+    session: tuple[int, int, str],
+    ddp: distributed_dp.DistributedDP | None = None,
+    round_index: int = 0,
+):
+    """Step 1 at the site: its protocol party for this round and its ``AdvertiseKeys``.
+
+    ``ddp``: the site's own distributed DP (from its config; the server's record names only
+    the number of clients it is calibrated for): the site submits its noisy ring vector
+    (:func:`site_noisy_update`) instead of the FedAvg message.
+
+    Raises:
+      ValueError: for a non-finite update (the site does not submit it).
+    """
     bits = int(secure["bits"])
-    encoder = field.FieldEncoder(float(secure["bound"]), int(secure["num_clients"]), bits)
+    if ddp is not None:
+        if ddp.bits != bits:
+            raise ValueError(f"the server's ring 2^{bits} is not distributed DP's 2^{ddp.bits}")
+        vector = site_noisy_update(output, ddp, round_index, int(secure["id"]))
+    else:
+        row = site_message(output, padded_size, float(secure["clip"]))
+        if not np.all(np.isfinite(row)):
+            raise ValueError("the local update is not finite: not submitted")
+        encoder = field.FieldEncoder(float(secure["bound"]), int(secure["num_clients"]), bits)
+        vector = encoder.encode(row)
     client = secagg.Client(
         int(secure["id"]),
-        encoder.encode(row),
+        vector,
         neighbours=frozenset(int(v) for v in secure["neighbours"] if int(v) >= 0),
         threshold=int(secure["threshold"]),
         bits=bits,
@@ -186,6 +233,7 @@ class SecureSetup:
     clip: float
     bound: float
     graph: Mapping[int, frozenset[int]]
+    ddp_clients: int = 0  # distributed DP's calibrated number of clients (0: no distributed DP)
 
     @property
     def encoder(self) -> field.FieldEncoder:
@@ -202,7 +250,14 @@ def setup_round(config, plan, state, n: int) -> SecureSetup:
     rng = plan.randomness.generator(randomness_lib.SECAGG_GRAPH, int(state.round))
     graph = secagg.neighbour_graph(ids, "all" if sa.method == "secagg" else k, rng=rng)
     bound = plan.algorithm.secure.bound(state, sa.clip)
-    return SecureSetup(sa.method, n, k, t, 32, float(sa.clip), float(bound), graph)
+    ddp = plan.ddp
+    if ddp is None:
+        return SecureSetup(sa.method, n, k, t, 32, float(sa.clip), float(bound), graph)
+    # Never release a sum of fewer clients' noise than the accountant counts (as simulated).
+    t = max(t, ddp.threshold)
+    return SecureSetup(
+        sa.method, n, k, t, ddp.bits, ddp.clip, float(bound), graph, ddp_clients=ddp.num_clients
+    )
 
 
 def _secure_record(setup: SecureSetup, i: int) -> Any:
@@ -215,6 +270,7 @@ def _secure_record(setup: SecureSetup, i: int) -> Any:
             "clip": setup.clip,
             "bound": setup.bound,
             "num_clients": setup.n,
+            "ddp_clients": setup.ddp_clients,
         }
     )
 
@@ -280,7 +336,8 @@ def secure_round(
     sampled = np.flatnonzero(mask)
     nodes = {j: plan.federation.node_ids[int(indices[i])] for j, i in enumerate(sampled)}
     setup = setup_round(plan.config, plan, state, len(nodes))
-    dim = int(sum(x.size for x in jax.tree.leaves(state.params))) + 1
+    # The FedAvg message carries its weight w_k; distributed DP's noisy delta does not.
+    dim = int(sum(x.size for x in jax.tree.leaves(state.params))) + (plan.ddp is None)
     server = secagg.Server(
         range(setup.n), threshold=setup.t, dim=dim, bits=setup.bits, graph=setup.graph
     )
@@ -305,12 +362,19 @@ def secure_round(
             bad, _ = _stage(grid, server, nodes, outgoing, stage, kind, state, timeout, exchange)
             malformed += bad
         ring = server.finalize()
-        total = setup.encoder.decode_sum(ring, len(server.u3))
+        if plan.ddp is not None:
+            total = plan.ddp.decode(ring)
+        else:
+            total = setup.encoder.decode_sum(ring, len(server.u3))
         released = True
     except secagg.RoundAbortedError as e:
         logger.warning("round %d: secure aggregation aborted (%s)", int(state.round) + 1, e)
     metrics: dict[str, float] = {}
-    if released:
+    if released and plan.ddp is not None:
+        # The simulation's step: the server optimizer on decode(sum_k m_k) / N, N public.
+        mean = jnp.asarray(total, jnp.float32) / plan.ddp.num_clients
+        state = plan.algorithm.secure.server_step(state, mean)
+    elif released:
         state, server_metrics = plan.algorithm.secure.server_update(
             state, jnp.asarray(total, jnp.float32)
         )

@@ -47,6 +47,7 @@ from fedjax_med.deploy import site as site_lib
 from fedjax_med.federated import algorithms, sampling
 from fedjax_med.federated import client as client_lib
 from fedjax_med.models import registry
+from fedjax_med.secure import distributed_dp
 from fedjax_med.trainers import federated
 from fedjax_med.training import checkpoint, metrics, report
 from fedjax_med.training import workdir as workdir_lib
@@ -103,6 +104,7 @@ class DeployPlan(federated.RoundParts):
     model: registry.Model
     federation: Roster
     client_data: client_lib.ClientData
+    ddp: distributed_dp.DistributedDP | None = None
 
 
 def check_deployable(config: ml_collections.ConfigDict) -> None:
@@ -120,13 +122,15 @@ def check_deployable(config: ml_collections.ConfigDict) -> None:
             f"deployment runs secure_aggregation.method in {('none', *secure.METHODS)}, not "
             f"{sa.method!r}"
         )
-    if sa.method != "none" and (
-        sa.distributed_dp != "none" or config.federated.algorithm in ("dp_fedavg", "scaffold")
-    ):
+    if sa.method != "none" and config.federated.algorithm in ("dp_fedavg", "scaffold"):
         raise ValueError(
-            "deployed secure aggregation runs the FedAvg family without distributed DP "
-            "(secure_aggregation.distributed_dp='none'; federated.algorithm not dp_fedavg or "
-            "scaffold)"
+            "deployed secure aggregation runs the FedAvg family (federated.algorithm not "
+            "dp_fedavg or scaffold; distributed DP is secure_aggregation.distributed_dp)"
+        )
+    if sa.distributed_dp != "none" and sa.method not in secure.METHODS:
+        raise ValueError(
+            f"secure_aggregation.distributed_dp={sa.distributed_dp!r} is deployed over "
+            f"secure_aggregation.method in {secure.METHODS}, not {sa.method!r}"
         )
     if config.federated.personalization_steps:
         raise ValueError("deployment does not run federated.personalization_steps (set it to 0)")
@@ -255,12 +259,14 @@ def build_deploy_plan(config: ml_collections.ConfigDict, roster: Roster) -> Depl
     base = ml_collections.ConfigDict(config.to_dict())
     base.secure_aggregation.method = "none"
     parts = federated.build_round_parts(base, model, info.task, roster, data)
+    fields = {field.name: getattr(parts, field.name) for field in dataclasses.fields(parts)}
+    ddp = None
+    if config.secure_aggregation.distributed_dp != "none":
+        # The simulation's noise calibration and ledger, for the configured protocol.
+        ddp = federated._distributed_dp(config, model, parts.sampler, parts.randomness)
+        fields["ledger"] = federated.LEDGERS["distributed_dp"](config, roster, data, None, ddp)
     return DeployPlan(
-        config=config,
-        model=model,
-        federation=roster,
-        client_data=data,
-        **{field.name: getattr(parts, field.name) for field in dataclasses.fields(parts)},
+        config=config, model=model, federation=roster, client_data=data, ddp=ddp, **fields
     )
 
 
@@ -435,7 +441,8 @@ def serve(
         per_step = np.minimum(roster.counts[cohort.sampled()], f.client_batch_size)
         log.elapsed["examples_seen"] += int(per_step.sum()) * f.local_steps
         done = round_num + 1
-        entries = plan.ledger.record(cohort, True)
+        # A secure round that aborted released nothing (distributed DP counts releases).
+        entries = plan.ledger.record(cohort, bool(values.get("secure_sum_released", 1)))
         log.append(federated._round_record(done, values, entries))
         logger.info(
             "round %d (%.2f s): %s", done, seconds, {k: round(v, 4) for k, v in values.items()}

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import os
+import types
 from typing import Any
 
 import jax
@@ -39,6 +40,7 @@ from fedjax_med.data import partition, preprocess, sources
 from fedjax_med.federated import client as client_lib
 from fedjax_med.federated import for_each_client as fec
 from fedjax_med.models import registry
+from fedjax_med.secure import distributed_dp as distributed_dp_lib
 from fedjax_med.trainers import federated, ledgers
 from fedjax_med.training import evaluate
 
@@ -233,6 +235,20 @@ class Site:
             accountant=p.accountant,
             steps=np.array([steps], np.int64),
         )
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - a Site lives as long as its process
+    def distributed_dp(self, num_clients: int) -> distributed_dp_lib.DistributedDP | None:
+        """The site's distributed DP for a protocol of ``num_clients`` (0 or unconfigured: None).
+
+        Built from the site's own config exactly as the simulation builds it (kind, clip,
+        noise multiplier, delta, threshold of the configured protocol), so the noise it adds is
+        its own choice; only the number of clients the noise is shared among comes from the
+        server. Its noise comes from the site's randomness (``secure``: the OS, fresh each time).
+        """
+        if num_clients <= 0 or self.config.secure_aggregation.distributed_dp == "none":
+            return None
+        cohort = types.SimpleNamespace(cohort_size=num_clients)
+        return federated._distributed_dp(self.config, self.model, cohort, self.randomness)
 
     # ---- one round -------------------------------------------------------------------------
     def train(

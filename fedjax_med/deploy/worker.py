@@ -38,6 +38,8 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime import run_clientapp as task_io
 
+from fedjax_med.deploy import flower
+
 logger = logging.getLogger("fedjax_med")
 
 DEFAULT_APP = "fedjax_med.deploy.flower_app:client_app"
@@ -107,6 +109,7 @@ def serve(address: str, app: Any, stop: threading.Event, *, poll: float = 0.1) -
       stop: set to end the loop (the SuperNode exited or was refused).
       poll: seconds between two ``AcquireTask`` calls while there is no task.
     """
+    flower.quick_object_pulls(task_io.__name__, "pull_and_inflate_object_from_tree")
     # No retries inside a call: the loop itself retries, and checks ``stop`` in between.
     version = RuntimeVersionHttpInterceptor(component_name="SuperExec")
     client = _client(address, version, retry=False)

@@ -92,3 +92,34 @@ def test_the_client_app_is_named_module_colon_attribute():
     assert worker.load_app(worker.DEFAULT_APP) is flower_app.client_app
     with pytest.raises(ValueError, match="--app 'flower_app' must be MODULE:ATTRIBUTE"):
         worker.load_app("flower_app")
+
+
+def test_the_compilation_cache_is_off_unless_asked_for(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert "JAX_COMPILATION_CACHE_DIR" not in runtime.environment(str(tmp_path / "home"))
+    env = runtime.environment(str(tmp_path / "home"), str(tmp_path / "cache"))
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "cache")
+    # Every program is kept, however fast it compiled (a small model's are all fast).
+    assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"
+    args = cli.build_parser().parse_args(
+        ["deploy", "server", "--config", "c", "--workdir", "w", "--compilation-cache", "d"]
+    )
+    assert args.compilation_cache == "d"
+
+
+def test_object_pulls_retry_after_a_twentieth_of_a_second(monkeypatch):
+    import sys
+    import types
+
+    from fedjax_med.deploy import flower
+
+    def pull_objects(ids, fn, *, initial_backoff=1.0, backoff_cap=10.0):
+        return initial_backoff, backoff_cap
+
+    module = types.ModuleType("flower_like")
+    module.pull_objects = pull_objects
+    monkeypatch.setitem(sys.modules, "flower_like", module)
+    assert flower.quick_object_pulls("flower_like", "pull_objects")
+    assert flower.quick_object_pulls("flower_like", "pull_objects")  # once only
+    assert module.pull_objects([], None) == (0.05, 1.0)
+    assert not flower.quick_object_pulls("no_such_module_here", "pull_objects")

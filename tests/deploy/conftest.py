@@ -1,13 +1,18 @@
 """An in-process stand-in for Flower's Grid: messages go straight to ``ClientApp`` s.
 
 Each node keeps its own ``Context`` (node config and persistent state) as a SuperNode does; a
-node's ClientApp can be wrapped to tamper with its replies.
+node's ClientApp can be wrapped to tamper with its replies. ``compilation_cache``: JAX's
+persistent compilation cache in a folder for a while, so that a program the simulation compiled
+is loaded, not compiled again, by the deployment (another process, or the sites' own jitted
+functions in this one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
+import jax
 import pytest
 
 flwr = pytest.importorskip("flwr")
@@ -70,3 +75,30 @@ class LocalGrid(Grid):
 def local_grid():
     """The :class:`LocalGrid` class (test modules cannot import conftest by name)."""
     return LocalGrid
+
+
+@contextlib.contextmanager
+def _compilation_cache(folder: str):
+    """This process's JAX with its persistent compilation cache in ``folder``, then as before."""
+    from jax._src import compilation_cache  # JAX sets its cache up once; tests reset it
+
+    from fedjax_med.deploy import runtime
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    names += ("jax_persistent_cache_min_entry_size_bytes",)
+    saved = {name: getattr(jax.config, name) for name in names}
+    compilation_cache.reset_cache()
+    runtime.use_compilation_cache(folder)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="session")
+def compilation_cache():
+    """The context manager ``compilation_cache(folder)`` (see the module docstring)."""
+    return _compilation_cache
+

@@ -240,11 +240,6 @@ def test_a_restarted_server_resumes_from_its_checkpoint(fedavg, tmp_path, local_
     )
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not os.environ.get("FEDJAX_MED_LOOPBACK"),
-    reason="10 s each (two more algorithms compiled); FEDJAX_MED_LOOPBACK=1 runs them",
-)
 @pytest.mark.parametrize(
     "extra",
     [
@@ -254,11 +249,17 @@ def test_a_restarted_server_resumes_from_its_checkpoint(fedavg, tmp_path, local_
     ],
     ids=["scaffold", "dp_fedavg_adaptive"],
 )
-def test_deployed_server_steps_equal_the_simulation(extra, tmp_path, local_grid):
+def test_deployed_server_steps_equal_the_simulation(
+    extra, tmp_path, local_grid, compilation_cache
+):
+    """SCAFFOLD (its controls c and c_k) and DP-FedAvg with adaptive clipping (its noised clip S
+    and epsilon) over Flower messages equal the simulation after a round. The sites load the
+    local update the simulation compiled (the compilation cache), so each costs one compile."""
     overrides = _overrides(tmp_path, extra + " federated.rounds=1")
     config = flower_app.load_config(SPEC, overrides)
-    sim = federated.run_rounds(config, str(tmp_path / "sim"), quiet=True)
-    dep = server.serve(local_grid(_nodes(overrides)), config, str(tmp_path / "deploy"))
+    with compilation_cache(str(tmp_path / "jax_cache")):
+        sim = federated.run_rounds(config, str(tmp_path / "sim"), quiet=True)
+        dep = server.serve(local_grid(_nodes(overrides)), config, str(tmp_path / "deploy"))
     template = federated.init_server_state(federated.build_plan(config))
     states = []
     for run in ("sim", "deploy"):
@@ -333,6 +334,58 @@ def test_secure_aggregation_deployed_equals_the_simulation_and_hides_each_update
     row = secure.site_message(output, request["padded_size"], float(s["clip"]))
     own = field.FieldEncoder(float(s["bound"]), 3, 32).encode(row)
     assert y.shape == own.shape and np.mean(y == own) < 0.01
+
+
+@pytest.mark.parametrize("kind", ["discrete_gaussian"])
+def test_distributed_dp_over_deployed_secure_aggregation_equals_the_simulation(
+    kind, tmp_path, local_grid, compilation_cache
+):
+    """Each hospital clips its delta, quantises it and adds its own share of the integer noise
+    before masking; the server unmasks only the noisy sum. In reproducible mode the noise
+    streams are the simulation's, so the deployed model is the simulated one, and the epsilon
+    in report.json is the simulation's accountant's (zero-out neighbouring, released rounds)."""
+    from fedjax_med.deploy import secure
+
+    overrides = _overrides(
+        tmp_path,
+        f"secure_aggregation.method=secagg secure_aggregation.distributed_dp={kind} "
+        "privacy.noise_multiplier=1.0 privacy.clip_norm=0.5 privacy.delta=1e-3 "
+        "data.normalization=fixed federated.rounds=1",
+    )
+    config = flower_app.load_config(SPEC, overrides)
+    with compilation_cache(str(tmp_path / "jax_cache")):
+        sim = federated.run_rounds(config, str(tmp_path / "sim"), quiet=True)
+        grid = local_grid(_nodes(overrides))
+        dep = server.serve(grid, config, str(tmp_path / "deploy"))
+    template = federated.init_server_state(federated.build_plan(config))
+    params = {r: _final_params(str(tmp_path / r), template) for r in ("deploy", "sim")}
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
+    jax.tree.map(close, params["deploy"], params["sim"])
+    moved = jax.tree.map(
+        lambda a, b: float(np.abs(a - b).max()), params["deploy"], template.params
+    )
+    assert max(jax.tree.leaves(moved)) > 1e-3  # the noisy step moved the model
+    (record,) = _rounds(str(tmp_path / "deploy"))
+    assert record["secure_sum_released"] == 1 and record["num_clients"] == 3
+    assert dep["privacy"]["mechanism"] == sim["privacy"]["mechanism"] == "distributed_dp"
+    assert dep["privacy"]["epsilon"] == pytest.approx(sim["privacy"]["epsilon"], rel=1e-12)
+    assert 0 < dep["privacy"]["epsilon"] < np.inf
+    # The site calibrates its own noise from its own config (the simulation's accountant), and
+    # in secure mode draws it from the OS afresh each time, never from the seed.
+    import dataclasses
+    import types
+
+    from fedjax_med import randomness
+
+    site = flower_app.site_of(grid.contexts[100].node_config)
+    ddp = site.distributed_dp(3)
+    assert ddp.epsilon(1) == pytest.approx(sim["privacy"]["epsilon"], rel=1e-12)
+    output = types.SimpleNamespace(delta=jax.tree.map(np.ones_like, template.params))
+    seeded = [secure.site_noisy_update(output, ddp, 0, 0) for _ in range(2)]
+    assert np.array_equal(*seeded)  # reproducible mode: the simulation's stream
+    private = dataclasses.replace(ddp, randomness=randomness.Randomness("secure", 0))
+    fresh = [secure.site_noisy_update(output, private, 0, 0) for _ in range(2)]
+    assert not np.array_equal(*fresh)
 
 
 def test_a_restarted_server_resumes_with_every_ledger_intact(tmp_path, local_grid):

@@ -9,6 +9,11 @@ config, round 4 must exclude and count hospital_2, and each hospital's epsilon (
 in its own ledger) must equal the simulation's accountant. A fourth SuperNode (Flower's, started
 directly) holding a key the server never registered is refused. Every process is started by
 the fixture and stopped in its ``finally``; each wait is bounded.
+
+The simulation runs first, in this process, with JAX's persistent compilation cache on; the
+hospitals get the same folder (``--compilation-cache``) and load the local update and predict
+programs the simulation compiled instead of compiling them again (the test's largest cost on
+2 cores after the imports).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ OVERRIDES = [
     "--config.data.synthetic.examples_per_site=24",
     "--config.federated.rounds=4",
     "--config.federated.eval_every=4",
-    "--config.federated.checkpoint_every=1",
+    "--config.federated.checkpoint_every=3",  # rounds 3 and 4 (the last) are saved
     # Local DP-SGD, so that each hospital's epsilon is checked against the simulation's too.
     "--config.data.normalization=fixed",
     "--config.privacy.enabled=true",
@@ -52,6 +57,7 @@ SITES = ["hospital_0", "hospital_1", "hospital_2"]
 TAMPERING = "hospital_2"
 ROGUE = "hospital_9"  # has a key pair, but the server never registers it
 DEADLINE = 600.0  # seconds for the whole run: a bound on a hang, generous for a busy machine
+POLL = "0.25"  # seconds between a hospital's checks for a message
 
 
 def _free_port() -> int:
@@ -76,7 +82,7 @@ def _wait_for(path: pathlib.Path, text: str, process: subprocess.Popen, timeout:
 
 
 @pytest.fixture(scope="module")
-def loopback(tmp_path_factory):
+def loopback(tmp_path_factory, compilation_cache):
     tmp = tmp_path_factory.mktemp("loopback")
     overrides = [*OVERRIDES, f"--config.data.cache_dir={tmp}/cache"]
     certs = str(tmp / "certs")
@@ -124,6 +130,12 @@ def loopback(tmp_path_factory):
                 "180",
             ),
         )
+        # The simulation of the same config while the server starts; its compiled programs
+        # are the hospitals' (the same jitted local update and predict function).
+        spec = " ".join(o.removeprefix("--config.") for o in overrides)
+        sim_config = flower_app.load_config("fedavg:tiny", spec + " federated.rounds=3")
+        with compilation_cache(str(tmp / "jax_cache")):
+            federated.run_rounds(sim_config, str(tmp / "sim"), quiet=True)
         # Hospitals start once their keys are registered, so none needs a second attempt.
         _wait_for(tmp / "server.log", "waiting for the hospitals", server, 240)
         for site in SITES:
@@ -150,7 +162,9 @@ def loopback(tmp_path_factory):
                     "--join-timeout",
                     "180",
                     "--poll",
-                    "0.2",
+                    POLL,
+                    "--compilation-cache",
+                    str(tmp / "jax_cache"),
                     *app,
                 ),
             )
@@ -160,11 +174,9 @@ def loopback(tmp_path_factory):
         )
         rogue_env = runtime.environment(str(tmp / f"home_{ROGUE}"))
         refused = f"Exit Code: {runtime.EXIT_NOT_ADMITTED}"
-        _wait_for(tmp / f"{ROGUE}.log", refused, start(ROGUE, rogue, rogue_env), 240)
-        # The simulation of the same config, while the deployment runs.
-        spec = " ".join(o.removeprefix("--config.") for o in overrides)
-        sim_config = flower_app.load_config("fedavg:tiny", spec + " federated.rounds=3")
-        federated.run_rounds(sim_config, str(tmp / "sim"), quiet=True)
+        rogue_process = start(ROGUE, rogue, rogue_env)
+        _wait_for(tmp / f"{ROGUE}.log", refused, rogue_process, 240)
+        runtime.stop(rogue_process)  # refused: it would only keep asking
         code = server.wait(DEADLINE)
     finally:
         runtime.stop(*processes)
@@ -250,3 +262,12 @@ def test_each_hospital_epsilon_equals_the_simulation(loopback):
     for site in SITES:
         (path,) = (loopback["tmp"] / f"home_{site}" / "ledger").iterdir()
         assert json.loads(path.read_text())["epsilon"] == pytest.approx(expected[site], rel=1e-9)
+
+
+def test_the_hospitals_ran_the_program_the_simulation_compiled(loopback):
+    """One compiled local update serves the simulation and all three hospitals: the program
+    depends on the config and shapes only, not on a site's images, so the compilation cache
+    holds nothing of a site's (and the hospitals loaded it instead of compiling)."""
+    cache = loopback["tmp"] / "jax_cache"
+    assert len([p for p in cache.iterdir() if p.name.startswith("jit__single-")]) == 1
+

@@ -65,6 +65,24 @@ def test_epsilon_equals_dp_accounting(accountant):
     assert ours == _direct(1.1, Q, T, DELTA, accountant)
 
 
+def test_rdp_curve_of_one_step_is_reused_and_exact_to_the_bit():
+    """Epsilon from the cached one-step RDP curve equals dp_accounting composing the whole event
+    (bit for bit), for every step count, composition and relation; one curve per distinct step."""
+    accounting.clear_cache()
+    one = dp_accounting.PoissonSampledDpEvent(0.47, dp_accounting.GaussianDpEvent(1.0))
+    events = [accounting.dpsgd_event(1.0, 0.47, t) for t in (1, 7)] + [
+        accounting.with_preceding(accounting.dpsgd_event(1.0, 0.47, 3), (4.0, 2.5)),
+        dp_accounting.SelfComposedDpEvent(dp_accounting.ComposedDpEvent((one, one)), 3),
+        accounting.dpsgd_event(1.0, B / N, 5, "shuffle", N, B),
+    ]
+    for event in events:
+        relation = accounting.neighbouring_relation(event)
+        acc = rdp.RdpAccountant(list(accounting.RDP_ORDERS), relation)
+        assert accounting.epsilon(event, DELTA) == acc.compose(event).get_epsilon(DELTA)
+    # q=0.47 Poisson, the two preceding Gaussians (4.0, 2.5) and the shuffle step.
+    assert accounting._one_step_rdp.cache_info().misses == 4  # noqa: SLF001
+
+
 @pytest.mark.parametrize("accountant", accounting.ACCOUNTANTS)
 def test_monotone_in_noise_and_steps(accountant):
     def eps(sigma, steps):
