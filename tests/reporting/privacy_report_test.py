@@ -39,7 +39,10 @@ MIA_KEYS = {"attack", "auc", "tpr_at_0.1%_fpr", "tpr_at_1%_fpr", "members", "non
 def report_dir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("report")
     args = ["report", "--config", TINY, "--workdir", str(workdir), "--quiet"]
-    assert cli.main([*args, "--config.data.cache_dir=none"]) == 0
+    # Trained here, one setting after another: under the suite's workers, spawned training
+    # processes would only add their imports (tests/reporting/training_pool_test.py tests them).
+    overrides = ["--config.data.cache_dir=none", "--config.report.workers=0"]
+    assert cli.main([*args, *overrides]) == 0
     return workdir
 
 
