@@ -264,7 +264,9 @@ def build_deploy_plan(config: ml_collections.ConfigDict, roster: Roster) -> Depl
     if config.secure_aggregation.distributed_dp != "none":
         # The simulation's noise calibration and ledger, for the configured protocol.
         ddp = federated._distributed_dp(config, model, parts.sampler, parts.randomness)
-        fields["ledger"] = federated.LEDGERS["distributed_dp"](config, roster, data, None, ddp)
+        fields["ledger"] = federated.LEDGERS["distributed_dp"](
+            config, roster, data, None, ddp, config.federated.local_steps
+        )
     return DeployPlan(
         config=config, model=model, federation=roster, client_data=data, ddp=ddp, **fields
     )

@@ -49,6 +49,7 @@ from fedjax_med.data import partition, preprocess
 from fedjax_med.federated import (
     algorithms,
     dp_fedavg,
+    personal,
     robust_aggregation,
     sampling,
     secure_rounds,
@@ -409,11 +410,13 @@ LEDGERS = {
 }
 
 
-def _distributed_dp(config, model, sampler, rng, split) -> distributed_dp.DistributedDP | None:
+def _distributed_dp(
+    config, model, sampler, rng, split=personal.ALL_SHARED
+) -> distributed_dp.DistributedDP | None:
     """Client-side integer noise summed by secure aggregation, or ``None``.
 
     Its dimension is that of what a client submits: the ``split``'s shared leaves (FedBN keeps
-    the normalisation leaves at the site).
+    the normalisation leaves at the site; deployment, which refuses per-site models, shares all).
     """
     f, p = config.federated, config.privacy
     if config.secure_aggregation.distributed_dp == "none":
