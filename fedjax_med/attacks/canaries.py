@@ -252,7 +252,8 @@ def audit_dp_sgd_step(
       loss_fn: loss of one example ``(params, image, label) -> scalar``, as the trainer's.
       params: the model parameters the step is taken at.
       images, labels: the other examples of the batch, ``(B, H, W, C)`` and ``(B,)``.
-      canary_image, canary_label: the canary example, ``(H, W, C)`` and a scalar label.
+      canary_image, canary_label: the canary example, ``(H, W, C)`` and a scalar label (or a
+        mask ``(H, W)`` for segmentation).
       clip_norm, noise_multiplier: the claim ``(C, sigma)`` under audit.
       num_trials: releases drawn, half with the canary (>= 8).
       key: PRNG key of the trials' noise.
@@ -266,10 +267,10 @@ def audit_dp_sgd_step(
     _check(clip_norm, noise_multiplier, num_trials, delta, confidence)
     used_clip, used_sigma = _variant(mechanism, clip_norm, noise_multiplier)
     images, labels = jnp.asarray(images), jnp.asarray(labels)
-    if images.shape[1:] != jnp.shape(canary_image) or labels.ndim != 1:
+    if images.shape[1:] != jnp.shape(canary_image) or labels.shape[1:] != jnp.shape(canary_label):
         raise ValueError(
             f"canary_image {jnp.shape(canary_image)} must match images {images.shape[1:]} and "
-            f"labels must be (B,), got {labels.shape}"
+            f"labels must be (B, *canary_label.shape), got {labels.shape}"
         )
     batch = jnp.concatenate([images, jnp.asarray(canary_image)[None]])
     batch_labels = jnp.concatenate([labels, jnp.asarray(canary_label, labels.dtype)[None]])
@@ -319,10 +320,11 @@ def _canary_direction(loss_fn, params, canary_images, canary_labels) -> tuple[ja
 def _with_canary(images, labels, canary_images, canary_labels):
     images, labels = jnp.asarray(images), jnp.asarray(labels)
     canary_images = jnp.asarray(canary_images)
-    if images.shape[1:] != canary_images.shape[1:] or labels.ndim != 1:
+    canary_labels = jnp.asarray(canary_labels)
+    if images.shape[1:] != canary_images.shape[1:] or labels.shape[1:] != canary_labels.shape[1:]:
         raise ValueError(
             f"canary_image {canary_images.shape[1:]} must match images {images.shape[1:]} and "
-            f"labels must be (B,), got {labels.shape}"
+            f"labels must be (B, *canary_label.shape), got {labels.shape}"
         )
     rows = jnp.concatenate([images, canary_images])
     row_labels = jnp.concatenate([labels, jnp.asarray(canary_labels, labels.dtype)])

@@ -20,6 +20,12 @@ steps. The local steps here are full-batch (the client's batch is one local mini
 label of a single image is still read exactly, off the output bias of the delta
 (:func:`fedavg_label`).
 
+Segmentation (``task="segmentation"``): the client's loss is the Dice + cross-entropy of
+per-pixel logits (:func:`fedjax_med.models.losses.dice_ce_loss`); the attacker is given the
+victims' masks and optimises only the images, with the same cosine objective (Geiping et al.
+2020). The GroupNorm U-Net's update is nearly invariant to an image's brightness and contrast
+(GroupNorm after the first convolution removes them), so expect a reconstruction up to that.
+
 Restarts run together under ``jax.vmap`` and the steps under ``lax.scan``, in one compiled call.
 DP-SGD's clipping and noise are what these attacks are meant to be defeated by; the tests check
 that a noisy gradient leaves the reconstruction no closer than a random image.
@@ -42,6 +48,8 @@ Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
 
 DISTANCES = ("cosine", "l2")
+# Tasks whose training loss the attacks simulate: a class per image, or a mask per image.
+INVERTIBLE_TASKS = ("multiclass", "segmentation")
 
 
 class InversionResult(NamedTuple):
@@ -61,22 +69,31 @@ class InversionResult(NamedTuple):
 
 
 def shared_gradient(
-    apply_fn: ApplyFn, params: Params, images: jax.Array, labels: jax.Array
+    apply_fn: ApplyFn,
+    params: Params,
+    images: jax.Array,
+    labels: jax.Array,
+    task: str = "multiclass",
 ) -> Params:
-    """The FedSGD update a client shares: the gradient of the mean softmax cross-entropy.
+    """The FedSGD update a client shares: the gradient of the batch's mean training loss.
+
+    The loss is :func:`fedjax_med.models.losses.per_example_loss` of ``task``: the softmax
+    cross-entropy (``"multiclass"``), or for ``"segmentation"`` the Dice + cross-entropy of
+    per-pixel logits against the masks.
 
     Args:
-      apply_fn: ``apply(params, images) -> logits`` of shape ``(B, K)``.
+      apply_fn: ``apply(params, images) -> logits``, ``(B, K)`` (or ``(B, H, W, K)`` per pixel).
       params: model parameters.
       images: ``(B, H, W, C)`` float images.
-      labels: ``(B,)`` integer class labels.
+      labels: ``(B,)`` integer class labels (``(B, H, W)`` masks for segmentation).
+      task: one of :data:`fedjax_med.models.losses.TASKS`.
 
     Returns:
       A pytree like ``params``.
     """
 
     def loss(p):
-        return jnp.mean(losses.per_example_loss(apply_fn(p, images), labels, "multiclass"))
+        return jnp.mean(losses.per_example_loss(apply_fn(p, images), labels, task))
 
     return jax.grad(loss)(params)
 
@@ -89,6 +106,7 @@ def fedavg_update(
     *,
     local_steps: int,
     local_lr: float | jax.Array,
+    task: str = "multiclass",
 ) -> Params:
     """The FedAvg update a client shares: the model delta of ``local_steps`` full-batch SGD steps.
 
@@ -107,6 +125,7 @@ def fedavg_update(
       labels: ``(B,)`` integer class labels.
       local_steps: number of local SGD steps ``S``, a positive integer (static).
       local_lr: local learning rate, ``>= 0``; may be a traced scalar.
+      task: the training loss's task (:func:`shared_gradient`).
 
     Returns:
       ``theta_S - theta_0``, a pytree like ``params``.
@@ -126,7 +145,7 @@ def fedavg_update(
         raise ValueError(f"local_lr={local_lr} must be >= 0")
 
     def step(theta, _):
-        grad = shared_gradient(apply_fn, theta, images, labels)
+        grad = shared_gradient(apply_fn, theta, images, labels, task)
         return jax.tree_util.tree_map(lambda t, g: t - local_lr * g, theta, grad), None
 
     final, _ = lax.scan(step, params, None, length=int(local_steps))
@@ -273,6 +292,7 @@ def invert_gradients(
     bounds: tuple[float, float] = (0.0, 1.0),
     local_steps: int = 1,
     local_lr: float = 0.0,
+    task: str = "multiclass",
 ) -> InversionResult:
     """Reconstruct the images behind ``target_grad`` (Inverting Gradients, or DLG with ``l2``).
 
@@ -290,6 +310,12 @@ def invert_gradients(
     :func:`idlg_label` on the last Dense kernel, from a FedAvg delta by :func:`fedavg_label` on
     the output bias.
 
+    Segmentation (``task="segmentation"``): the update is that of the Dice + cross-entropy loss of
+    per-pixel logits, and ``labels`` are the victims' masks ``(batch_size, H, W)``, given to the
+    attacker (the threat where the annotation is known, e.g. a public atlas or a mask the server
+    segmented itself; only the image is optimised, with the same cosine objective of Geiping et
+    al. 2020).
+
     Args:
       apply_fn: ``apply(params, images) -> logits`` of shape ``(B, K)``, pure.
       params: the parameters the update was computed from (known to the server).
@@ -298,8 +324,9 @@ def invert_gradients(
         or ``local_lr > 0``.
       image_shape: ``(H, W, C)`` of one image.
       batch_size: number of images behind the update.
-      labels: ``(batch_size,)`` labels; ``None`` reads them with :func:`idlg_label` (FedSGD)
-        or :func:`fedavg_label` (FedAvg), which needs ``batch_size == 1``.
+      labels: ``(batch_size,)`` labels (``(batch_size, H, W)`` masks for segmentation); ``None``
+        reads them with :func:`idlg_label` (FedSGD) or :func:`fedavg_label` (FedAvg), which
+        needs ``batch_size == 1`` and a multiclass task.
       steps: optimisation steps.
       lr: initial Adam learning rate.
       tv_weight: weight ``alpha`` of the total variation prior.
@@ -310,6 +337,7 @@ def invert_gradients(
       local_steps: the client's local SGD steps ``S >= 1``; ``1`` with ``local_lr == 0`` is
         FedSGD (the target is a gradient).
       local_lr: the client's local learning rate, ``>= 0`` and ``> 0`` when ``local_steps > 1``.
+      task: ``"multiclass"`` or ``"segmentation"``, the loss behind the update.
 
     Returns:
       An :class:`InversionResult`.
@@ -328,14 +356,20 @@ def invert_gradients(
     if local_steps > 1 and local_lr == 0:
         raise ValueError(f"local_lr={local_lr} must be > 0 when local_steps={local_steps} > 1")
     fedavg = not (local_steps == 1 and local_lr == 0)
+    if task not in INVERTIBLE_TASKS:
+        raise ValueError(f"task={task!r} must be one of {INVERTIBLE_TASKS}")
     if labels is None:
+        if task != "multiclass":
+            raise ValueError(f"labels=None reads a class label; task={task!r} needs the labels")
         if batch_size != 1:
             raise ValueError(f"labels=None needs batch_size=1 (iDLG), got {batch_size=}")
         if fedavg:
             labels = fedavg_label(target_grad)[None]
         else:
             labels = idlg_label(get_at_path(target_grad, last_kernel_path(target_grad)))[None]
-    labels = jnp.asarray(labels, jnp.int32).reshape((batch_size,))
+    labels = jnp.asarray(labels, jnp.int32)
+    label_shape = (batch_size,) if task == "multiclass" else (batch_size, *image_shape[:2])
+    labels = labels.reshape(label_shape)
     run = _compiled_attack(
         apply_fn,
         tuple(int(d) for d in image_shape),
@@ -345,6 +379,7 @@ def invert_gradients(
         distance,
         (float(bounds[0]), float(bounds[1])),
         int(local_steps) if fedavg else None,
+        task,
     )
     all_images, final = run(
         params, target_grad, labels, key, jnp.float32(lr), tv_weight, jnp.float32(local_lr)
@@ -355,7 +390,7 @@ def invert_gradients(
 
 @functools.lru_cache(maxsize=16)
 def _compiled_attack(
-    apply_fn, image_shape, batch_size, steps, restarts, distance, bounds, local_steps
+    apply_fn, image_shape, batch_size, steps, restarts, distance, bounds, local_steps, task
 ):
     """One jitted program per static configuration, reused across calls.
 
@@ -367,9 +402,9 @@ def _compiled_attack(
 
     def client_update(x, params, labels, local_lr):
         if local_steps is None:
-            return shared_gradient(apply_fn, params, x, labels)
+            return shared_gradient(apply_fn, params, x, labels, task)
         return fedavg_update(
-            apply_fn, params, x, labels, local_steps=local_steps, local_lr=local_lr
+            apply_fn, params, x, labels, local_steps=local_steps, local_lr=local_lr, task=task
         )
 
     def attack_loss(x, params, target, labels, tv_weight, local_lr):

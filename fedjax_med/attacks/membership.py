@@ -2,12 +2,14 @@
 
 Two attacks score each example; a higher score means "more likely a training member":
 
-* loss threshold (Yeom et al., CSF 2018, https://arxiv.org/abs/1709.01604): ``-loss``;
+* loss threshold (Yeom et al., CSF 2018, https://arxiv.org/abs/1709.01604): ``-loss``; for
+  segmentation also with the per-example soft Dice loss as the loss (:func:`dice_loss_scores`);
 * LiRA, the likelihood-ratio attack (Carlini et al., IEEE S&P 2022,
   https://arxiv.org/abs/2112.03570): shadow models trained with (IN) and without (OUT) each
   example give Gaussian fits of the logit-scaled confidence ``phi = log(p_y / (1 - p_y))``; the
   target model's ``phi`` is scored by the likelihood ratio (online) or by how far it lies above
-  the OUT Gaussian (offline).
+  the OUT Gaussian (offline). For segmentation ``phi`` is the per-pixel logit-scaled confidence
+  of the true class averaged over the image (:func:`confidences`).
 
 Report TPR at a low FPR (0.1%, 1%) next to AUC, as Carlini et al. recommend: an attack that
 confidently identifies a few members matters more than a small average advantage.
@@ -26,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from scipy import stats
+
+from fedjax_med.models import losses
 
 Params = Any
 PRNGKey = jax.Array
@@ -129,6 +133,26 @@ def loss_threshold_scores(losses: np.ndarray) -> np.ndarray:
       [-0.1, -2.0]
     """
     return -np.asarray(losses, dtype=np.float64)
+
+
+def dice_loss_scores(probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Yeom et al.'s threshold score for segmentation with the soft Dice loss: ``-L_Dice``.
+
+    ``L_Dice`` is :func:`fedjax_med.models.losses.dice_loss`, the Dice term of the training loss,
+    of each example's per-pixel probabilities ``(N, H, W, K)`` against its mask ``(N, H, W)``:
+    ``1 - mean_c D_c`` over the foreground classes (an absent class scores 1 when not
+    predicted). A model that memorised its training masks segments them better than unseen
+    ones.
+
+    Examples:
+      >>> masks = np.array([[[0, 1]], [[0, 1]]])
+      >>> probs = np.stack([masks == 0, masks == 1], -1).astype(float)  # a perfect prediction
+      >>> probs[1] = 0.5  # an unsure one
+      >>> [round(float(-v), 4) for v in dice_loss_scores(probs, masks)]  # the Dice losses
+      [0.0, 0.3333]
+    """
+    value = losses.dice_loss(jnp.asarray(probs, jnp.float32), jnp.asarray(masks))
+    return loss_threshold_scores(np.asarray(value))
 
 
 def balanced_membership(rng: np.random.Generator, num_models: int, num_examples: int) -> np.ndarray:
@@ -338,7 +362,14 @@ def confidences(
     """``(N, M)`` logit-scaled confidences of N stacked models.
 
     ``apply_fn(params, images) -> logits`` is the pure forward pass of one model; the stacked
-    params come from :func:`train_shadow_models` (or any leading model axis).
+    params come from :func:`train_shadow_models` (or any leading model axis). Per-pixel logits
+    ``(M, H, W, K)`` with masks ``(M, H, W)`` (segmentation) give each pixel's
+    :func:`logit_confidence`, averaged over the image: one score per example.
     """
-    phi = jax.jit(jax.vmap(lambda p: logit_confidence(apply_fn(p, images), labels)))(stacked_params)
+
+    def one_model(p):
+        phi = logit_confidence(apply_fn(p, images), labels)
+        return phi.reshape(phi.shape[0], -1).mean(axis=1)
+
+    phi = jax.jit(jax.vmap(one_model))(stacked_params)
     return np.asarray(phi, np.float64)

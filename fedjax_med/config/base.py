@@ -125,6 +125,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.federated.local_steps = 5  # minibatch SGD steps per client per round
     config.federated.client_batch_size = 32
     config.federated.client_lr = 0.05
+    # The clients' local optimizer, restarted every round: sgd (plain SGD, as in McMahan et al.
+    # 2017) | adam (Kingma & Ba 2015; local adaptivity, e.g. for Dice losses that plain SGD leaves
+    # in the all-background solution). scaffold needs sgd.
+    config.federated.client_optimizer = "sgd"
     # 0 = the algorithm's default (trainers/federated.py: DEFAULT_SERVER_LR): 1.0 for fedavg,
     # fedprox, scaffold, fedavgm and dp_fedavg; 0.01 for fedadam and fedyogi; 0.1 for fedadagrad.
     config.federated.server_lr = 0.0

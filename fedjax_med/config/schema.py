@@ -134,6 +134,7 @@ CHECKS: dict[str, Check] = {
     "federated.local_steps": at_least(1),
     "federated.client_batch_size": at_least(1),
     "federated.client_lr": greater_than(0.0),
+    "federated.client_optimizer": one_of("sgd", "adam"),
     "federated.server_lr": at_least(0.0),  # 0 = the algorithm's default
     "federated.server_momentum": in_range(0.0, 1.0, hi_open=True),
     "federated.server_tau": greater_than(0.0),
@@ -459,6 +460,11 @@ def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 "config field 'privacy.enabled' (local DP-SGD in every site) must be False with "
                 f"federated.algorithm={f.algorithm!r}"
+            )
+        if f.algorithm == "scaffold" and f.client_optimizer != "sgd":
+            raise ConfigError(
+                f"config field 'federated.client_optimizer'={f.client_optimizer!r} must be 'sgd' "
+                "with federated.algorithm='scaffold' (its control variates assume SGD steps)"
             )
         sa = config.secure_aggregation
         if sa.distributed_dp != "none" and (

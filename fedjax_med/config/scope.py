@@ -44,14 +44,14 @@ UNREAD_BY_TRAINER: Mapping[str, Mapping[str, str]] = {
         "poisoning.": _FEDERATED_ONLY,
     },
     "federated": {
-        "optimizer.name": "clients run SGD at federated.client_lr and the server the "
-        "algorithm's optimizer at federated.server_lr",
+        "optimizer.name": "clients run federated.client_optimizer at federated.client_lr and "
+        "the server the algorithm's optimizer at federated.server_lr",
         "optimizer.learning_rate": "clients step at federated.client_lr, the server at "
         "federated.server_lr",
-        "optimizer.momentum": "clients run plain SGD; fedavgm's server momentum is "
-        "federated.server_momentum",
-        "optimizer.weight_decay": "clients run plain SGD (fedprox's proximal term is "
-        "federated.prox_mu)",
+        "optimizer.momentum": "clients run federated.client_optimizer; fedavgm's server "
+        "momentum is federated.server_momentum",
+        "optimizer.weight_decay": "clients run federated.client_optimizer without weight decay "
+        "(fedprox's proximal term is federated.prox_mu)",
         "optimizer.schedule": "client and server learning rates are constant per round",
         "optimizer.warmup_steps": "client and server learning rates are constant per round",
         "train.batch_size": "each client samples federated.client_batch_size examples per step",

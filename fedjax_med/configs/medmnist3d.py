@@ -15,8 +15,9 @@ Variants, combinable (``medmnist3d:dp,federated``):
   convolutions included), 300 Poisson-sampled steps of expected batch 64, noise calibrated to
   epsilon = 8 at delta = 1e-5;
 * ``federated``: FedAvg (McMahan et al. 2017) over four clients (the synthetic hospitals, or an
-  IID split of the file), 20 rounds of 5 local steps; with ``dp``, local DP-SGD inside every
-  client;
+  IID split of the file), 20 rounds of 10 local Adam steps at 1e-2
+  (``federated.client_optimizer = "adam"``); with ``dp``, local DP-SGD inside every client
+  (plain SGD at 1.0, 5 local steps);
 * ``tiny``: a seconds-long smoke run.
 
 Measured numbers are in the README's "3-D volumes and DICOM" section.
@@ -68,14 +69,19 @@ def get_config(arg: str = ""):
             config.federated.partition.num_clients = 4
         config.federated.algorithm = "fedavg"
         config.federated.rounds = 20
-        config.federated.local_steps = 5
+        # Local Adam: with plain SGD on the clients (0.1 or 0.5) FedAvg stayed at the majority
+        # class (test accuracy 0.28-0.29 against 0.30); Adam at 1e-2 reaches 0.58.
+        config.federated.local_steps = 10
+        config.federated.client_optimizer = "adam"
         config.federated.client_batch_size = 32
-        config.federated.client_lr = 0.1
+        config.federated.client_lr = 0.01
         config.federated.eval_every = 10
         config.federated.checkpoint_every = 10
         if "dp" in options:  # local DP-SGD: a fixed noise multiplier, epsilon per site
             config.privacy.target_epsilon = 0.0
             config.privacy.noise_multiplier = 1.0
+            config.federated.local_steps = 5
+            config.federated.client_optimizer = "sgd"
             config.federated.client_lr = 1.0
     if "tiny" in options:
         if "synthetic" in options:

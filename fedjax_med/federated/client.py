@@ -67,6 +67,7 @@ ExampleLossFn = Callable[[Params, jax.Array, jax.Array], jax.Array]
 
 DP_METHODS = clipping.METHODS  # ("vmap", "ghost")
 DP_UNITS = ("example", "patient")
+CLIENT_OPTIMIZERS = ("sgd", "adam")
 
 # Longest local loop that default_unroll unrolls fully on CPU. Compile time grows linearly with
 # the unrolled length while the program is reused by every client and round; past this length the
@@ -322,12 +323,19 @@ def default_unroll(local_steps: int, platform: str | None = None) -> int | bool:
 
 
 def make_client_optimizer(optimizer: str | optax.GradientTransformation, learning_rate: float):
-    """The client optimizer: ``"sgd"`` (plain SGD, as in the papers) or any optax transform."""
+    """The client optimizer: ``"sgd"`` (plain SGD, as in the papers), ``"adam"`` (Kingma & Ba,
+    ICLR 2015, https://arxiv.org/abs/1412.6980, its moments restarted every round) or any optax
+    transform."""
     if isinstance(optimizer, optax.GradientTransformation):
         return optimizer
     if optimizer == "sgd":
         return optax.sgd(learning_rate)
-    raise ValueError(f"client_optimizer={optimizer!r} must be 'sgd' or an optax transformation")
+    if optimizer == "adam":
+        return optax.adam(learning_rate)
+    raise ValueError(
+        f"client_optimizer={optimizer!r} must be one of {CLIENT_OPTIMIZERS} or an optax "
+        "transformation"
+    )
 
 
 def sample_batch(key: jax.Array, mask: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
@@ -759,7 +767,7 @@ def make_local_update_for_loss(
         batch_size=int(batch_size),
         learning_rate=float(client_lr),
         optimizer=make_client_optimizer(client_optimizer, client_lr),
-        optimizer_name="sgd" if client_optimizer == "sgd" else "custom",
+        optimizer_name=client_optimizer if isinstance(client_optimizer, str) else "custom",
         prox_mu=float(prox_mu),
         scaffold=bool(scaffold),
         unroll=unroll,

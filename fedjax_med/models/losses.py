@@ -26,8 +26,10 @@ def soft_dice(probs: jax.Array, masks: jax.Array, smooth: float = DICE_SMOOTH) -
     ``D_c = (2 sum_x p_c(x) g_c(x) + s) / (sum_x p_c(x) + sum_x g_c(x) + s)`` with ``g_c`` the
     one-hot mask and ``s = smooth`` (Milletari, Navab, Ahmadi, "V-Net", 3DV 2016,
     https://arxiv.org/abs/1606.04797, with the additive smoothing of nnU-Net). Class 0
-    (background) is left out; a class absent from the mask and from the prediction scores
-    ``D_c = 1`` (the smoothing makes the empty-empty case perfect, as the hard Dice's convention).
+    (background) is left out. Empty-mask convention: a class absent from the mask scores
+    ``D_c = s / (sum_x p_c(x) + s)``, 1 when it is absent from the prediction too (the smoothing
+    makes the empty-empty case perfect, as the hard Dice's convention) and falling as the model
+    predicts it anywhere, so it penalises false positives, on normal images included.
     """
     onehot = jax.nn.one_hot(masks, probs.shape[-1], dtype=probs.dtype)[..., 1:]
     p = probs[..., 1:]
@@ -36,11 +38,34 @@ def soft_dice(probs: jax.Array, masks: jax.Array, smooth: float = DICE_SMOOTH) -
     return (2 * inter + smooth) / (total + smooth)
 
 
+def dice_loss(probs: jax.Array, masks: jax.Array) -> jax.Array:
+    """``1 - mean_{c >= 1} D_c`` of each example, :func:`soft_dice` averaged over every foreground
+    class (those absent from the mask included, with their convention); ``(B,)``.
+
+    Optimisation note: near an all-background prediction an absent class's term has gradient
+    ``-s / (P_c + s)^2 ~ -1`` per pixel of predicted mass ``P_c``, about ``|G_c|`` times the gain
+    per pixel of finding a present class, so predicting a lesion class the model cannot yet tell
+    apart costs more than it earns. Adam escapes that all-background solution; plain SGD (and
+    FedAvg with SGD clients) at the same budget does not (test Dice of predicting background,
+    ``configs/segmentation.py``), hence ``federated.client_optimizer = "adam"`` there.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> probs = jnp.full((1, 1, 2, 3), 1 / 3)  # 3 classes, p = 1/3 on both pixels
+        >>> masks = jnp.array([[[0, 1]]])
+        >>> # D_1 = (2/3 + 1) / (2/3 + 1 + 1) = .625; class 2 absent: D_2 = 1 / (2/3 + 1) = .6
+        >>> round(float(dice_loss(probs, masks)[0]), 4)
+        0.3875
+    """
+    return 1.0 - soft_dice(probs, masks).mean(axis=-1)
+
+
 def dice_ce_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
     """Per-example segmentation loss, ``(B, H, W, K)`` logits and ``(B, H, W)`` masks -> ``(B,)``.
 
     ``L = mean_x CE(z(x), y(x)) + 1 - mean_{c >= 1} D_c``: the pixel-mean softmax cross-entropy
-    plus the soft Dice loss of :func:`soft_dice` averaged over the foreground classes, the
+    plus the soft Dice loss :func:`dice_loss` (:func:`soft_dice` averaged over the foreground
+    classes, with its empty-mask convention), the
     combination of nnU-Net (Isensee et al., Nature Methods 2021,
     https://arxiv.org/abs/1809.10486). Per example (no batch statistics), so DP-SGD clips it.
 
@@ -58,8 +83,7 @@ def dice_ce_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
     ).mean(axis=(1, 2))
     if logits.shape[-1] == 1:
         return ce
-    dice = soft_dice(jax.nn.softmax(logits, axis=-1), masks).mean(axis=-1)
-    return ce + 1.0 - dice
+    return ce + dice_loss(jax.nn.softmax(logits, axis=-1), masks)
 
 
 def per_example_loss(logits: jax.Array, labels: jax.Array, task: str) -> jax.Array:

@@ -29,6 +29,7 @@ correct.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, NamedTuple
@@ -90,9 +91,14 @@ def _as_key(seed_or_key: int | jax.Array) -> jax.Array:
 def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: float | jax.Array) -> PyTree:
     """Adds independent ``N(0, stddev^2)`` noise to every coordinate of every leaf.
 
-    Each leaf gets its own key from ``jax.random.split(key, num_leaves)``; noise is drawn in
-    float32 (at least) as ``stddev * N(0, 1)``, so the noise at ``stddev = s`` is exactly ``s``
-    times the noise at ``stddev = 1`` from the same key.
+    One draw of ``n = sum_leaves size`` standard normals from ``key``,
+    ``z = jax.random.normal(key, (n,))``, is cut into the leaves in flatten order (leaf ``l``
+    gets ``z[o_l : o_l + size_l]``, ``o_l`` the sizes of the leaves before it), so every
+    coordinate of the tree gets its own independent Gaussian; the noise is drawn in float32 (or
+    the widest float dtype among the leaves, if wider) as ``stddev * z``, so the noise at
+    ``stddev = s`` is exactly ``s`` times the noise at ``stddev = 1`` from the same key. One draw
+    compiles to one random-bits kernel however many leaves the tree has (a draw per leaf
+    compiled one kernel per leaf: tens of seconds for a U-Net's 47 leaves on a CPU).
 
     Args:
       tree: pytree of float arrays (e.g. a clipped gradient sum).
@@ -110,12 +116,18 @@ def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: float | jax.Array) 
     if isinstance(stddev, (int, float)) and not stddev >= 0:
         raise ValueError(f"{stddev=} must be >= 0")
     leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
+    if not leaves:
+        return tree
+    dtypes = [jnp.promote_types(jnp.result_type(leaf), jnp.float32) for leaf in leaves]
+    draw_dtype = functools.reduce(jnp.promote_types, dtypes)
+    sizes = [int(np.prod(jnp.shape(leaf), dtype=np.int64)) for leaf in leaves]
+    unit = jax.random.normal(key, (sum(sizes),), draw_dtype)
+    offsets = np.cumsum([0, *sizes[:-1]])
     noisy = []
-    for leaf, leaf_key in zip(leaves, keys, strict=True):
-        dtype = jnp.promote_types(leaf.dtype, jnp.float32)
-        noise = stddev * jax.random.normal(leaf_key, jnp.shape(leaf), dtype)
-        noisy.append((leaf + noise).astype(leaf.dtype))
+    for leaf, dtype, offset, size in zip(leaves, dtypes, offsets, sizes, strict=True):
+        part = jax.lax.slice_in_dim(unit, int(offset), int(offset) + size)
+        noise = stddev * part.reshape(jnp.shape(leaf)).astype(dtype)
+        noisy.append((leaf + noise).astype(jnp.result_type(leaf)))
     return jax.tree.unflatten(treedef, noisy)
 
 

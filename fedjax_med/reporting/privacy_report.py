@@ -57,6 +57,7 @@ PLOTS = {
     "audit": "audit.png",
 }
 POISONING_PLOT = "poisoning.png"
+SEGMENTATION_UTILITY = ("test_dice", "test_dice_all_background", "test_iou", "test_hd95")
 # Streams of the report's own randomness, folded into jax.random.key(config.seed).
 STREAM_SHADOWS = randomness.REPORT_SHADOWS
 STREAM_INVERSION = randomness.REPORT_INVERSION
@@ -126,8 +127,12 @@ def _run_entry(setting, run_dir, workdir, how, train_seconds, run_report) -> dic
         "run": how,
         "train_seconds": round(train_seconds, 2),
         "utility": {
-            k: run_report["metrics"].get(k)
-            for k in ("test_accuracy", "test_balanced_accuracy", "test_auroc", "test_loss")
+            **{
+                k: run_report["metrics"].get(k)
+                for k in ("test_accuracy", "test_balanced_accuracy", "test_auroc", "test_loss")
+            },
+            # Segmentation: the Dice and what predicting all background would score.
+            **{k: v for k, v in run_report["metrics"].items() if k in SEGMENTATION_UTILITY},
         },
         "worst_site_accuracy": run_report.get("site_summary", {}).get("worst_accuracy"),
         "epsilon": run_epsilon(privacy),
@@ -155,6 +160,8 @@ def _membership(setting, experiment, params, config, shadows, key) -> tuple[dict
     r = config.report
     loss_mia = runs.loss_threshold_attack(experiment, params)
     entry = {"loss_threshold": _without_curve(loss_mia)}
+    if experiment.splits.info.task == "segmentation":
+        entry["dice_threshold"] = _without_curve(runs.dice_threshold_attack(experiment, params))
     curve = loss_mia
     if r.shadow_models >= 2:
         task = _task_key(setting.config)

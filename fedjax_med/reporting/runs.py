@@ -64,6 +64,27 @@ def loss_threshold_attack(experiment: Any, params: Any) -> dict[str, Any]:
     }
 
 
+def dice_threshold_attack(experiment: Any, params: Any) -> dict[str, Any]:
+    """The loss threshold with the per-example soft Dice loss as the loss (segmentation):
+    :func:`~fedjax_med.attacks.membership.dice_loss_scores` of the training split (members)
+    against the test split, plus the mean Dice losses."""
+    predict = evaluate.make_predict_fn(experiment.model.apply, experiment.splits.info.task)
+    scores = {}
+    for split in ("train", "test"):
+        data = experiment.splits.split(split)
+        probs, _ = evaluate.predict_dataset(
+            predict, params, data, experiment.normalizer, experiment.config.train.eval_batch_size
+        )
+        scores[split] = membership.dice_loss_scores(probs, np.asarray(data.labels))
+    summary = membership.summarize(scores["train"], scores["test"])
+    return {
+        "attack": "dice_threshold",
+        **summary,
+        "mean_member_dice_loss": float(-scores["train"].mean()),
+        "mean_nonmember_dice_loss": float(-scores["test"].mean()),
+    }
+
+
 def pixel_bounds(normalizer: Any, sites: np.ndarray) -> tuple[float, float]:
     """``(low, high)``: where raw pixels ``[0, 1]`` land after normalising for ``sites``."""
     sites = np.unique(np.asarray(sites))

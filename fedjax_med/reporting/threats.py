@@ -20,6 +20,9 @@
 * Canary audits (:mod:`fedjax_med.attacks.canaries`) of each setting's DP release at the trained
   parameters, with the setting's own noise multiplier and clipping norm.
 
+Segmentation tasks are attacked the same way, with the victims' masks given to the attacker (only
+the images are reconstructed; ``labels_given`` is true).
+
 Every reconstruction is scored by PSNR and SSIM against the victim's images (each victim image
 against its best-matching reconstruction, the attacker's best case), beside two scores of
 guessing without the update: uniform random images, and the mean training image.
@@ -94,15 +97,16 @@ def pick_victims(setting: settings_lib.Setting, experiment: Any, batch_size: int
     return Victims(images, labels, sizes, runs.pixel_bounds(normalizer, sites))
 
 
-def _client_update(setting, apply_fn, params, images, labels, local_steps):
+def _client_update(setting, experiment, params, images, labels, local_steps):
     """A federated client's delta (``local_steps`` SGD steps at the client learning rate)."""
     return gradient_inversion.fedavg_update(
-        apply_fn,
+        experiment.model.apply,
         params,
         images,
         labels,
         local_steps=local_steps,
         local_lr=setting.config.federated.client_lr,
+        task=experiment.splits.info.task,
     )
 
 
@@ -142,7 +146,7 @@ def server_view(
     if "secure_aggregation" in defences:
         # One update per client of the round: a handful, not a hot path.
         deltas = [
-            _client_update(setting, apply_fn, params, xi, yi, local_steps)
+            _client_update(setting, experiment, params, xi, yi, local_steps)
             for xi, yi in victims.groups()
         ]
         stacked = jax.tree.map(lambda *d: jnp.stack(d), *deltas)
@@ -157,7 +161,7 @@ def server_view(
             update = jax.tree.map(lambda d: d.sum(axis=0), stacked)
             what = f"only the sum of the round's {len(deltas)} client updates"
         return update, what, local_steps
-    delta = _client_update(setting, apply_fn, params, x[:n], y[:n], local_steps)
+    delta = _client_update(setting, experiment, params, x[:n], y[:n], local_steps)
     if "dp_fedavg" in defences:
         c = setting.config.privacy
         stacked = jax.tree.map(lambda d: d[None], delta)
@@ -188,11 +192,14 @@ def invert(
     result: dict[str, Any] = {"server_sees": what}
     if update is None:
         return {**result, "attacked": False}, None
-    if experiment.splits.info.task != "multiclass":
-        return {**result, "attacked": False, "reason": "inversion needs a multiclass task"}, None
+    task = experiment.splits.info.task
+    if task not in gradient_inversion.INVERTIBLE_TASKS:
+        reason = f"inversion needs one of the tasks {gradient_inversion.INVERTIBLE_TASKS}"
+        return {**result, "attacked": False, "reason": reason}, None
     lo, hi = victims.bounds
     n_all, n = len(victims.images), victims.num_victim
-    read_label = n_all == 1
+    # A segmentation attacker is given the victims' masks and reconstructs the images.
+    read_label = n_all == 1 and task == "multiclass"
     labels = None if read_label else jnp.asarray(victims.labels)
     fedavg = dict(local_steps=view_steps, local_lr=setting.config.federated.client_lr)
     out = gradient_inversion.invert_gradients(
@@ -206,6 +213,7 @@ def invert(
         restarts=restarts,
         key=attack_key,
         bounds=(lo, hi),
+        task=task,
         **(fedavg if view_steps else {}),
     )
     guesses = np.asarray(out.images)
@@ -251,11 +259,12 @@ def population_mean(experiment: Any, max_images: int = 2048) -> np.ndarray:
 
 
 def canary_example(experiment: Any, params: Any, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """A bright noise image with the label the model finds least likely: a large gradient."""
+    """A bright noise image with the label the model finds least likely: a large gradient
+    (for segmentation, a mask of each pixel's least likely class)."""
     shape = experiment.splits.info.image_shape
     image = 3.0 * jax.random.normal(key, shape)
     logits = experiment.model.apply(params, image[None])[0]
-    return image, jnp.argmin(logits).astype(jnp.int32)
+    return image, jnp.argmin(logits, axis=-1).astype(jnp.int32)
 
 
 def audit(

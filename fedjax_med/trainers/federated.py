@@ -314,6 +314,7 @@ def make_local_update(
         local_steps=local_steps,
         batch_size=f.client_batch_size,
         client_lr=f.client_lr,
+        client_optimizer=f.client_optimizer,
         prox_mu=f.prox_mu if f.algorithm == "fedprox" else 0.0,
         scaffold=f.algorithm == "scaffold",
         dp_clip_norm=p.clip_norm if p.enabled else None,

@@ -300,7 +300,9 @@ def test_batch_of_eight_runs_and_compiles_once(mlp, data):
         tv_weight=0.0,
         **kw,
     )
-    run = gradient_inversion._compiled_attack(model.apply, SHAPE, 8, 3, 2, "cosine", (0.0, 1.0), 2)
+    run = gradient_inversion._compiled_attack(
+        model.apply, SHAPE, 8, 3, 2, "cosine", (0.0, 1.0), 2, "multiclass"
+    )
     assert run._cache_size() == 1
     for result in (first, second):
         assert result.images.shape == (8, *SHAPE)

@@ -156,6 +156,19 @@ def test_client_level_dp_refuses_fields_it_would_ignore(field, value):
         schema.validate(config)
 
 
+def test_client_optimizer_is_checked_and_scaffold_needs_sgd():
+    config = base.get_base_config()
+    config.trainer = "federated"
+    config.federated.client_optimizer = "adam"
+    schema.validate(config)
+    config.federated.algorithm = "scaffold"
+    with pytest.raises(schema.ConfigError, match="federated.client_optimizer.*scaffold"):
+        schema.validate(config)
+    config.federated.client_optimizer = "rmsprop"
+    with pytest.raises(schema.ConfigError, match="federated.client_optimizer"):
+        schema.validate(config)
+
+
 def test_replaced_field_names_its_successor():
     config = base.get_base_config()
     with pytest.raises(schema.ConfigError, match="secure_aggregation.dropout_rate"):

@@ -124,6 +124,22 @@ def test_scaffold_client_option_two(quadratic):
     np.testing.assert_allclose(out.control_delta["w"], new_ci - ci, rtol=1e-5)
 
 
+def test_local_adam_steps_each_coordinate_by_the_learning_rate_first(quadratic):
+    # Adam's first step is lr * g / (|g| + eps): every coordinate moves by about lr, against the
+    # sign of the gradient, whatever its size (plain SGD would move by lr * g).
+    update = client.make_local_update_for_loss(
+        quadratic, local_steps=1, batch_size=2, client_lr=0.01, client_optimizer="adam"
+    )
+    x = jnp.array([[2.0, -40.0, 0.5], [4.0, -60.0, 0.5]])
+    out = update({"w": jnp.zeros(3)}, x, jnp.zeros(2), jnp.ones(2, bool), 2, jax.random.key(0))
+    # The gradient at w = 0 is -mean(x) = (-3, 50, -0.5).
+    np.testing.assert_allclose(out.delta["w"], [0.01, -0.01, 0.01], rtol=1e-4)
+    with pytest.raises(ValueError, match="client_optimizer='rmsprop' must be one of"):
+        client.make_local_update_for_loss(
+            quadratic, local_steps=1, batch_size=2, client_lr=0.01, client_optimizer="rmsprop"
+        )
+
+
 def test_argument_checks(quadratic):
     with pytest.raises(ValueError, match="local_steps"):
         client.make_local_update_for_loss(quadratic, local_steps=0, batch_size=1, client_lr=1.0)

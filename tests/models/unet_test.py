@@ -105,3 +105,19 @@ def test_dice_ce_loss_by_hand():
     )
     probs = losses.probabilities(logits, "segmentation")
     np.testing.assert_allclose(np.asarray(probs.sum(-1)), 1.0, rtol=1e-6)
+
+
+def test_dice_term_scores_absent_classes_by_their_predicted_mass():
+    logits = jax.random.normal(jax.random.key(3), (2, 3, 3, 3))
+    masks = jnp.zeros((2, 3, 3), jnp.int32).at[0, :2, :2].set(1)  # image 1 is empty
+    p = np.asarray(jax.nn.softmax(logits, -1), np.float64)
+    onehot = np.eye(3)[np.asarray(masks)]
+    ce = -(onehot * np.log(p)).sum(-1).mean(axis=(1, 2))
+    g1 = onehot[0, ..., 1]
+    dice_1 = (2 * (p[0, ..., 1] * g1).sum() + 1) / (p[0, ..., 1].sum() + g1.sum() + 1)
+    # A class absent from the mask scores s / (P_c + s), P_c its predicted mass (s = 1).
+    absent = 1 / (p[..., 2].sum(axis=(1, 2)) + 1)
+    empty_1 = 1 / (p[1, ..., 1].sum() + 1)
+    want = [ce[0] + 1 - (dice_1 + absent[0]) / 2, ce[1] + 1 - (empty_1 + absent[1]) / 2]
+    loss = np.asarray(losses.per_example_loss(logits, masks, "segmentation"))
+    np.testing.assert_allclose(loss, want, rtol=1e-5)

@@ -51,6 +51,30 @@ def test_noise_at_scale_s_is_s_times_unit_noise():
             assert x.dtype == leaf.dtype
 
 
+def _primitive_count(jaxpr, name):
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == name
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _primitive_count(sub, name)
+    return count
+
+
+def test_one_draw_for_the_whole_tree_cut_into_leaves_in_flatten_order():
+    many = {f"l{i:02d}": jnp.zeros((i % 4 + 1, 3)) for i in range(40)}
+    jaxpr = jax.make_jaxpr(lambda t, k: noise.add_gaussian_noise(t, k, 1.0))(
+        many, jax.random.key(0)
+    )
+    # One random-bits kernel however many leaves (a draw per leaf compiled one each).
+    assert _primitive_count(jaxpr.jaxpr, "random_bits") == 1
+    key = jax.random.key(5)
+    unit = jax.random.normal(key, (sum(x.size for x in jax.tree.leaves(many)),))
+    got = np.concatenate(
+        [leaf.ravel() for leaf in _leaves(noise.add_gaussian_noise(many, key, 1.0))]
+    )
+    np.testing.assert_array_equal(got, np.asarray(unit))
+
+
 def test_zero_stddev_adds_nothing_and_negative_raises():
     out = noise.add_gaussian_noise({"w": jnp.ones(3)}, jax.random.key(0), 0.0)
     np.testing.assert_array_equal(out["w"], jnp.ones(3))
